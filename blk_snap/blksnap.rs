@@ -1,0 +1,72 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! blksnap: change block tracking and snapshots for any block device.
+//!
+//! The module registers the `blksnap` block device filter and the
+//! `/dev/blksnap-control` device. Attaching the filter to a disk or partition
+//! starts tracking which of its blocks change; user space reads that map to
+//! back up only what changed.
+
+use kernel::{
+    alloc::{flags::GFP_KERNEL, KBox},
+    block::filter,
+    c_str,
+    miscdevice::{MiscDeviceOptions, MiscDeviceRegistration},
+    prelude::*,
+};
+
+#[path = "logic/cbt.rs"]
+mod cbt;
+mod cbt_map;
+mod ctl;
+mod params;
+mod tracker;
+mod uapi;
+
+module! {
+    type: BlkSnap,
+    name: "blksnap",
+    author: "blk-snap developers",
+    description: "Change block tracking and snapshots for block devices",
+    license: "GPL",
+}
+
+struct BlkSnap {
+    _control: Pin<KBox<MiscDeviceRegistration<ctl::Control>>>,
+    _filter: Pin<KBox<filter::Registration<tracker::TrackerFilter>>>,
+}
+
+impl kernel::Module for BlkSnap {
+    fn init(module: &'static ThisModule) -> Result<Self> {
+        let v = uapi::VERSION;
+        pr_info!(
+            "blksnap {}.{}.{}.{} loading\n",
+            v.major,
+            v.minor,
+            v.revision,
+            v.build
+        );
+        let control = KBox::pin_init(
+            MiscDeviceRegistration::register(
+                MiscDeviceOptions {
+                    name: c_str!("blksnap-control"),
+                    mode: 0o600,
+                },
+                module,
+            ),
+            GFP_KERNEL,
+        )?;
+        // Registered last: once registered, the filter can be attached.
+        let filter = KBox::pin_init(filter::Registration::new(module), GFP_KERNEL)?;
+        Ok(Self {
+            _control: control,
+            _filter: filter,
+        })
+    }
+}
+
+impl Drop for BlkSnap {
+    fn drop(&mut self) {
+        pr_info!("blksnap unloading\n");
+    }
+}

@@ -1,0 +1,14 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Host build of the kernel module's pure logic.
+//!
+//! The kernel module (`blksnap.rs`) includes the same files; here they are
+//! compiled as a normal library so that `cargo test` covers them.
+
+#![no_std]
+
+#[path = "logic/cbt.rs"]
+pub mod cbt;
+
+#[path = "uapi.rs"]
+pub mod uapi;

@@ -1,0 +1,36 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Module parameters, with the upstream blksnap names and defaults.
+
+use crate::cbt::CbtParams;
+
+kernel::module_param_u32!(
+    "blksnap",
+    tracking_block_minimum_shift,
+    16,
+    0o644,
+    "The power of 2 for minimum tracking block size"
+);
+kernel::module_param_u32!(
+    "blksnap",
+    tracking_block_maximum_count,
+    2097152,
+    0o644,
+    "The maximum number of tracking blocks"
+);
+kernel::module_param_u32!(
+    "blksnap",
+    tracking_block_maximum_shift,
+    26,
+    0o644,
+    "The power of 2 for maximum tracking block size"
+);
+
+/// The CBT parameters as currently set.
+pub(crate) fn cbt_params() -> CbtParams {
+    CbtParams {
+        block_minimum_shift: tracking_block_minimum_shift.get(),
+        block_maximum_count: tracking_block_maximum_count.get(),
+        block_maximum_shift: tracking_block_maximum_shift.get(),
+    }
+}

@@ -1,0 +1,156 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The UAPI must reproduce every layout fact of the upstream proposal: the C
+//! headers (compiled with the host C compiler) and the Rust mirrors used by the
+//! module both print the facts, and both must equal the reference list.
+
+use blk_snap_logic::uapi::*;
+use std::mem::{offset_of, size_of};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn reference() -> String {
+    let ours = repo().join("tests/uapi/upstream-uapi-layout.txt");
+    let text = std::fs::read_to_string(&ours).expect("tests/uapi/upstream-uapi-layout.txt");
+    // The shared reference beside the checkout is the source of truth; when it
+    // is there, our copy must not have drifted from it.
+    let shared = std::env::var_os("BLKSNAP_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/reference"))
+        .join("upstream-uapi-layout.txt");
+    if let Ok(shared_text) = std::fs::read_to_string(&shared) {
+        assert_eq!(text, shared_text, "tests/uapi copy differs from {}", shared.display());
+    }
+    assert_eq!(text.lines().count(), 48, "the reference lists 48 facts");
+    text
+}
+
+fn compare(what: &str, got: &str) {
+    let want = reference();
+    let mut diffs = Vec::new();
+    for (i, (w, g)) in want.lines().zip(got.lines()).enumerate() {
+        if w != g {
+            diffs.push(format!("line {}: want `{w}`, got `{g}`", i + 1));
+        }
+    }
+    assert_eq!(want.lines().count(), got.lines().count(), "{what}: line count");
+    assert!(diffs.is_empty(), "{what} differs from the reference:\n{}", diffs.join("\n"));
+}
+
+#[test]
+fn c_headers_match_upstream_layout() {
+    let out = std::env::temp_dir().join(format!("blksnap-layout-{}", std::process::id()));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&cc)
+        .args(["-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(repo().join("include/uapi"))
+        .arg(repo().join("tests/uapi/layout.c"))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("run the C compiler");
+    assert!(status.success(), "compiling tests/uapi/layout.c failed");
+    let printed = Command::new(&out).output().expect("run layout");
+    std::fs::remove_file(&out).ok();
+    assert!(printed.status.success());
+    compare("C headers", &String::from_utf8(printed.stdout).unwrap());
+}
+
+#[test]
+fn rust_mirrors_match_upstream_layout() {
+    let mut s = String::new();
+    macro_rules! size {
+        ($c:literal, $t:ty) => {
+            s += &format!("sizeof {} {}\n", $c, size_of::<$t>());
+        };
+    }
+    macro_rules! off {
+        ($c:literal, $t:ty, $f:ident) => {
+            s += &format!("offsetof {}.{} {}\n", $c, stringify!($f), offset_of!($t, $f));
+        };
+    }
+    macro_rules! ioctl {
+        ($n:ident) => {
+            s += &format!("ioctl {} {:#x}\n", stringify!($n), $n);
+        };
+    }
+    size!("blkfilter_attach", BlkfilterAttach);
+    off!("blkfilter_attach", BlkfilterAttach, opt);
+    off!("blkfilter_attach", BlkfilterAttach, optlen);
+    size!("blkfilter_detach", BlkfilterDetach);
+    size!("blkfilter_ctl", BlkfilterCtl);
+    off!("blkfilter_ctl", BlkfilterCtl, cmd);
+    off!("blkfilter_ctl", BlkfilterCtl, optlen);
+    off!("blkfilter_ctl", BlkfilterCtl, opt);
+    size!("blksnap_uuid", BlksnapUuid);
+    size!("blksnap_cbtinfo", BlksnapCbtinfo);
+    off!("blksnap_cbtinfo", BlksnapCbtinfo, block_size);
+    off!("blksnap_cbtinfo", BlksnapCbtinfo, block_count);
+    off!("blksnap_cbtinfo", BlksnapCbtinfo, generation_id);
+    off!("blksnap_cbtinfo", BlksnapCbtinfo, changes_number);
+    size!("blksnap_cbtmap", BlksnapCbtmap);
+    off!("blksnap_cbtmap", BlksnapCbtmap, length);
+    off!("blksnap_cbtmap", BlksnapCbtmap, buffer);
+    size!("blksnap_sectors", BlksnapSectors);
+    size!("blksnap_cbtdirty", BlksnapCbtdirty);
+    off!("blksnap_cbtdirty", BlksnapCbtdirty, dirty_sectors);
+    size!("blksnap_snapshotadd", BlksnapSnapshotadd);
+    size!("blksnap_snapshotinfo", BlksnapSnapshotinfo);
+    off!("blksnap_snapshotinfo", BlksnapSnapshotinfo, image);
+    size!("blksnap_version", BlksnapVersion);
+    size!("blksnap_snapshot_create", BlksnapSnapshotCreate);
+    off!("blksnap_snapshot_create", BlksnapSnapshotCreate, diff_storage_filename);
+    off!("blksnap_snapshot_create", BlksnapSnapshotCreate, id);
+    size!("blksnap_snapshot_collect", BlksnapSnapshotCollect);
+    off!("blksnap_snapshot_collect", BlksnapSnapshotCollect, ids);
+    size!("blksnap_snapshot_event", BlksnapSnapshotEvent);
+    off!("blksnap_snapshot_event", BlksnapSnapshotEvent, timeout_ms);
+    off!("blksnap_snapshot_event", BlksnapSnapshotEvent, code);
+    off!("blksnap_snapshot_event", BlksnapSnapshotEvent, time_label);
+    off!("blksnap_snapshot_event", BlksnapSnapshotEvent, data);
+    size!("blksnap_event_corrupted", BlksnapEventCorrupted);
+    size!("blksnap_event_no_space", BlksnapEventNoSpace);
+    ioctl!(BLKFILTER_ATTACH);
+    ioctl!(BLKFILTER_DETACH);
+    ioctl!(BLKFILTER_CTL);
+    ioctl!(IOCTL_BLKSNAP_VERSION);
+    ioctl!(IOCTL_BLKSNAP_SNAPSHOT_CREATE);
+    ioctl!(IOCTL_BLKSNAP_SNAPSHOT_DESTROY);
+    ioctl!(IOCTL_BLKSNAP_SNAPSHOT_TAKE);
+    ioctl!(IOCTL_BLKSNAP_SNAPSHOT_COLLECT);
+    ioctl!(IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT);
+    s += &format!(
+        "enum CBTINFO {} CBTMAP {} CBTDIRTY {} SNAPSHOTADD {} SNAPSHOTINFO {}\n",
+        ctl::CBTINFO,
+        ctl::CBTMAP,
+        ctl::CBTDIRTY,
+        ctl::SNAPSHOTADD,
+        ctl::SNAPSHOTINFO
+    );
+    s += &format!("events corrupted {} no_space {}\n", event::CORRUPTED, event::NO_SPACE);
+    s += &format!("names {} {}\n", BLKSNAP_CTL, BLKSNAP_FILTER_NAME);
+    compare("Rust mirrors", &s);
+}
+
+#[test]
+fn cbtinfo_bytes_match_memory_layout() {
+    let info = BlksnapCbtinfo {
+        device_capacity: 0x0102_0304_0506_0708,
+        block_size: 65536,
+        block_count: 17,
+        generation_id: BlksnapUuid { b: *b"0123456789abcdef" },
+        changes_number: 42,
+    };
+    let bytes = info.to_ne_bytes();
+    // SAFETY: reading the initialized fields through a byte view; the padding
+    // is compared separately below.
+    let raw = unsafe {
+        std::slice::from_raw_parts((&info as *const BlksnapCbtinfo).cast::<u8>(), size_of::<BlksnapCbtinfo>())
+    };
+    assert_eq!(&bytes[..33], &raw[..33]);
+    assert!(bytes[33..].iter().all(|&b| b == 0), "padding is zeroed");
+}

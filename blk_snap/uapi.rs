@@ -1,0 +1,311 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Rust mirror of `include/uapi/linux/blk-filter.h` and
+//! `include/uapi/linux/blksnap.h`.
+//!
+//! Shared by the kernel module and the host tests, which check every size,
+//! offset and ioctl number here against the C headers and the upstream facts.
+
+#![allow(dead_code)]
+
+use core::mem::size_of;
+
+/// Longest filter name (`BLKFILTER_NAME_LENGTH`).
+pub const BLKFILTER_NAME_LENGTH: usize = 32;
+/// Name of the filter and of the kernel module.
+pub const BLKSNAP_FILTER_NAME: &str = "blksnap";
+/// Name of the control device (`BLKSNAP_CTL`).
+pub const BLKSNAP_CTL: &str = "blksnap-control";
+/// Prefix of the snapshot image block devices.
+pub const BLKSNAP_IMAGE_PREFIX: &str = "blk-snap-image";
+/// Length of an image name in `struct blksnap_snapshotinfo`.
+pub const IMAGE_DISK_NAME_LEN: usize = 32;
+/// The ioctl type of the control device (`BLKSNAP`).
+pub const BLKSNAP: u32 = b'V' as u32;
+
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
+    (dir << 30) | ((size as u32) << 16) | (ty << 8) | nr
+}
+
+/// `_IOR(ty, nr, T)`.
+pub const fn ior<T>(ty: u32, nr: u32) -> u32 {
+    ioc(IOC_READ, ty, nr, size_of::<T>())
+}
+
+/// `_IOW(ty, nr, T)`.
+pub const fn iow<T>(ty: u32, nr: u32) -> u32 {
+    ioc(IOC_WRITE, ty, nr, size_of::<T>())
+}
+
+/// `_IOWR(ty, nr, T)`.
+pub const fn iowr<T>(ty: u32, nr: u32) -> u32 {
+    ioc(IOC_READ | IOC_WRITE, ty, nr, size_of::<T>())
+}
+
+/// `struct blkfilter_attach`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlkfilterAttach {
+    /// Filter name.
+    pub name: [u8; BLKFILTER_NAME_LENGTH],
+    /// User address of the options.
+    pub opt: u64,
+    /// Size of the options.
+    pub optlen: u32,
+}
+
+/// `struct blkfilter_detach`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlkfilterDetach {
+    /// Filter name.
+    pub name: [u8; BLKFILTER_NAME_LENGTH],
+}
+
+/// `struct blkfilter_ctl`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlkfilterCtl {
+    /// Filter name.
+    pub name: [u8; BLKFILTER_NAME_LENGTH],
+    /// Filter command.
+    pub cmd: u32,
+    /// Size of the buffer at `opt`.
+    pub optlen: u32,
+    /// User address of the command argument.
+    pub opt: u64,
+}
+
+/// `BLKFILTER_ATTACH`.
+pub const BLKFILTER_ATTACH: u32 = iowr::<BlkfilterAttach>(0x12, 142);
+/// `BLKFILTER_DETACH`.
+pub const BLKFILTER_DETACH: u32 = iowr::<BlkfilterDetach>(0x12, 143);
+/// `BLKFILTER_CTL`.
+pub const BLKFILTER_CTL: u32 = iowr::<BlkfilterCtl>(0x12, 144);
+
+/// `BLKFILTER_CTL` commands of the blksnap filter (`enum blkfilter_ctl_blksnap`).
+pub mod ctl {
+    /// Get CBT information.
+    pub const CBTINFO: u32 = 0;
+    /// Read the CBT map as of the last snapshot.
+    pub const CBTMAP: u32 = 1;
+    /// Mark sector ranges as changed.
+    pub const CBTDIRTY: u32 = 2;
+    /// Add the device to a snapshot.
+    pub const SNAPSHOTADD: u32 = 3;
+    /// Get the snapshot state of the device.
+    pub const SNAPSHOTINFO: u32 = 4;
+    /// Extension: read the active CBT map, which records changes as they
+    /// happen.
+    pub const CBTMAP_ACTIVE: u32 = 128;
+}
+
+/// `struct blksnap_uuid`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct BlksnapUuid {
+    /// The 16 bytes.
+    pub b: [u8; 16],
+}
+
+/// `struct blksnap_cbtinfo`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapCbtinfo {
+    /// Device size in bytes.
+    pub device_capacity: u64,
+    /// Tracking block size in bytes.
+    pub block_size: u32,
+    /// Number of tracking blocks.
+    pub block_count: u32,
+    /// Generation of the change numbers.
+    pub generation_id: BlksnapUuid,
+    /// Number of the last snapshot taken in this generation.
+    pub changes_number: u8,
+}
+
+/// `struct blksnap_cbtmap`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapCbtmap {
+    /// First map byte (block) to read.
+    pub offset: u32,
+    /// Number of bytes to read.
+    pub length: u32,
+    /// User address of the output buffer.
+    pub buffer: u64,
+}
+
+/// `struct blksnap_sectors`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct BlksnapSectors {
+    /// First sector.
+    pub offset: u64,
+    /// Number of sectors.
+    pub count: u64,
+}
+
+/// `struct blksnap_cbtdirty`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapCbtdirty {
+    /// Number of ranges at `dirty_sectors`.
+    pub count: u32,
+    /// User address of an array of `struct blksnap_sectors`.
+    pub dirty_sectors: u64,
+}
+
+/// Largest `count` accepted by `CBTDIRTY` (our limit; 1 MiB of ranges).
+pub const CBTDIRTY_MAX_COUNT: u32 = 65536;
+
+/// `struct blksnap_snapshotadd`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapSnapshotadd {
+    /// Snapshot id.
+    pub id: BlksnapUuid,
+}
+
+/// `struct blksnap_snapshotinfo`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapSnapshotinfo {
+    /// Error of the snapshot, 0 if none.
+    pub error_code: i32,
+    /// Name of the image device, empty if none.
+    pub image: [u8; IMAGE_DISK_NAME_LEN],
+}
+
+/// `struct blksnap_version`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct BlksnapVersion {
+    /// Major version.
+    pub major: u16,
+    /// Minor version.
+    pub minor: u16,
+    /// Revision.
+    pub revision: u16,
+    /// Build number.
+    pub build: u16,
+}
+
+/// `struct blksnap_snapshot_create`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapSnapshotCreate {
+    /// Largest size of the difference storage, in sectors.
+    pub diff_storage_limit_sect: u64,
+    /// User address of the storage path.
+    pub diff_storage_filename: u64,
+    /// The new snapshot's id (output).
+    pub id: BlksnapUuid,
+}
+
+/// `struct blksnap_snapshot_collect`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapSnapshotCollect {
+    /// Capacity of `ids` in entries; set to the number of snapshots.
+    pub count: u32,
+    /// User address of an array of `struct blksnap_uuid`.
+    pub ids: u64,
+}
+
+/// Size of `struct blksnap_snapshot_event`: one page.
+pub const BLKSNAP_EVENT_SIZE: usize = 4096;
+
+/// `struct blksnap_snapshot_event`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlksnapSnapshotEvent {
+    /// Snapshot id.
+    pub id: BlksnapUuid,
+    /// How long to wait, in milliseconds.
+    pub timeout_ms: u32,
+    /// Event code.
+    pub code: u32,
+    /// Time of the event.
+    pub time_label: i64,
+    /// Event payload.
+    pub data: [u8; BLKSNAP_EVENT_SIZE - 32],
+}
+
+/// `enum blksnap_event_codes`.
+pub mod event {
+    /// The snapshot is corrupted.
+    pub const CORRUPTED: u32 = 0;
+    /// The difference storage is full.
+    pub const NO_SPACE: u32 = 1;
+}
+
+/// `struct blksnap_event_corrupted`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapEventCorrupted {
+    /// Major number of the device.
+    pub dev_id_mj: u32,
+    /// Minor number of the device.
+    pub dev_id_mn: u32,
+    /// The error.
+    pub err_code: i32,
+}
+
+/// `struct blksnap_event_no_space`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapEventNoSpace {
+    /// Number of sectors that were needed.
+    pub requested_nr_sect: u64,
+}
+
+/// `enum blksnap_ioctl`.
+mod nr {
+    pub const VERSION: u32 = 0;
+    pub const SNAPSHOT_CREATE: u32 = 1;
+    pub const SNAPSHOT_DESTROY: u32 = 2;
+    pub const SNAPSHOT_TAKE: u32 = 3;
+    pub const SNAPSHOT_COLLECT: u32 = 4;
+    pub const SNAPSHOT_WAIT_EVENT: u32 = 5;
+}
+
+/// `IOCTL_BLKSNAP_VERSION`.
+pub const IOCTL_BLKSNAP_VERSION: u32 = ior::<BlksnapVersion>(BLKSNAP, nr::VERSION);
+/// `IOCTL_BLKSNAP_SNAPSHOT_CREATE`.
+pub const IOCTL_BLKSNAP_SNAPSHOT_CREATE: u32 =
+    iowr::<BlksnapSnapshotCreate>(BLKSNAP, nr::SNAPSHOT_CREATE);
+/// `IOCTL_BLKSNAP_SNAPSHOT_DESTROY`.
+pub const IOCTL_BLKSNAP_SNAPSHOT_DESTROY: u32 = iow::<BlksnapUuid>(BLKSNAP, nr::SNAPSHOT_DESTROY);
+/// `IOCTL_BLKSNAP_SNAPSHOT_TAKE`.
+pub const IOCTL_BLKSNAP_SNAPSHOT_TAKE: u32 = iow::<BlksnapUuid>(BLKSNAP, nr::SNAPSHOT_TAKE);
+/// `IOCTL_BLKSNAP_SNAPSHOT_COLLECT`.
+pub const IOCTL_BLKSNAP_SNAPSHOT_COLLECT: u32 =
+    ior::<BlksnapSnapshotCollect>(BLKSNAP, nr::SNAPSHOT_COLLECT);
+/// `IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT`.
+pub const IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT: u32 =
+    ior::<BlksnapSnapshotEvent>(BLKSNAP, nr::SNAPSHOT_WAIT_EVENT);
+
+/// The interface version reported by `IOCTL_BLKSNAP_VERSION`.
+pub const VERSION: BlksnapVersion = BlksnapVersion {
+    major: 2,
+    minor: 0,
+    revision: 0,
+    build: 0,
+};
+
+impl BlksnapCbtinfo {
+    /// The structure's bytes as user space sees them, with zeroed padding.
+    pub fn to_ne_bytes(&self) -> [u8; size_of::<Self>()] {
+        let mut b = [0u8; size_of::<Self>()];
+        b[0..8].copy_from_slice(&self.device_capacity.to_ne_bytes());
+        b[8..12].copy_from_slice(&self.block_size.to_ne_bytes());
+        b[12..16].copy_from_slice(&self.block_count.to_ne_bytes());
+        b[16..32].copy_from_slice(&self.generation_id.b);
+        b[32] = self.changes_number;
+        b
+    }
+}

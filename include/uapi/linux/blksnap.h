@@ -1,0 +1,284 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * blksnap: change block tracking and snapshots of block devices.
+ *
+ * Binary compatible with the blksnap interface proposed for upstream Linux
+ * (module version 2.0.0.0): the structures, their padding, the ioctl
+ * encodings and the enum values below must never change.  Extensions get new
+ * numbers, marked as such.
+ */
+#ifndef _UAPI_LINUX_BLKSNAP_H
+#define _UAPI_LINUX_BLKSNAP_H
+
+#include <linux/ioctl.h>
+#include <linux/types.h>
+
+/* Name of the control device: /dev/blksnap-control. */
+#define BLKSNAP_CTL "blksnap-control"
+/* Name of the block device filter, for BLKFILTER_ATTACH and friends. */
+#define BLKSNAP_FILTER_NAME "blksnap"
+/* Kept for source compatibility with the upstream header. */
+#define BLKSNAP_IMAGE_NAME "blksnap"
+/* Prefix of the snapshot image devices: /dev/blk-snap-image0, ... */
+#define BLKSNAP_IMAGE_PREFIX "blk-snap-image"
+/* ioctl type of the control device. */
+#define BLKSNAP 'V'
+
+/**
+ * DOC: Commands of the blksnap block device filter
+ *
+ * These commands are sent with the BLKFILTER_CTL ioctl on a block device the
+ * blksnap filter is attached to.  &struct blkfilter_ctl.opt points to the
+ * command's argument and &struct blkfilter_ctl.optlen gives its size.
+ */
+
+/**
+ * enum blkfilter_ctl_blksnap - Commands of the blksnap filter.
+ *
+ * @BLKFILTER_CTL_BLKSNAP_CBTINFO:
+ *	Get the change tracking parameters: fills &struct blksnap_cbtinfo.
+ * @BLKFILTER_CTL_BLKSNAP_CBTMAP:
+ *	Read part of the change tracking map as of the last snapshot, described
+ *	by &struct blksnap_cbtmap.  Returns the number of bytes read.
+ *	A range outside the map fails with ENODATA.
+ * @BLKFILTER_CTL_BLKSNAP_CBTDIRTY:
+ *	Mark sector ranges as changed, described by &struct blksnap_cbtdirty.
+ * @BLKFILTER_CTL_BLKSNAP_SNAPSHOTADD:
+ *	Add the device to a snapshot, &struct blksnap_snapshotadd.
+ * @BLKFILTER_CTL_BLKSNAP_SNAPSHOTINFO:
+ *	Get the snapshot state of the device: fills &struct
+ *	blksnap_snapshotinfo.
+ * @BLKFILTER_CTL_BLKSNAP_CBTMAP_ACTIVE:
+ *	Extension: like @BLKFILTER_CTL_BLKSNAP_CBTMAP, but reads the active
+ *	map, which records changes as they happen.
+ */
+enum blkfilter_ctl_blksnap {
+	BLKFILTER_CTL_BLKSNAP_CBTINFO = 0,
+	BLKFILTER_CTL_BLKSNAP_CBTMAP = 1,
+	BLKFILTER_CTL_BLKSNAP_CBTDIRTY = 2,
+	BLKFILTER_CTL_BLKSNAP_SNAPSHOTADD = 3,
+	BLKFILTER_CTL_BLKSNAP_SNAPSHOTINFO = 4,
+	BLKFILTER_CTL_BLKSNAP_CBTMAP_ACTIVE = 128,
+};
+
+/**
+ * struct blksnap_uuid - A 16-byte identifier.
+ * @b: The bytes.
+ */
+struct blksnap_uuid {
+	__u8 b[16];
+};
+
+/**
+ * struct blksnap_cbtinfo - Result of &BLKFILTER_CTL_BLKSNAP_CBTINFO.
+ * @device_capacity: Size of the device in bytes when tracking started.
+ * @block_size: Size of a tracking block in bytes, a power of two.
+ * @block_count: Number of tracking blocks, one map byte each.
+ * @generation_id: Identifier of the generation of change numbers.  A new
+ *	generation starts when tracking starts and when the change numbers are
+ *	exhausted; numbers of different generations cannot be compared.
+ * @changes_number: Number of the last snapshot taken in this generation,
+ *	0 if none.  A map byte greater than a snapshot's number means the
+ *	block changed after that snapshot.
+ */
+struct blksnap_cbtinfo {
+	__u64 device_capacity;
+	__u32 block_size;
+	__u32 block_count;
+	struct blksnap_uuid generation_id;
+	__u8 changes_number;
+};
+
+/**
+ * struct blksnap_cbtmap - Argument of &BLKFILTER_CTL_BLKSNAP_CBTMAP.
+ * @offset: First map byte (tracking block) to read.
+ * @length: Number of bytes to read.
+ * @buffer: User space address of a buffer of @length bytes.
+ */
+struct blksnap_cbtmap {
+	__u32 offset;
+	__u32 length;
+	__u64 buffer;
+};
+
+/**
+ * struct blksnap_sectors - A range of sectors.
+ * @offset: First sector, from the start of the device.
+ * @count: Number of sectors.
+ */
+struct blksnap_sectors {
+	__u64 offset;
+	__u64 count;
+};
+
+/**
+ * struct blksnap_cbtdirty - Argument of &BLKFILTER_CTL_BLKSNAP_CBTDIRTY.
+ * @count: Number of ranges at @dirty_sectors, at least 1.
+ * @dirty_sectors: User space address of an array of &struct blksnap_sectors.
+ */
+struct blksnap_cbtdirty {
+	__u32 count;
+	__u64 dirty_sectors;
+};
+
+/**
+ * struct blksnap_snapshotadd - Argument of &BLKFILTER_CTL_BLKSNAP_SNAPSHOTADD.
+ * @id: Identifier of the snapshot.
+ */
+struct blksnap_snapshotadd {
+	struct blksnap_uuid id;
+};
+
+#define IMAGE_DISK_NAME_LEN 32
+
+/**
+ * struct blksnap_snapshotinfo - Result of
+ *	&BLKFILTER_CTL_BLKSNAP_SNAPSHOTINFO.
+ * @error_code: 0, or the negative errno that made the snapshot of the device
+ *	unusable (-ENOSPC: the difference storage overflowed).
+ * @image: Name of the snapshot image block device, or an empty string.
+ */
+struct blksnap_snapshotinfo {
+	__s32 error_code;
+	__u8 image[IMAGE_DISK_NAME_LEN];
+};
+
+/**
+ * DOC: Commands of the control device
+ *
+ * These ioctls are issued on /dev/blksnap-control and need CAP_SYS_ADMIN.
+ */
+enum blksnap_ioctl {
+	BLKSNAP_IOCTL_VERSION = 0,
+	BLKSNAP_IOCTL_SNAPSHOT_CREATE = 1,
+	BLKSNAP_IOCTL_SNAPSHOT_DESTROY = 2,
+	BLKSNAP_IOCTL_SNAPSHOT_TAKE = 3,
+	BLKSNAP_IOCTL_SNAPSHOT_COLLECT = 4,
+	BLKSNAP_IOCTL_SNAPSHOT_WAIT_EVENT = 5,
+};
+
+/**
+ * struct blksnap_version - Version of the interface.
+ * @major: Major version.
+ * @minor: Minor version.
+ * @revision: Revision.
+ * @build: Build number, 0.
+ */
+struct blksnap_version {
+	__u16 major;
+	__u16 minor;
+	__u16 revision;
+	__u16 build;
+};
+
+/* Get the interface version.  For logs: features are found by trying them. */
+#define IOCTL_BLKSNAP_VERSION						\
+	_IOR(BLKSNAP, BLKSNAP_IOCTL_VERSION, struct blksnap_version)
+
+/**
+ * struct blksnap_snapshot_create - Argument of
+ *	&IOCTL_BLKSNAP_SNAPSHOT_CREATE.
+ * @diff_storage_limit_sect: Largest size of the difference storage, in
+ *	sectors.
+ * @diff_storage_filename: User space address of the NUL-terminated path of
+ *	the difference storage: a file, a directory (for an unnamed temporary
+ *	file) or a block device.
+ * @id: Output: identifier of the new snapshot.
+ */
+struct blksnap_snapshot_create {
+	__u64 diff_storage_limit_sect;
+	__u64 diff_storage_filename;
+	struct blksnap_uuid id;
+};
+
+/* Create a snapshot and its difference storage. */
+#define IOCTL_BLKSNAP_SNAPSHOT_CREATE					\
+	_IOWR(BLKSNAP, BLKSNAP_IOCTL_SNAPSHOT_CREATE,			\
+	      struct blksnap_snapshot_create)
+
+/* Destroy a snapshot: removes its images and storage; tracking goes on. */
+#define IOCTL_BLKSNAP_SNAPSHOT_DESTROY					\
+	_IOW(BLKSNAP, BLKSNAP_IOCTL_SNAPSHOT_DESTROY, struct blksnap_uuid)
+
+/* Take a snapshot of all its devices at one instant and create the images. */
+#define IOCTL_BLKSNAP_SNAPSHOT_TAKE					\
+	_IOW(BLKSNAP, BLKSNAP_IOCTL_SNAPSHOT_TAKE, struct blksnap_uuid)
+
+/**
+ * struct blksnap_snapshot_collect - Argument of
+ *	&IOCTL_BLKSNAP_SNAPSHOT_COLLECT.
+ * @count: Capacity of @ids in entries; set to the number of snapshots.
+ * @ids: User space address of an array of &struct blksnap_uuid, or 0.
+ *
+ * If @count is too small, nothing is copied, @count is set to the number
+ * needed and the ioctl fails with ENODATA.
+ */
+struct blksnap_snapshot_collect {
+	__u32 count;
+	__u64 ids;
+};
+
+/* List the identifiers of the existing snapshots. */
+#define IOCTL_BLKSNAP_SNAPSHOT_COLLECT					\
+	_IOR(BLKSNAP, BLKSNAP_IOCTL_SNAPSHOT_COLLECT,			\
+	     struct blksnap_snapshot_collect)
+
+/**
+ * enum blksnap_event_codes - Codes of snapshot events.
+ * @blksnap_event_code_corrupted: The snapshot of a device became unusable,
+ *	&struct blksnap_event_corrupted.
+ * @blksnap_event_code_no_space: The difference storage is full,
+ *	&struct blksnap_event_no_space.
+ */
+enum blksnap_event_codes {
+	blksnap_event_code_corrupted,
+	blksnap_event_code_no_space,
+};
+
+/**
+ * struct blksnap_snapshot_event - Argument of
+ *	&IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT.
+ * @id: Identifier of the snapshot.
+ * @timeout_ms: How long to wait for an event, in milliseconds.
+ * @code: Output: &enum blksnap_event_codes.
+ * @time_label: Output: when the event happened.
+ * @data: Output: the event's payload.
+ */
+struct blksnap_snapshot_event {
+	struct blksnap_uuid id;
+	__u32 timeout_ms;
+	__u32 code;
+	__s64 time_label;
+	__u8 data[4096 - 32];
+};
+
+/*
+ * Wait for the next event of a snapshot.  Encoded as _IOR like upstream,
+ * although @id and @timeout_ms are read from user space.
+ */
+#define IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT				\
+	_IOR(BLKSNAP, BLKSNAP_IOCTL_SNAPSHOT_WAIT_EVENT,		\
+	     struct blksnap_snapshot_event)
+
+/**
+ * struct blksnap_event_corrupted - Payload of
+ *	&blksnap_event_code_corrupted.
+ * @dev_id_mj: Major number of the device.
+ * @dev_id_mn: Minor number of the device.
+ * @err_code: The negative errno.
+ */
+struct blksnap_event_corrupted {
+	__u32 dev_id_mj;
+	__u32 dev_id_mn;
+	__s32 err_code;
+};
+
+/**
+ * struct blksnap_event_no_space - Payload of &blksnap_event_code_no_space.
+ * @requested_nr_sect: Number of sectors that could not be stored.
+ */
+struct blksnap_event_no_space {
+	__u64 requested_nr_sect;
+};
+
+#endif /* _UAPI_LINUX_BLKSNAP_H */

@@ -1,0 +1,70 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Prints the layout facts of our UAPI headers in the format of
+ * upstream-uapi-layout.txt: built and compared by blk_snap/tests/uapi.rs.
+ */
+#include <stddef.h>
+#include <stdio.h>
+#include <linux/blk-filter.h>
+#include <linux/blksnap.h>
+
+#define SIZE(s) printf("sizeof %s %zu\n", #s, sizeof(struct s))
+#define OFF(s, f) printf("offsetof %s.%s %zu\n", #s, #f, offsetof(struct s, f))
+#define IOCTL(n) printf("ioctl %s 0x%x\n", #n, (unsigned int)(n))
+
+int main(void)
+{
+	SIZE(blkfilter_attach);
+	OFF(blkfilter_attach, opt);
+	OFF(blkfilter_attach, optlen);
+	SIZE(blkfilter_detach);
+	SIZE(blkfilter_ctl);
+	OFF(blkfilter_ctl, cmd);
+	OFF(blkfilter_ctl, optlen);
+	OFF(blkfilter_ctl, opt);
+	SIZE(blksnap_uuid);
+	SIZE(blksnap_cbtinfo);
+	OFF(blksnap_cbtinfo, block_size);
+	OFF(blksnap_cbtinfo, block_count);
+	OFF(blksnap_cbtinfo, generation_id);
+	OFF(blksnap_cbtinfo, changes_number);
+	SIZE(blksnap_cbtmap);
+	OFF(blksnap_cbtmap, length);
+	OFF(blksnap_cbtmap, buffer);
+	SIZE(blksnap_sectors);
+	SIZE(blksnap_cbtdirty);
+	OFF(blksnap_cbtdirty, dirty_sectors);
+	SIZE(blksnap_snapshotadd);
+	SIZE(blksnap_snapshotinfo);
+	OFF(blksnap_snapshotinfo, image);
+	SIZE(blksnap_version);
+	SIZE(blksnap_snapshot_create);
+	OFF(blksnap_snapshot_create, diff_storage_filename);
+	OFF(blksnap_snapshot_create, id);
+	SIZE(blksnap_snapshot_collect);
+	OFF(blksnap_snapshot_collect, ids);
+	SIZE(blksnap_snapshot_event);
+	OFF(blksnap_snapshot_event, timeout_ms);
+	OFF(blksnap_snapshot_event, code);
+	OFF(blksnap_snapshot_event, time_label);
+	OFF(blksnap_snapshot_event, data);
+	SIZE(blksnap_event_corrupted);
+	SIZE(blksnap_event_no_space);
+	IOCTL(BLKFILTER_ATTACH);
+	IOCTL(BLKFILTER_DETACH);
+	IOCTL(BLKFILTER_CTL);
+	IOCTL(IOCTL_BLKSNAP_VERSION);
+	IOCTL(IOCTL_BLKSNAP_SNAPSHOT_CREATE);
+	IOCTL(IOCTL_BLKSNAP_SNAPSHOT_DESTROY);
+	IOCTL(IOCTL_BLKSNAP_SNAPSHOT_TAKE);
+	IOCTL(IOCTL_BLKSNAP_SNAPSHOT_COLLECT);
+	IOCTL(IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT);
+	printf("enum CBTINFO %d CBTMAP %d CBTDIRTY %d SNAPSHOTADD %d SNAPSHOTINFO %d\n",
+	       BLKFILTER_CTL_BLKSNAP_CBTINFO, BLKFILTER_CTL_BLKSNAP_CBTMAP,
+	       BLKFILTER_CTL_BLKSNAP_CBTDIRTY, BLKFILTER_CTL_BLKSNAP_SNAPSHOTADD,
+	       BLKFILTER_CTL_BLKSNAP_SNAPSHOTINFO);
+	printf("events corrupted %d no_space %d\n", blksnap_event_code_corrupted,
+	       blksnap_event_code_no_space);
+	printf("names %s %s\n", BLKSNAP_CTL, BLKSNAP_FILTER_NAME);
+	return 0;
+}

@@ -1,0 +1,302 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A safe, typed interface to the blksnap kernel module.
+//!
+//! - [`Tracker`]: change tracking on one block device, through the
+//!   `BLKFILTER_*` ioctls on the device.
+//! - [`Control`]: the control device, `/dev/blksnap-control`.
+//!
+//! Every error carries the errno and what was attempted.
+
+use blk_snap_logic::uapi::{self, ctl};
+use nix::errno::Errno;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+pub use blk_snap_logic::uapi::BLKSNAP_FILTER_NAME as FILTER_NAME;
+
+/// An error: what was attempted, on what, and the errno.
+#[derive(Debug)]
+pub struct Error {
+    /// What was attempted, for example "attach the blksnap filter to /dev/vdb".
+    pub what: String,
+    /// The error number.
+    pub errno: Errno,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} ({:?})", self.what, self.errno.desc(), self.errno)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Result of this library.
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn err(what: impl Into<String>, errno: Errno) -> Error {
+    Error {
+        what: what.into(),
+        errno,
+    }
+}
+
+fn io_err(what: impl Into<String>, e: std::io::Error) -> Error {
+    err(what, Errno::from_raw(e.raw_os_error().unwrap_or(libc_eio())))
+}
+
+fn libc_eio() -> i32 {
+    Errno::EIO as i32
+}
+
+/// Raw ioctls, exported for tests that need to send malformed arguments.
+pub mod raw {
+    use blk_snap_logic::uapi::*;
+
+    nix::ioctl_readwrite_bad!(blkfilter_attach, BLKFILTER_ATTACH, BlkfilterAttach);
+    nix::ioctl_readwrite_bad!(blkfilter_detach, BLKFILTER_DETACH, BlkfilterDetach);
+    nix::ioctl_readwrite_bad!(blkfilter_ctl, BLKFILTER_CTL, BlkfilterCtl);
+    nix::ioctl_read_bad!(blksnap_version, IOCTL_BLKSNAP_VERSION, BlksnapVersion);
+    nix::ioctl_read_bad!(blksnap_collect, IOCTL_BLKSNAP_SNAPSHOT_COLLECT, BlksnapSnapshotCollect);
+
+    /// A filter name as the ioctls expect it: NUL-padded to 32 bytes.
+    pub fn filter_name(name: &str) -> [u8; BLKFILTER_NAME_LENGTH] {
+        let mut out = [0u8; BLKFILTER_NAME_LENGTH];
+        let n = name.len().min(BLKFILTER_NAME_LENGTH);
+        out[..n].copy_from_slice(&name.as_bytes()[..n]);
+        out
+    }
+}
+
+/// Change tracking information of a device (`struct blksnap_cbtinfo`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CbtInfo {
+    /// Device size in bytes when tracking started.
+    pub device_capacity: u64,
+    /// Tracking block size in bytes.
+    pub block_size: u32,
+    /// Number of tracking blocks.
+    pub block_count: u32,
+    /// Generation of the change numbers, as a UUID string.
+    pub generation: String,
+    /// Number of the last snapshot taken in this generation.
+    pub changes_number: u8,
+}
+
+/// Formats 16 bytes as a UUID string.
+pub fn uuid_string(b: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s += &format!("{byte:02x}");
+    }
+    s
+}
+
+/// Which CBT map to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    /// As of the last snapshot (`CBTMAP`).
+    Snapshot,
+    /// Changes as they happen (`CBTMAP_ACTIVE`, our extension).
+    Active,
+}
+
+/// A range of sectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SectorRange {
+    /// First sector.
+    pub offset: u64,
+    /// Number of sectors.
+    pub count: u64,
+}
+
+/// Change tracking on one block device.
+pub struct Tracker {
+    file: File,
+    path: PathBuf,
+}
+
+impl Tracker {
+    /// Opens the block device at `path` (read-only is enough).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = OpenOptions::new()
+            .read(true)
+            .open(&path)
+            .map_err(|e| io_err(format!("open {}", path.display()), e))?;
+        Ok(Self { file, path })
+    }
+
+    /// The device path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Attaches the blksnap filter: tracking starts with a new generation.
+    pub fn attach(&self) -> Result<()> {
+        let mut arg = uapi::BlkfilterAttach {
+            name: raw::filter_name(FILTER_NAME),
+            ..Default::default()
+        };
+        // SAFETY: `arg` is a valid `struct blkfilter_attach`; no options.
+        unsafe { raw::blkfilter_attach(self.file.as_raw_fd(), &mut arg) }
+            .map_err(|e| err(format!("attach the blksnap filter to {}", self.path.display()), e))?;
+        Ok(())
+    }
+
+    /// Detaches the blksnap filter: tracking stops and its map is dropped.
+    pub fn detach(&self) -> Result<()> {
+        let mut arg = uapi::BlkfilterDetach {
+            name: raw::filter_name(FILTER_NAME),
+        };
+        // SAFETY: `arg` is a valid `struct blkfilter_detach`.
+        unsafe { raw::blkfilter_detach(self.file.as_raw_fd(), &mut arg) }.map_err(|e| {
+            err(format!("detach the blksnap filter from {}", self.path.display()), e)
+        })?;
+        Ok(())
+    }
+
+    /// Sends a filter command; `buf` is its argument.
+    fn ctl(&self, cmd: u32, buf: &mut [u8], what: &str) -> Result<i32> {
+        let mut arg = uapi::BlkfilterCtl {
+            name: raw::filter_name(FILTER_NAME),
+            cmd,
+            optlen: buf.len() as u32,
+            opt: buf.as_mut_ptr() as u64,
+        };
+        // SAFETY: `arg` points to `buf`, valid for `optlen` bytes.
+        unsafe { raw::blkfilter_ctl(self.file.as_raw_fd(), &mut arg) }
+            .map_err(|e| err(format!("{what} of {}", self.path.display()), e))
+    }
+
+    /// Returns the change tracking parameters.
+    pub fn cbt_info(&self) -> Result<CbtInfo> {
+        let mut buf = [0u8; std::mem::size_of::<uapi::BlksnapCbtinfo>()];
+        self.ctl(ctl::CBTINFO, &mut buf, "read the CBT information")?;
+        let u64_at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap());
+        Ok(CbtInfo {
+            device_capacity: u64_at(0),
+            block_size: u32_at(8),
+            block_count: u32_at(12),
+            generation: uuid_string(buf[16..32].try_into().unwrap()),
+            changes_number: buf[32],
+        })
+    }
+
+    /// Reads `length` bytes of a CBT map from `offset` into `out`.
+    pub fn read_cbt_map_range(&self, kind: MapKind, offset: u32, out: &mut [u8]) -> Result<()> {
+        let mut arg = uapi::BlksnapCbtmap {
+            offset,
+            length: out.len() as u32,
+            buffer: out.as_mut_ptr() as u64,
+        };
+        let cmd = match kind {
+            MapKind::Snapshot => ctl::CBTMAP,
+            MapKind::Active => ctl::CBTMAP_ACTIVE,
+        };
+        // SAFETY: the struct is plain old data; viewed as bytes for the ioctl.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&mut arg as *mut uapi::BlksnapCbtmap).cast::<u8>(),
+                std::mem::size_of::<uapi::BlksnapCbtmap>(),
+            )
+        };
+        self.ctl(cmd, bytes, "read the CBT map")?;
+        Ok(())
+    }
+
+    /// Reads a whole CBT map, in pieces of at most 1 MiB.
+    pub fn read_cbt_map(&self, kind: MapKind) -> Result<Vec<u8>> {
+        let count = self.cbt_info()?.block_count as usize;
+        let mut map = vec![0u8; count];
+        for (i, piece) in map.chunks_mut(1 << 20).enumerate() {
+            self.read_cbt_map_range(kind, (i << 20) as u32, piece)?;
+        }
+        Ok(map)
+    }
+
+    /// Marks sector ranges as changed.
+    pub fn mark_dirty(&self, ranges: &[SectorRange]) -> Result<()> {
+        let sectors: Vec<uapi::BlksnapSectors> = ranges
+            .iter()
+            .map(|r| uapi::BlksnapSectors {
+                offset: r.offset,
+                count: r.count,
+            })
+            .collect();
+        let mut arg = uapi::BlksnapCbtdirty {
+            count: sectors.len() as u32,
+            dirty_sectors: sectors.as_ptr() as u64,
+        };
+        // SAFETY: as in `read_cbt_map_range`.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&mut arg as *mut uapi::BlksnapCbtdirty).cast::<u8>(),
+                std::mem::size_of::<uapi::BlksnapCbtdirty>(),
+            )
+        };
+        self.ctl(ctl::CBTDIRTY, bytes, "mark CBT ranges dirty")?;
+        Ok(())
+    }
+}
+
+/// Ranges of consecutive blocks whose change number is greater than `since`.
+pub fn changed_ranges(map: &[u8], since: u8) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for (i, &n) in map.iter().enumerate() {
+        match (n > since, start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                out.push((s as u32, i as u32));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        out.push((s as u32, map.len() as u32));
+    }
+    out
+}
+
+/// The control device.
+pub struct Control {
+    file: File,
+}
+
+/// Path of the control device.
+pub const CONTROL_PATH: &str = "/dev/blksnap-control";
+
+impl Control {
+    /// Opens `/dev/blksnap-control`.
+    pub fn open() -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(CONTROL_PATH)
+            .map_err(|e| io_err(format!("open {CONTROL_PATH} (is the blksnap module loaded?)"), e))?;
+        Ok(Self { file })
+    }
+
+    /// Returns the interface version of the module.
+    pub fn version(&self) -> Result<uapi::BlksnapVersion> {
+        let mut v = uapi::BlksnapVersion::default();
+        // SAFETY: `v` is a valid `struct blksnap_version`.
+        unsafe { raw::blksnap_version(self.file.as_raw_fd(), &mut v) }
+            .map_err(|e| err("read the blksnap version", e))?;
+        Ok(v)
+    }
+
+    /// The raw file descriptor, for tests.
+    pub fn as_raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}

@@ -1,0 +1,164 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! blksnapctl: drive the blksnap kernel module from the command line.
+
+use blksnap::{changed_ranges, Control, MapKind, SectorRange, Tracker};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "blksnapctl",
+    version,
+    about = "Change block tracking and snapshots of block devices (blksnap)",
+    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl cbt mark /dev/vdb 0:8 2048:16\n  blksnapctl detach /dev/vdb"
+)]
+struct Cli {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the interface version of the loaded module.
+    Version,
+    /// Attach the blksnap filter to a block device: start tracking changes.
+    Attach { device: PathBuf },
+    /// Detach the blksnap filter from a block device: stop tracking.
+    Detach { device: PathBuf },
+    /// Change block tracking.
+    #[command(subcommand)]
+    Cbt(CbtCommand),
+}
+
+#[derive(Subcommand)]
+enum CbtCommand {
+    /// Print the tracking block size, block count, generation and number.
+    Info { device: PathBuf },
+    /// Print the changed blocks.
+    Read {
+        device: PathBuf,
+        /// Read the active map (changes as they happen) instead of the map
+        /// as of the last snapshot.
+        #[arg(long)]
+        active: bool,
+        /// Show blocks whose change number is greater than this.
+        #[arg(long, default_value_t = 0)]
+        since: u8,
+    },
+    /// Mark sector ranges, given as OFFSET:COUNT in 512-byte sectors, changed.
+    Mark {
+        device: PathBuf,
+        #[arg(required = true, value_parser = parse_range)]
+        ranges: Vec<SectorRange>,
+    },
+}
+
+fn parse_range(s: &str) -> Result<SectorRange, String> {
+    let (o, c) = s.split_once(':').ok_or("expected OFFSET:COUNT")?;
+    Ok(SectorRange {
+        offset: o.parse().map_err(|e| format!("offset: {e}"))?,
+        count: c.parse().map_err(|e| format!("count: {e}"))?,
+    })
+}
+
+fn run(cli: Cli) -> Result<(), blksnap::Error> {
+    match cli.command {
+        Command::Version => {
+            let v = Control::open()?.version()?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"major": v.major, "minor": v.minor, "revision": v.revision, "build": v.build})
+                );
+            } else {
+                println!("{}.{}.{}.{}", v.major, v.minor, v.revision, v.build);
+            }
+        }
+        Command::Attach { device } => {
+            Tracker::open(&device)?.attach()?;
+            if !cli.json {
+                println!("tracking {}", device.display());
+            }
+        }
+        Command::Detach { device } => {
+            Tracker::open(&device)?.detach()?;
+            if !cli.json {
+                println!("stopped tracking {}", device.display());
+            }
+        }
+        Command::Cbt(CbtCommand::Info { device }) => {
+            let info = Tracker::open(&device)?.cbt_info()?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&info).unwrap());
+            } else {
+                println!("device:         {}", device.display());
+                println!("capacity:       {} bytes", info.device_capacity);
+                println!("block size:     {} bytes", info.block_size);
+                println!("blocks:         {}", info.block_count);
+                println!("generation:     {}", info.generation);
+                println!("changes number: {}", info.changes_number);
+            }
+        }
+        Command::Cbt(CbtCommand::Read {
+            device,
+            active,
+            since,
+        }) => {
+            let t = Tracker::open(&device)?;
+            let info = t.cbt_info()?;
+            let kind = if active { MapKind::Active } else { MapKind::Snapshot };
+            let map = t.read_cbt_map(kind)?;
+            let ranges = changed_ranges(&map, since);
+            let changed: u64 = ranges.iter().map(|(s, e)| u64::from(e - s)).sum();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "block_size": info.block_size,
+                        "block_count": info.block_count,
+                        "generation": info.generation,
+                        "changes_number": info.changes_number,
+                        "since": since,
+                        "changed_blocks": changed,
+                        "changed": ranges,
+                    })
+                );
+            } else {
+                println!(
+                    "{}: {} of {} blocks of {} bytes changed ({} bytes)",
+                    device.display(),
+                    changed,
+                    info.block_count,
+                    info.block_size,
+                    changed * u64::from(info.block_size)
+                );
+                for (s, e) in ranges {
+                    if e - s == 1 {
+                        println!("  block {s}");
+                    } else {
+                        println!("  blocks {s}-{}", e - 1);
+                    }
+                }
+            }
+        }
+        Command::Cbt(CbtCommand::Mark { device, ranges }) => {
+            Tracker::open(&device)?.mark_dirty(&ranges)?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blksnapctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -15,12 +15,16 @@ use kernel::{
     prelude::*,
 };
 
+// Shared with the host tests (blk_snap/host.rs): some items serve only the
+// tests or later features, and `pub` is their interface there.
+#[allow(dead_code, unreachable_pub)]
 #[path = "logic/cbt.rs"]
 mod cbt;
 mod cbt_map;
 mod ctl;
 mod params;
 mod tracker;
+#[allow(dead_code, unreachable_pub)]
 mod uapi;
 
 module! {

@@ -63,7 +63,7 @@ impl CbtMap {
         let active = KVVec::from_elem(0u8, n, GFP_KERNEL)?;
         let read = KVVec::from_elem(0u8, n, GFP_KERNEL)?;
         let state = CbtState::new(*Uuid::new_random().as_bytes());
-        Ok(pin_init!(Self {
+        Ok(try_pin_init!(Self {
             geometry,
             maps <- new_spinlock!(Maps { state, active, read }, "CbtMap::maps"),
         }))

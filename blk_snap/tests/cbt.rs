@@ -33,8 +33,17 @@ fn geometry_rejects_bad_params() {
         block_maximum_count: count,
         block_maximum_shift: max,
     };
-    for p in [bad(8, 16, 26), bad(16, 16, 32), bad(20, 16, 19), bad(16, 0, 26)] {
-        assert_eq!(CbtGeometry::new(GIB_SECTORS, &p), Err(CbtError::BadParams), "{p:?}");
+    for p in [
+        bad(8, 16, 26),
+        bad(16, 16, 32),
+        bad(20, 16, 19),
+        bad(16, 0, 26),
+    ] {
+        assert_eq!(
+            CbtGeometry::new(GIB_SECTORS, &p),
+            Err(CbtError::BadParams),
+            "{p:?}"
+        );
     }
     // 2^32 blocks do not fit the u32 count.
     let p = bad(9, u32::MAX, 9);
@@ -140,7 +149,14 @@ fn numbers_wrap_into_a_new_generation() {
     assert_eq!(active, [254, 255, 0, 0]);
     // Number 256 does not exist: this snapshot starts a new generation.
     assert!(state.take_snapshot(&mut active, &mut read, || [2; 16]));
-    assert_eq!(state, CbtState { active: 1, previous: 0, generation: [2; 16] });
+    assert_eq!(
+        state,
+        CbtState {
+            active: 1,
+            previous: 0,
+            generation: [2; 16]
+        }
+    );
     assert_eq!((active, read), (vec![0; 4], vec![0; 4]));
 }
 

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn reference() -> String {
@@ -23,7 +26,12 @@ fn reference() -> String {
         .unwrap_or_else(|| repo().join("../shared/reference"))
         .join("upstream-uapi-layout.txt");
     if let Ok(shared_text) = std::fs::read_to_string(&shared) {
-        assert_eq!(text, shared_text, "tests/uapi copy differs from {}", shared.display());
+        assert_eq!(
+            text,
+            shared_text,
+            "tests/uapi copy differs from {}",
+            shared.display()
+        );
     }
     assert_eq!(text.lines().count(), 48, "the reference lists 48 facts");
     text
@@ -37,8 +45,16 @@ fn compare(what: &str, got: &str) {
             diffs.push(format!("line {}: want `{w}`, got `{g}`", i + 1));
         }
     }
-    assert_eq!(want.lines().count(), got.lines().count(), "{what}: line count");
-    assert!(diffs.is_empty(), "{what} differs from the reference:\n{}", diffs.join("\n"));
+    assert_eq!(
+        want.lines().count(),
+        got.lines().count(),
+        "{what}: line count"
+    );
+    assert!(
+        diffs.is_empty(),
+        "{what} differs from the reference:\n{}",
+        diffs.join("\n")
+    );
 }
 
 #[test]
@@ -70,7 +86,12 @@ fn rust_mirrors_match_upstream_layout() {
     }
     macro_rules! off {
         ($c:literal, $t:ty, $f:ident) => {
-            s += &format!("offsetof {}.{} {}\n", $c, stringify!($f), offset_of!($t, $f));
+            s += &format!(
+                "offsetof {}.{} {}\n",
+                $c,
+                stringify!($f),
+                offset_of!($t, $f)
+            );
         };
     }
     macro_rules! ioctl {
@@ -103,7 +124,11 @@ fn rust_mirrors_match_upstream_layout() {
     off!("blksnap_snapshotinfo", BlksnapSnapshotinfo, image);
     size!("blksnap_version", BlksnapVersion);
     size!("blksnap_snapshot_create", BlksnapSnapshotCreate);
-    off!("blksnap_snapshot_create", BlksnapSnapshotCreate, diff_storage_filename);
+    off!(
+        "blksnap_snapshot_create",
+        BlksnapSnapshotCreate,
+        diff_storage_filename
+    );
     off!("blksnap_snapshot_create", BlksnapSnapshotCreate, id);
     size!("blksnap_snapshot_collect", BlksnapSnapshotCollect);
     off!("blksnap_snapshot_collect", BlksnapSnapshotCollect, ids);
@@ -131,7 +156,11 @@ fn rust_mirrors_match_upstream_layout() {
         ctl::SNAPSHOTADD,
         ctl::SNAPSHOTINFO
     );
-    s += &format!("events corrupted {} no_space {}\n", event::CORRUPTED, event::NO_SPACE);
+    s += &format!(
+        "events corrupted {} no_space {}\n",
+        event::CORRUPTED,
+        event::NO_SPACE
+    );
     s += &format!("names {} {}\n", BLKSNAP_CTL, BLKSNAP_FILTER_NAME);
     compare("Rust mirrors", &s);
 }
@@ -142,14 +171,19 @@ fn cbtinfo_bytes_match_memory_layout() {
         device_capacity: 0x0102_0304_0506_0708,
         block_size: 65536,
         block_count: 17,
-        generation_id: BlksnapUuid { b: *b"0123456789abcdef" },
+        generation_id: BlksnapUuid {
+            b: *b"0123456789abcdef",
+        },
         changes_number: 42,
     };
     let bytes = info.to_ne_bytes();
     // SAFETY: reading the initialized fields through a byte view; the padding
     // is compared separately below.
     let raw = unsafe {
-        std::slice::from_raw_parts((&info as *const BlksnapCbtinfo).cast::<u8>(), size_of::<BlksnapCbtinfo>())
+        std::slice::from_raw_parts(
+            (&info as *const BlksnapCbtinfo).cast::<u8>(),
+            size_of::<BlksnapCbtinfo>(),
+        )
     };
     assert_eq!(&bytes[..33], &raw[..33]);
     assert!(bytes[33..].iter().all(|&b| b == 0), "padding is zeroed");

@@ -45,7 +45,10 @@ fn err(what: impl Into<String>, errno: Errno) -> Error {
 }
 
 fn io_err(what: impl Into<String>, e: std::io::Error) -> Error {
-    err(what, Errno::from_raw(e.raw_os_error().unwrap_or(libc_eio())))
+    err(
+        what,
+        Errno::from_raw(e.raw_os_error().unwrap_or(libc_eio())),
+    )
 }
 
 fn libc_eio() -> i32 {
@@ -60,7 +63,11 @@ pub mod raw {
     nix::ioctl_readwrite_bad!(blkfilter_detach, BLKFILTER_DETACH, BlkfilterDetach);
     nix::ioctl_readwrite_bad!(blkfilter_ctl, BLKFILTER_CTL, BlkfilterCtl);
     nix::ioctl_read_bad!(blksnap_version, IOCTL_BLKSNAP_VERSION, BlksnapVersion);
-    nix::ioctl_read_bad!(blksnap_collect, IOCTL_BLKSNAP_SNAPSHOT_COLLECT, BlksnapSnapshotCollect);
+    nix::ioctl_read_bad!(
+        blksnap_collect,
+        IOCTL_BLKSNAP_SNAPSHOT_COLLECT,
+        BlksnapSnapshotCollect
+    );
 
     /// A filter name as the ioctls expect it: NUL-padded to 32 bytes.
     pub fn filter_name(name: &str) -> [u8; BLKFILTER_NAME_LENGTH] {
@@ -145,8 +152,12 @@ impl Tracker {
             ..Default::default()
         };
         // SAFETY: `arg` is a valid `struct blkfilter_attach`; no options.
-        unsafe { raw::blkfilter_attach(self.file.as_raw_fd(), &mut arg) }
-            .map_err(|e| err(format!("attach the blksnap filter to {}", self.path.display()), e))?;
+        unsafe { raw::blkfilter_attach(self.file.as_raw_fd(), &mut arg) }.map_err(|e| {
+            err(
+                format!("attach the blksnap filter to {}", self.path.display()),
+                e,
+            )
+        })?;
         Ok(())
     }
 
@@ -157,7 +168,10 @@ impl Tracker {
         };
         // SAFETY: `arg` is a valid `struct blkfilter_detach`.
         unsafe { raw::blkfilter_detach(self.file.as_raw_fd(), &mut arg) }.map_err(|e| {
-            err(format!("detach the blksnap filter from {}", self.path.display()), e)
+            err(
+                format!("detach the blksnap filter from {}", self.path.display()),
+                e,
+            )
         })?;
         Ok(())
     }
@@ -282,7 +296,12 @@ impl Control {
             .read(true)
             .write(true)
             .open(CONTROL_PATH)
-            .map_err(|e| io_err(format!("open {CONTROL_PATH} (is the blksnap module loaded?)"), e))?;
+            .map_err(|e| {
+                io_err(
+                    format!("open {CONTROL_PATH} (is the blksnap module loaded?)"),
+                    e,
+                )
+            })?;
         Ok(Self { file })
     }
 

@@ -111,7 +111,11 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
         }) => {
             let t = Tracker::open(&device)?;
             let info = t.cbt_info()?;
-            let kind = if active { MapKind::Active } else { MapKind::Snapshot };
+            let kind = if active {
+                MapKind::Active
+            } else {
+                MapKind::Snapshot
+            };
             let map = t.read_cbt_map(kind)?;
             let ranges = changed_ranges(&map, since);
             let changed: u64 = ranges.iter().map(|(s, e)| u64::from(e - s)).sum();
@@ -137,7 +141,11 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
                     info.block_size,
                     changed * u64::from(info.block_size)
                 );
-                for (s, e) in ranges {
+                const SHOWN: usize = 16;
+                if ranges.len() > SHOWN {
+                    println!("  ({} ranges, the first {SHOWN} shown)", ranges.len());
+                }
+                for &(s, e) in ranges.iter().take(SHOWN) {
                     if e - s == 1 {
                         println!("  block {s}");
                     } else {

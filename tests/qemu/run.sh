@@ -1,0 +1,101 @@
+#!/bin/bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# Boots the debug test kernel under QEMU (TCG, 2 vCPUs) with virtme-ng, the
+# host's root filesystem shared read-only, and two virtio disks:
+#   serial blksnap-a: 256 MiB, no partition table;
+#   serial blksnap-b: 256 MiB, MBR with partitions at sectors 2048 and 67600.
+# Then runs tests/qemu/guest.sh MODE in the guest.
+#
+# usage: run.sh test|demo [test name filters...]
+#
+# For `test`, prints one line per test and a final "N passed, N failed"; the
+# run fails if a guest test fails, or if the guest's kernel log shows a BUG,
+# WARNING, KASAN, lockdep or Oops report or kmemleak finds a leak.
+set -euo pipefail
+
+MODE=${1:?usage: run.sh test|demo [filters...]}
+shift
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+CACHE=${BLKSNAP_CACHE:-$HOME/.cache/blk-snap}
+KOUT=${KBUILD_OUTPUT:-$(cat "$CACHE/kbuild-output")}
+RESULTS=${RESULTS:-$REPO/results/$MODE}
+TIMEOUT=${QEMU_TIMEOUT:-1800}
+
+rm -rf "$RESULTS"
+mkdir -p "$RESULTS"
+truncate -s 256M "$RESULTS/disk-a.img"
+truncate -s 256M "$RESULTS/disk-b.img"
+printf 'label: dos\nstart=2048, size=65536, type=83\nstart=67600, type=83\n' |
+	sfdisk --quiet "$RESULTS/disk-b.img" >/dev/null
+
+drive() { # file serial
+	echo "-drive file=$1,if=none,id=$2,format=raw,cache=none,aio=threads,discard=unmap" \
+		"-device virtio-blk-pci,drive=$2,serial=$2"
+}
+
+echo "qemu: booting $(cat "$KOUT/include/config/kernel.release") ($MODE), results in $RESULTS"
+start=$(date +%s)
+set +e
+timeout --foreground "$TIMEOUT" vng --run "$KOUT" --disable-kvm --disable-microvm --force-9p \
+	--cpus 2 --memory 2G --verbose \
+	--append "oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0" \
+	--qemu-opts="$(drive "$RESULTS/disk-a.img" blksnap-a) $(drive "$RESULTS/disk-b.img" blksnap-b)" \
+	--rwdir "$RESULTS" \
+	--exec "$REPO/tests/qemu/guest.sh $MODE $RESULTS $REPO $*" 2>&1 |
+	tee "$RESULTS/console.log" |
+	grep --line-buffered -E '^(ok |FAIL |--- |    |[0-9]+ passed|demo|\$ |guest:)' | sed -u 's/^demo: //'
+vng_status=${PIPESTATUS[0]}
+set -e
+echo "qemu: guest finished in $(($(date +%s) - start)) s (exit status $vng_status)"
+
+[ "$MODE" = test ] || exit "$vng_status"
+
+# Harness checks, reported like tests.
+passed=$(grep -c '^ok ' "$RESULTS/console.log" || true)
+failed=$(grep -c '^FAIL ' "$RESULTS/console.log" || true)
+report() { # name ok|reason
+	if [ "$2" = ok ]; then
+		passed=$((passed + 1))
+		echo "ok $1"
+	else
+		failed=$((failed + 1))
+		echo "FAIL $1: $2"
+	fi
+}
+
+if grep -q 'KernelAddressSanitizer initialized' "$RESULTS/console.log" &&
+	grep -q 'Lock dependency validator' "$RESULTS/console.log"; then
+	report debug_kernel ok
+	grep -m1 'Linux version' "$RESULTS/console.log" | sed 's/^/    | /'
+	grep -m1 'KernelAddressSanitizer initialized' "$RESULTS/console.log" | sed 's/^/    | /'
+else
+	report debug_kernel "no KASAN/lockdep banner in the guest log"
+fi
+
+splats=$(grep -E 'BUG:|WARNING:|KASAN:|Oops|possible circular locking|possible recursive locking|inconsistent lock state|INFO: task .* blocked|Kernel panic|general protection fault|UBSAN:' \
+	"$RESULTS/console.log" | grep -v '^FAIL ' | grep -v '^    |' || true)
+if [ -z "$splats" ]; then
+	report kernel_log_clean ok
+else
+	report kernel_log_clean "$(echo "$splats" | head -1)"
+	echo "$splats" | head -20 | sed 's/^/    | /'
+fi
+
+if [ ! -f "$RESULTS/kmemleak.txt" ]; then
+	report no_memory_leaks "no kmemleak report (guest did not finish)"
+elif grep -q 'unreferenced object' "$RESULTS/kmemleak.txt"; then
+	report no_memory_leaks "$(grep -c 'unreferenced object' "$RESULTS/kmemleak.txt") leaks, see $RESULTS/kmemleak.txt"
+	head -30 "$RESULTS/kmemleak.txt" | sed 's/^/    | /'
+else
+	report no_memory_leaks ok
+fi
+
+if grep -q '^guest-exit 0$' "$RESULTS/console.log"; then
+	report guest_completed ok
+else
+	report guest_completed "guest did not finish cleanly (vng status $vng_status)"
+fi
+
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]

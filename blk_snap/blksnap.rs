@@ -21,8 +21,19 @@ use kernel::{
 #[path = "logic/cbt.rs"]
 mod cbt;
 mod cbt_map;
+#[allow(dead_code, unreachable_pub)]
+#[path = "logic/chunk.rs"]
+mod chunk;
 mod ctl;
+mod diff_area;
+mod diff_storage;
+mod io;
 mod params;
+mod snapimage;
+mod snapshot;
+#[allow(dead_code, unreachable_pub)]
+#[path = "logic/store.rs"]
+mod store;
 mod tracker;
 #[allow(dead_code, unreachable_pub)]
 mod uapi;
@@ -36,8 +47,9 @@ module! {
 }
 
 struct BlkSnap {
-    _control: Pin<KBox<MiscDeviceRegistration<ctl::Control>>>,
-    _filter: Pin<KBox<filter::Registration<tracker::TrackerFilter>>>,
+    control: Option<Pin<KBox<MiscDeviceRegistration<ctl::Control>>>>,
+    filter: Option<Pin<KBox<filter::Registration<tracker::TrackerFilter>>>>,
+    globals: Option<Pin<KBox<snapshot::Globals>>>,
 }
 
 impl kernel::Module for BlkSnap {
@@ -50,6 +62,7 @@ impl kernel::Module for BlkSnap {
             v.revision,
             v.build
         );
+        let globals = snapshot::init_globals(module)?;
         let control = KBox::pin_init(
             MiscDeviceRegistration::register(
                 MiscDeviceOptions {
@@ -59,12 +72,27 @@ impl kernel::Module for BlkSnap {
                 module,
             ),
             GFP_KERNEL,
-        )?;
+        );
+        let control = match control {
+            Ok(c) => c,
+            Err(e) => {
+                snapshot::exit_globals(globals);
+                return Err(e);
+            }
+        };
         // Registered last: once registered, the filter can be attached.
-        let filter = KBox::pin_init(filter::Registration::new(module), GFP_KERNEL)?;
+        let filter = match KBox::pin_init(filter::Registration::new(module), GFP_KERNEL) {
+            Ok(f) => f,
+            Err(e) => {
+                drop(control);
+                snapshot::exit_globals(globals);
+                return Err(e);
+            }
+        };
         Ok(Self {
-            _control: control,
-            _filter: filter,
+            control: Some(control),
+            filter: Some(filter),
+            globals: Some(globals),
         })
     }
 }
@@ -72,5 +100,12 @@ impl kernel::Module for BlkSnap {
 impl Drop for BlkSnap {
     fn drop(&mut self) {
         pr_info!("blksnap unloading\n");
+        // No control file is open and no filter is attached (both pin the
+        // module): stop both entry points, then tear down the snapshots.
+        drop(self.control.take());
+        drop(self.filter.take());
+        if let Some(g) = self.globals.take() {
+            snapshot::exit_globals(g);
+        }
     }
 }

@@ -56,7 +56,12 @@ impl CbtMap {
         params: &CbtParams,
     ) -> Result<impl PinInit<Self, Error>> {
         let geometry = CbtGeometry::new(capacity_sectors, params).map_err(|e| {
-            pr_err!("cannot track {} sectors with {:?}: {:?}\n", capacity_sectors, params, e);
+            pr_err!(
+                "cannot track {} sectors with {:?}: {:?}\n",
+                capacity_sectors,
+                params,
+                e
+            );
             EINVAL
         })?;
         let n = geometry.block_count as usize;
@@ -94,9 +99,27 @@ impl CbtMap {
     /// Marks block ranges dirty in both maps.
     pub(crate) fn mark_dirty(&self, ranges: &KVec<Range<usize>>) {
         let mut maps = self.maps.lock();
-        let Maps { state, active, read } = &mut *maps;
+        let Maps {
+            state,
+            active,
+            read,
+        } = &mut *maps;
         for blocks in ranges.iter() {
             state.mark_dirty(active, read, blocks.clone());
+        }
+    }
+
+    /// Takes a snapshot: the read map becomes a copy of the active map and
+    /// the numbers advance, or a new generation starts.
+    pub(crate) fn take_snapshot(&self) {
+        let mut maps = self.maps.lock();
+        let Maps {
+            state,
+            active,
+            read,
+        } = &mut *maps;
+        if state.take_snapshot(active, read, || *Uuid::new_random().as_bytes()) {
+            pr_info!("change numbers exhausted: new CBT generation\n");
         }
     }
 

@@ -12,3 +12,9 @@ pub mod cbt;
 
 #[path = "uapi.rs"]
 pub mod uapi;
+
+#[path = "logic/chunk.rs"]
+pub mod chunk;
+
+#[path = "logic/store.rs"]
+pub mod store;

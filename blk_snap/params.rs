@@ -34,3 +34,48 @@ pub(crate) fn cbt_params() -> CbtParams {
         block_maximum_shift: tracking_block_maximum_shift.get(),
     }
 }
+
+kernel::module_param_u32!(
+    "blksnap",
+    chunk_minimum_shift,
+    18,
+    0o644,
+    "The power of 2 for minimum chunk size"
+);
+kernel::module_param_u32!(
+    "blksnap",
+    chunk_maximum_count_shift,
+    40,
+    0o644,
+    "The power of 2 for maximum number of chunks"
+);
+kernel::module_param_u32!(
+    "blksnap",
+    chunk_maximum_shift,
+    26,
+    0o644,
+    "The power of 2 for maximum chunk size"
+);
+kernel::module_param_u32!(
+    "blksnap",
+    chunk_maximum_in_queue,
+    256,
+    0o644,
+    "The maximum number of chunks in the copy queue before writers wait"
+);
+kernel::module_param_u32!(
+    "blksnap",
+    diff_storage_minimum,
+    2097152,
+    0o644,
+    "The step, in sectors, by which a difference storage file grows"
+);
+
+/// The chunk parameters as currently set.
+pub(crate) fn chunk_params() -> crate::chunk::ChunkParams {
+    crate::chunk::ChunkParams {
+        minimum_shift: chunk_minimum_shift.get(),
+        maximum_count_shift: chunk_maximum_count_shift.get(),
+        maximum_shift: chunk_maximum_shift.get(),
+    }
+}

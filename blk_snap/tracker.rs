@@ -8,24 +8,30 @@
 
 use crate::{
     cbt_map::{CbtMap, Map},
+    diff_area::DiffArea,
     params,
+    snapshot::Snapshot,
     uapi::{self, ctl},
 };
 use core::mem::size_of;
+use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::{
-    alloc::{flags::GFP_KERNEL, KVec},
+    alloc::{flags::GFP_KERNEL, flags::GFP_NOIO, KVec},
     block::{
         bdev::{BlockDevice, DevT},
-        bio::InFlightBio,
+        bio::{submitter_may_wait, InFlightBio},
         filter::Filter,
     },
     c_str,
     error::code::*,
+    new_spinlock,
     prelude::*,
+    rbtree::{RBTree, RBTreeNodeReservation},
     str::CStr,
-    sync::Arc,
-    types::{AsBytes, FromBytes},
+    sync::{Arc, SpinLock},
+    types::{ARef, AsBytes, FromBytes},
     uaccess::UserSlice,
+    uuid::Uuid,
 };
 
 // SAFETY: These structures consist of integers; any bit pattern is valid.
@@ -39,12 +45,33 @@ unsafe impl FromBytes for uapi::BlksnapSnapshotadd {}
 // SAFETY: An i32 followed by bytes: no padding, any bit pattern is valid.
 unsafe impl AsBytes for uapi::BlksnapSnapshotinfo {}
 
+/// The snapshot side of a tracker.
+struct Cow {
+    /// The snapshot the device was added to.
+    snapshot: Option<Uuid>,
+    /// Copy-on-write state, once the snapshot is taken.
+    area: Option<Arc<DiffArea>>,
+    /// Index of the snapshot image.
+    image: Option<u32>,
+    /// Set while a snapshot is being taken: writes wait in `held`.
+    holding: bool,
+    held: RBTree<u64, (u64, InFlightBio)>,
+    next_held: u64,
+    /// The filter was detached: the device is gone or no longer tracked.
+    detached: bool,
+}
+
 /// A tracked block device.
 #[pin_data]
 pub(crate) struct Tracker {
     dev: DevT,
+    bdev: ARef<BlockDevice>,
     #[pin]
     cbt: CbtMap,
+    /// Mirrors `Cow::holding`, to reserve memory before taking the lock.
+    holding: AtomicBool,
+    #[pin]
+    cow: SpinLock<Cow>,
 }
 
 impl Tracker {
@@ -53,7 +80,18 @@ impl Tracker {
         let tracker = Arc::pin_init(
             try_pin_init!(Self {
                 dev: bdev.dev(),
+                bdev: ARef::from(bdev),
                 cbt <- cbt,
+                holding: AtomicBool::new(false),
+                cow <- new_spinlock!(Cow {
+                    snapshot: None,
+                    area: None,
+                    image: None,
+                    holding: false,
+                    held: RBTree::new(),
+                    next_held: 0,
+                    detached: false,
+                }, "Tracker::cow"),
             }),
             GFP_KERNEL,
         )?;
@@ -72,6 +110,148 @@ impl Tracker {
     /// Returns the device number of the tracked device.
     pub(crate) fn dev(&self) -> DevT {
         self.dev
+    }
+
+    /// Returns the tracked device.
+    pub(crate) fn bdev(&self) -> &BlockDevice {
+        &self.bdev
+    }
+
+    /// Returns a reference to the tracked device.
+    pub(crate) fn bdev_ref(&self) -> ARef<BlockDevice> {
+        self.bdev.clone()
+    }
+
+    /// True once the filter was detached.
+    pub(crate) fn is_detached(&self) -> bool {
+        self.cow.lock().detached
+    }
+
+    /// Makes the device a member of snapshot `id`.
+    pub(crate) fn join(&self, id: Uuid) -> Result {
+        let mut cow = self.cow.lock();
+        if cow.detached {
+            return Err(ENODEV);
+        }
+        match cow.snapshot {
+            Some(s) if s == id => {
+                pr_err!("{}: already in snapshot {}\n", self.dev, id);
+                Err(EALREADY)
+            }
+            Some(s) => {
+                pr_err!(
+                    "{}: already in snapshot {}, cannot join {}\n",
+                    self.dev,
+                    s,
+                    id
+                );
+                Err(EBUSY)
+            }
+            None => {
+                cow.snapshot = Some(id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Leaves snapshot `id`: copy-on-write stops. Returns the difference
+    /// area if the snapshot was taken.
+    pub(crate) fn leave(&self, id: &Uuid) -> Option<Arc<DiffArea>> {
+        let area = {
+            let mut cow = self.cow.lock();
+            if cow.snapshot.as_ref() != Some(id) {
+                return None;
+            }
+            cow.snapshot = None;
+            cow.image = None;
+            cow.area.take()
+        };
+        if let Some(a) = &area {
+            a.shut_down();
+        }
+        area
+    }
+
+    /// Starts holding writes, for the instant a snapshot is taken.
+    pub(crate) fn hold_writes(&self) {
+        self.holding.store(true, Ordering::Release);
+        self.cow.lock().holding = true;
+    }
+
+    /// Starts copy-on-write with `area` and switches the CBT maps.
+    pub(crate) fn switch_to(&self, area: Arc<DiffArea>) {
+        self.cbt.take_snapshot();
+        self.cow.lock().area = Some(area);
+    }
+
+    /// Stops holding writes and sends the held ones through copy-on-write.
+    pub(crate) fn release_writes(&self) {
+        let (held, area) = {
+            let mut cow = self.cow.lock();
+            cow.holding = false;
+            (core::mem::take(&mut cow.held), cow.area.clone())
+        };
+        self.holding.store(false, Ordering::Release);
+        let mut held = held;
+        while let Some(key) = held.iter().next().map(|(k, _)| *k) {
+            let Some((sector, bio)) = held.remove(&key) else {
+                break;
+            };
+            // They were counted in the CBT before the switch: count again.
+            self.cbt.mark_write(sector, u64::from(bio.sectors()));
+            let pass = match &area {
+                Some(a) => a.cow(sector, bio),
+                None => Some(bio),
+            };
+            if let Some(bio) = pass {
+                bio.submit();
+            }
+        }
+    }
+
+    /// Records the image index of the device.
+    pub(crate) fn set_image(&self, index: u32) {
+        self.cow.lock().image = Some(index);
+    }
+
+    /// Handles a write bio that reached the device.
+    fn write(&self, sector: u64, bio: InFlightBio) -> Option<InFlightBio> {
+        // Memory to hold the bio, reserved outside the lock.
+        let reservation = if self.holding.load(Ordering::Acquire) {
+            RBTreeNodeReservation::new(GFP_NOIO).ok()
+        } else {
+            None
+        };
+        let area = {
+            let mut guard = self.cow.lock();
+            let cow = &mut *guard;
+            if cow.holding {
+                if let Some(r) = reservation {
+                    let key = cow.next_held;
+                    cow.next_held += 1;
+                    cow.held.insert(r.into_node(key, (sector, bio)));
+                    return None;
+                }
+                pr_err!("{}: out of memory while taking a snapshot\n", self.dev);
+            }
+            match cow.area.clone() {
+                Some(area) => area,
+                None => return Some(bio),
+            }
+        };
+        if bio.has_crypt_ctx() || bio.has_integrity() {
+            pr_err!(
+                "{}: inline encryption and integrity data cannot be snapshotted\n",
+                self.dev
+            );
+            area.set_error(EPERM);
+            return Some(bio);
+        }
+        let pass = area.cow(sector, bio);
+        if pass.is_none() && submitter_may_wait() {
+            area.throttle();
+        }
+        pass
     }
 
     fn cbtinfo(&self, opt: UserSlice, optlen: &mut u32) -> Result<i32> {
@@ -146,26 +326,30 @@ impl Tracker {
         Ok(0)
     }
 
-    fn snapshotadd(&self, opt: UserSlice, optlen: u32) -> Result<i32> {
+    fn snapshotadd(self: &Arc<Self>, opt: UserSlice, optlen: u32) -> Result<i32> {
         check_len(optlen, size_of::<uapi::BlksnapSnapshotadd>(), "SNAPSHOTADD")?;
         let arg: uapi::BlksnapSnapshotadd = opt.reader().read()?;
-        // No snapshot can exist yet: snapshot creation is not implemented.
-        pr_err!(
-            "{}: SNAPSHOTADD: no snapshot {}\n",
-            self.dev,
-            kernel::uuid::Uuid(arg.id.b)
-        );
-        Err(ESRCH)
+        Snapshot::find(&Uuid(arg.id.b))?.add(self)?;
+        Ok(0)
     }
 
     fn snapshotinfo(&self, opt: UserSlice, optlen: &mut u32) -> Result<i32> {
         let size = size_of::<uapi::BlksnapSnapshotinfo>();
         check_len(*optlen, size, "SNAPSHOTINFO")?;
-        // The device belongs to no snapshot: no error and no image.
-        let info = uapi::BlksnapSnapshotinfo {
+        let mut info = uapi::BlksnapSnapshotinfo {
             error_code: 0,
             image: [0; uapi::IMAGE_DISK_NAME_LEN],
         };
+        {
+            let cow = self.cow.lock();
+            if let Some(a) = &cow.area {
+                info.error_code = a.error();
+            }
+            if let Some(i) = cow.image {
+                let (name, len) = uapi::image_name(i);
+                info.image[..len].copy_from_slice(&name[..len]);
+            }
+        }
         opt.writer().write(&info)?;
         *optlen = size as u32;
         Ok(0)
@@ -174,7 +358,12 @@ impl Tracker {
 
 fn check_len(optlen: u32, needed: usize, what: &str) -> Result {
     if (optlen as usize) < needed {
-        pr_err!("{}: option buffer of {} bytes, {} needed\n", what, optlen, needed);
+        pr_err!(
+            "{}: option buffer of {} bytes, {} needed\n",
+            what,
+            optlen,
+            needed
+        );
         return Err(EINVAL);
     }
     Ok(())
@@ -194,6 +383,17 @@ impl Filter for TrackerFilter {
 
     fn detach(tracker: &Arc<Tracker>, bdev: &BlockDevice) {
         pr_info!("stopped tracking {} [{}]\n", bdev, tracker.dev());
+        let area = {
+            let mut cow = tracker.cow.lock();
+            cow.detached = true;
+            cow.area.take()
+        };
+        // A snapshot of a device that is no longer tracked cannot be kept
+        // consistent: it is marked corrupted, and the writes it held go on.
+        if let Some(a) = area {
+            a.set_error(ENODEV);
+            a.shut_down();
+        }
     }
 
     fn ctl(
@@ -218,9 +418,13 @@ impl Filter for TrackerFilter {
     }
 
     fn submit_bio(tracker: &Arc<Tracker>, sector: u64, bio: InFlightBio) -> Option<InFlightBio> {
-        if bio.is_write() {
-            tracker.cbt.mark_write(sector, u64::from(bio.sectors()));
+        if !bio.is_write() {
+            return Some(bio);
         }
-        Some(bio)
+        tracker.cbt.mark_write(sector, u64::from(bio.sectors()));
+        if bio.sectors() == 0 {
+            return Some(bio);
+        }
+        tracker.write(sector, bio)
     }
 }

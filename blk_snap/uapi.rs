@@ -6,8 +6,6 @@
 //! Shared by the kernel module and the host tests, which check every size,
 //! offset and ioctl number here against the C headers and the upstream facts.
 
-#![allow(dead_code)]
-
 use core::mem::size_of;
 
 /// Longest filter name (`BLKFILTER_NAME_LENGTH`).
@@ -297,9 +295,30 @@ pub const VERSION: BlksnapVersion = BlksnapVersion {
     build: 0,
 };
 
+/// The name of snapshot image `index`, `blk-snap-image<index>`, and its
+/// length; the rest of the array is zero.
+pub fn image_name(index: u32) -> ([u8; IMAGE_DISK_NAME_LEN], usize) {
+    let mut out = [0u8; IMAGE_DISK_NAME_LEN];
+    let prefix = BLKSNAP_IMAGE_PREFIX.as_bytes();
+    out[..prefix.len()].copy_from_slice(prefix);
+    let mut digits = [0u8; 10];
+    let (mut n, mut i) = (index, digits.len());
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = prefix.len() + digits.len() - i;
+    out[prefix.len()..len].copy_from_slice(&digits[i..]);
+    (out, len)
+}
+
 impl BlksnapCbtinfo {
     /// The structure's bytes as user space sees them, with zeroed padding.
-    pub fn to_ne_bytes(&self) -> [u8; size_of::<Self>()] {
+    pub fn to_ne_bytes(self) -> [u8; size_of::<Self>()] {
         let mut b = [0u8; size_of::<Self>()];
         b[0..8].copy_from_slice(&self.device_capacity.to_ne_bytes());
         b[8..12].copy_from_slice(&self.block_size.to_ne_bytes());

@@ -15,6 +15,8 @@ export PATH=$BIN:$PATH BLKSNAP_KO=$KO
 
 echo "guest: $(uname -r), $(nproc) CPUs"
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
+# A plain tmpfs for difference storages and scratch files.
+mount -t tmpfs -o size=1200M tmpfs /tmp
 KMEMLEAK=/sys/kernel/debug/kmemleak
 [ -w $KMEMLEAK ] && echo clear >$KMEMLEAK
 

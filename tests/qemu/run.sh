@@ -2,9 +2,11 @@
 # SPDX-License-Identifier: GPL-2.0
 #
 # Boots the debug test kernel under QEMU (TCG, 2 vCPUs) with virtme-ng, the
-# host's root filesystem shared read-only, and two virtio disks:
+# host's root filesystem shared read-only, and five virtio disks:
 #   serial blksnap-a: 256 MiB, no partition table;
-#   serial blksnap-b: 256 MiB, MBR with partitions at sectors 2048 and 67600.
+#   serial blksnap-b: 256 MiB, MBR with partitions at sectors 2048 and 67600;
+#   serial blksnap-c, blksnap-d: 64 MiB each, for snapshots;
+#   serial blksnap-e: 400 MiB, for file systems.
 # Then runs tests/qemu/guest.sh MODE in the guest.
 #
 # usage: run.sh test|demo [test name filters...]
@@ -26,6 +28,9 @@ rm -rf "$RESULTS"
 mkdir -p "$RESULTS"
 truncate -s 256M "$RESULTS/disk-a.img"
 truncate -s 256M "$RESULTS/disk-b.img"
+truncate -s 64M "$RESULTS/disk-c.img"
+truncate -s 64M "$RESULTS/disk-d.img"
+truncate -s 400M "$RESULTS/disk-e.img"
 printf 'label: dos\nstart=2048, size=65536, type=83\nstart=67600, type=83\n' |
 	sfdisk --quiet "$RESULTS/disk-b.img" >/dev/null
 
@@ -34,13 +39,18 @@ drive() { # file serial
 		"-device virtio-blk-pci,drive=$2,serial=$2"
 }
 
+QEMU_DRIVES=
+for d in a b c d e; do
+	QEMU_DRIVES+="$(drive "$RESULTS/disk-$d.img" "blksnap-$d") "
+done
+
 echo "qemu: booting $(cat "$KOUT/include/config/kernel.release") ($MODE), results in $RESULTS"
 start=$(date +%s)
 set +e
 timeout --foreground "$TIMEOUT" vng --run "$KOUT" --disable-kvm --disable-microvm --force-9p \
 	--cpus 2 --memory 2G --verbose \
 	--append "oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0" \
-	--qemu-opts="$(drive "$RESULTS/disk-a.img" blksnap-a) $(drive "$RESULTS/disk-b.img" blksnap-b)" \
+	--qemu-opts="$QEMU_DRIVES" \
 	--rwdir "$RESULTS" \
 	--exec "$REPO/tests/qemu/guest.sh $MODE $RESULTS $REPO $*" 2>&1 |
 	tee "$RESULTS/console.log" |

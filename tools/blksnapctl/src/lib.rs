@@ -68,6 +68,13 @@ pub mod raw {
         IOCTL_BLKSNAP_SNAPSHOT_COLLECT,
         BlksnapSnapshotCollect
     );
+    nix::ioctl_readwrite_bad!(
+        blksnap_create,
+        IOCTL_BLKSNAP_SNAPSHOT_CREATE,
+        BlksnapSnapshotCreate
+    );
+    nix::ioctl_write_ptr_bad!(blksnap_destroy, IOCTL_BLKSNAP_SNAPSHOT_DESTROY, BlksnapUuid);
+    nix::ioctl_write_ptr_bad!(blksnap_take, IOCTL_BLKSNAP_SNAPSHOT_TAKE, BlksnapUuid);
 
     /// A filter name as the ioctls expect it: NUL-padded to 32 bytes.
     pub fn filter_name(name: &str) -> [u8; BLKFILTER_NAME_LENGTH] {
@@ -261,6 +268,64 @@ impl Tracker {
     }
 }
 
+/// The snapshot state of a device (`struct blksnap_snapshotinfo`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotInfo {
+    /// 0, or the negative errno that made the device's snapshot unusable.
+    pub error_code: i32,
+    /// Name of the snapshot image device, empty if none.
+    pub image: String,
+}
+
+impl Tracker {
+    /// Adds the device to snapshot `id` (`SNAPSHOTADD`).
+    pub fn snapshot_add(&self, id: &SnapshotId) -> Result<()> {
+        let mut buf = id.0;
+        self.ctl(ctl::SNAPSHOTADD, &mut buf, &format!("add to snapshot {id}"))?;
+        Ok(())
+    }
+
+    /// Returns the snapshot state of the device (`SNAPSHOTINFO`).
+    pub fn snapshot_info(&self) -> Result<SnapshotInfo> {
+        let mut buf = [0u8; std::mem::size_of::<uapi::BlksnapSnapshotinfo>()];
+        self.ctl(ctl::SNAPSHOTINFO, &mut buf, "read the snapshot state")?;
+        let error_code = i32::from_ne_bytes(buf[0..4].try_into().unwrap());
+        let name = &buf[4..];
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        Ok(SnapshotInfo {
+            error_code,
+            image: String::from_utf8_lossy(&name[..end]).into_owned(),
+        })
+    }
+}
+
+/// A snapshot identifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SnapshotId(pub [u8; 16]);
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&uuid_string(&self.0))
+    }
+}
+
+impl std::str::FromStr for SnapshotId {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let hex: String = s.chars().filter(|c| *c != '-').collect();
+        if hex.len() != 32 {
+            return Err(format!("`{s}` is not a UUID"));
+        }
+        let mut b = [0u8; 16];
+        for (i, byte) in b.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| format!("`{s}` is not a UUID"))?;
+        }
+        Ok(Self(b))
+    }
+}
+
 /// Ranges of consecutive blocks whose change number is greater than `since`.
 pub fn changed_ranges(map: &[u8], since: u8) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
@@ -312,6 +377,71 @@ impl Control {
         unsafe { raw::blksnap_version(self.file.as_raw_fd(), &mut v) }
             .map_err(|e| err("read the blksnap version", e))?;
         Ok(v)
+    }
+
+    /// Creates a snapshot whose difference storage is `store` (a file, a
+    /// directory for an unnamed file, or a block device), at most
+    /// `limit_sectors` sectors.
+    pub fn snapshot_create(&self, store: &Path, limit_sectors: u64) -> Result<SnapshotId> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(store.as_os_str().as_bytes())
+            .map_err(|_| err(format!("store path {}", store.display()), Errno::EINVAL))?;
+        let mut arg = uapi::BlksnapSnapshotCreate {
+            diff_storage_limit_sect: limit_sectors,
+            diff_storage_filename: path.as_ptr() as u64,
+            ..Default::default()
+        };
+        // SAFETY: `arg` is valid and points to the NUL-terminated path.
+        unsafe { raw::blksnap_create(self.file.as_raw_fd(), &mut arg) }.map_err(|e| {
+            err(
+                format!("create a snapshot with storage {}", store.display()),
+                e,
+            )
+        })?;
+        Ok(SnapshotId(arg.id.b))
+    }
+
+    /// Takes snapshot `id`: its images appear.
+    pub fn snapshot_take(&self, id: &SnapshotId) -> Result<()> {
+        let arg = uapi::BlksnapUuid { b: id.0 };
+        // SAFETY: `arg` is a valid UUID.
+        unsafe { raw::blksnap_take(self.file.as_raw_fd(), &arg) }
+            .map_err(|e| err(format!("take snapshot {id}"), e))?;
+        Ok(())
+    }
+
+    /// Destroys snapshot `id`: its images and storage go away.
+    pub fn snapshot_destroy(&self, id: &SnapshotId) -> Result<()> {
+        let arg = uapi::BlksnapUuid { b: id.0 };
+        // SAFETY: `arg` is a valid UUID.
+        unsafe { raw::blksnap_destroy(self.file.as_raw_fd(), &arg) }
+            .map_err(|e| err(format!("destroy snapshot {id}"), e))?;
+        Ok(())
+    }
+
+    /// Lists the snapshots, with the two-call sizing protocol.
+    pub fn snapshot_collect(&self) -> Result<Vec<SnapshotId>> {
+        loop {
+            let mut arg = uapi::BlksnapSnapshotCollect { count: 0, ids: 0 };
+            // SAFETY: `arg` is valid; with count 0 nothing is written to `ids`.
+            match unsafe { raw::blksnap_collect(self.file.as_raw_fd(), &mut arg) } {
+                Ok(_) => return Ok(Vec::new()),
+                Err(Errno::ENODATA) => {}
+                Err(e) => return Err(err("list the snapshots", e)),
+            }
+            let mut ids = vec![uapi::BlksnapUuid::default(); arg.count as usize];
+            arg.ids = ids.as_mut_ptr() as u64;
+            // SAFETY: `ids` has room for `count` entries.
+            match unsafe { raw::blksnap_collect(self.file.as_raw_fd(), &mut arg) } {
+                Ok(_) => {
+                    ids.truncate(arg.count as usize);
+                    return Ok(ids.into_iter().map(|u| SnapshotId(u.b)).collect());
+                }
+                // More snapshots appeared meanwhile: try again.
+                Err(Errno::ENODATA) => continue,
+                Err(e) => return Err(err("list the snapshots", e)),
+            }
+        }
     }
 
     /// The raw file descriptor, for tests.

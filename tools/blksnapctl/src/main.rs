@@ -2,7 +2,7 @@
 
 //! blksnapctl: drive the blksnap kernel module from the command line.
 
-use blksnap::{changed_ranges, Control, MapKind, SectorRange, Tracker};
+use blksnap::{changed_ranges, Control, MapKind, SectorRange, SnapshotId, Tracker};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +33,46 @@ enum Command {
     /// Change block tracking.
     #[command(subcommand)]
     Cbt(CbtCommand),
+    /// Snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Create a snapshot and its difference storage; prints its id.
+    Create {
+        /// Difference storage: a file, a directory (for an unnamed
+        /// temporary file), or a block device.
+        #[arg(long)]
+        store: PathBuf,
+        /// Largest size of the storage, like 4G or 512M (bytes).
+        #[arg(long, value_parser = parse_size, default_value = "1G")]
+        limit: u64,
+    },
+    /// Add a device to a snapshot (the device must be tracked).
+    Add { id: SnapshotId, device: PathBuf },
+    /// Take a snapshot: all its devices at one instant.
+    Take { id: SnapshotId },
+    /// Destroy a snapshot: its images and storage go away.
+    Destroy { id: SnapshotId },
+    /// List the snapshots.
+    List,
+    /// Show the snapshot state of a device: image name and error.
+    Info { device: PathBuf },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|e| format!("size `{s}`: {e}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size `{s}` is too large"))
 }
 
 #[derive(Subcommand)]
@@ -156,6 +196,51 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
         }
         Command::Cbt(CbtCommand::Mark { device, ranges }) => {
             Tracker::open(&device)?.mark_dirty(&ranges)?;
+        }
+        Command::Snapshot(cmd) => snapshot(cmd, cli.json)?,
+    }
+    Ok(())
+}
+
+fn snapshot(cmd: SnapshotCommand, json: bool) -> Result<(), blksnap::Error> {
+    match cmd {
+        SnapshotCommand::Create { store, limit } => {
+            let id = Control::open()?.snapshot_create(&store, limit >> 9)?;
+            if json {
+                println!("{}", serde_json::json!({ "id": id.to_string() }));
+            } else {
+                println!("{id}");
+            }
+        }
+        SnapshotCommand::Add { id, device } => Tracker::open(&device)?.snapshot_add(&id)?,
+        SnapshotCommand::Take { id } => Control::open()?.snapshot_take(&id)?,
+        SnapshotCommand::Destroy { id } => Control::open()?.snapshot_destroy(&id)?,
+        SnapshotCommand::List => {
+            let ids = Control::open()?.snapshot_collect()?;
+            if json {
+                let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+                println!("{}", serde_json::json!({ "snapshots": ids }));
+            } else {
+                for id in ids {
+                    println!("{id}");
+                }
+            }
+        }
+        SnapshotCommand::Info { device } => {
+            let info = Tracker::open(&device)?.snapshot_info()?;
+            if json {
+                println!("{}", serde_json::to_string(&info).unwrap());
+            } else {
+                println!(
+                    "image: {}",
+                    if info.image.is_empty() {
+                        "-"
+                    } else {
+                        &info.image
+                    }
+                );
+                println!("error: {}", info.error_code);
+            }
         }
     }
     Ok(())

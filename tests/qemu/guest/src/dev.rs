@@ -136,28 +136,32 @@ pub fn read_direct(dev: &Path, sector: u64, sectors: u64) -> Result<Vec<u8>, Str
 nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
 nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
 
-/// Discards a byte range (`BLKDISCARD`).
-pub fn discard(dev: &Path, offset: u64, len: u64) -> Result<(), String> {
+/// Issues a byte-range ioctl (`BLKDISCARD`, `BLKZEROOUT`) on `dev`.
+fn range_ioctl(
+    dev: &Path,
+    name: &str,
+    ioctl: unsafe fn(i32, *const [u64; 2]) -> nix::Result<i32>,
+    offset: u64,
+    len: u64,
+) -> Result<(), String> {
     let f = OpenOptions::new()
         .write(true)
         .open(dev)
         .map_err(|e| e.to_string())?;
     // SAFETY: the argument is a valid [u64; 2].
-    unsafe { blkdiscard(f.as_raw_fd(), &[offset, len]) }
+    unsafe { ioctl(f.as_raw_fd(), &[offset, len]) }
         .map(|_| ())
-        .map_err(|e| format!("BLKDISCARD {offset}+{len} on {}: {e}", dev.display()))
+        .map_err(|e| format!("{name} {offset}+{len} on {}: {e}", dev.display()))
+}
+
+/// Discards a byte range (`BLKDISCARD`).
+pub fn discard(dev: &Path, offset: u64, len: u64) -> Result<(), String> {
+    range_ioctl(dev, "BLKDISCARD", blkdiscard, offset, len)
 }
 
 /// Zeroes a byte range (`BLKZEROOUT`).
 pub fn zeroout(dev: &Path, offset: u64, len: u64) -> Result<(), String> {
-    let f = OpenOptions::new()
-        .write(true)
-        .open(dev)
-        .map_err(|e| e.to_string())?;
-    // SAFETY: the argument is a valid [u64; 2].
-    unsafe { blkzeroout(f.as_raw_fd(), &[offset, len]) }
-        .map(|_| ())
-        .map_err(|e| format!("BLKZEROOUT {offset}+{len} on {}: {e}", dev.display()))
+    range_ioctl(dev, "BLKZEROOUT", blkzeroout, offset, len)
 }
 
 /// Runs a command, failing with its output if it fails.
@@ -168,8 +172,9 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
         .map_err(|e| format!("{cmd}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "{cmd} {}: {}{}",
+            "{cmd} {} ({}): {}{}",
             args.join(" "),
+            out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ));

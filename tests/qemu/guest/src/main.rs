@@ -8,6 +8,7 @@
 //! `N passed, N failed`. The exit status is non-zero if any test failed.
 
 mod dev;
+mod snap;
 mod tests;
 
 use std::time::Instant;
@@ -62,7 +63,7 @@ fn main() {
     let filter: Vec<String> = std::env::args().skip(1).collect();
     let mut passed = 0;
     let mut failed = 0;
-    for (name, test) in tests::ALL {
+    for (name, test) in tests::ALL.iter().chain(snap::ALL) {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }

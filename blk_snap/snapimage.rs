@@ -1,0 +1,113 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Snapshot images: one read-only block device per snapshotted device,
+//! `/dev/blk-snap-imageN`, with the size and block sizes of the original.
+//! Reads are served by the device's difference area, in work items.
+
+use crate::{diff_area::DiffArea, snapshot::globals};
+use core::sync::atomic::{AtomicU32, Ordering};
+use kernel::{
+    alloc::flags::GFP_NOIO,
+    block::{
+        bdev::BlockDevice,
+        bio::{InFlightBio, ReqOp},
+        disk::{Disk, DiskOperations, DiskParams},
+    },
+    error::code::*,
+    prelude::*,
+    sync::Arc,
+};
+
+/// What an image needs to serve reads.
+pub(crate) struct ImageData {
+    area: Arc<DiffArea>,
+}
+
+/// The image block device's operations.
+pub(crate) struct ImageOps;
+
+/// Images whose memory is not freed yet; module exit waits for them.
+pub(crate) static LIVE_IMAGES: AtomicU32 = AtomicU32::new(0);
+
+impl Drop for ImageData {
+    fn drop(&mut self) {
+        // The disk was freed (`free_disk`): nothing can reach it any more.
+        LIVE_IMAGES.fetch_sub(1, Ordering::Release);
+    }
+}
+
+#[vtable]
+impl DiskOperations for ImageOps {
+    type Data = ImageData;
+
+    fn submit_bio(data: &Arc<ImageData>, bio: InFlightBio) {
+        match bio.op() {
+            ReqOp::Read => {
+                let data = data.clone();
+                let spawned = globals().wq.try_spawn(GFP_NOIO, move || {
+                    let mut bio = bio;
+                    let result = data.area.read_image(&mut bio);
+                    bio.end(result);
+                });
+                if let Err(e) = spawned {
+                    // The closure, and the bio with it, was dropped: its
+                    // drop fails the bio.
+                    pr_err!("image read: {:?}\n", e);
+                }
+            }
+            // A cache flush has nothing to flush on a read-only device.
+            ReqOp::Write if bio.sectors() == 0 => bio.end(Ok(())),
+            ReqOp::Flush => bio.end(Ok(())),
+            _ => bio.end(Err(EROFS)),
+        }
+    }
+
+    fn open(_data: &Arc<ImageData>, write: bool) -> Result {
+        if write {
+            return Err(EROFS);
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot image block device.
+pub(crate) struct Image {
+    disk: Disk<ImageOps>,
+    index: u32,
+}
+
+impl Image {
+    /// Creates `/dev/blk-snap-image<index>` for the device `orig`.
+    pub(crate) fn new(index: u32, orig: &BlockDevice, area: Arc<DiffArea>) -> Result<Self> {
+        let capacity_sectors = area.geometry().capacity_sectors;
+        let data = Arc::new(ImageData { area }, GFP_NOIO)?;
+        LIVE_IMAGES.fetch_add(1, Ordering::Acquire);
+        let disk = Disk::<ImageOps>::new(
+            DiskParams {
+                name: format_args!("blk-snap-image{}", index),
+                capacity_sectors,
+                logical_block_size: orig.logical_block_size(),
+                physical_block_size: orig.physical_block_size(),
+                read_only: true,
+            },
+            data,
+            globals().module,
+        )?;
+        Ok(Self { disk, index })
+    }
+
+    /// The image's index, N in `blk-snap-imageN`.
+    pub(crate) fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The image's device name.
+    pub(crate) fn name(&self) -> &CStr {
+        self.disk.name()
+    }
+
+    /// Number of openers of the image.
+    pub(crate) fn openers(&self) -> u32 {
+        self.disk.openers()
+    }
+}

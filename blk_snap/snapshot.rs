@@ -1,0 +1,435 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Snapshots: create, add devices, take, destroy.
+//!
+//! A snapshot groups tracked devices and a difference storage. Taking it
+//! captures all its devices at one instant: their file systems are frozen,
+//! writes to the devices are held while the change tracking maps switch and
+//! copy-on-write starts, then everything is thawed and the snapshot images
+//! appear. Destroying it removes the images and the storage; change tracking
+//! goes on.
+
+use crate::{
+    chunk::{ChunkGeometry, ChunkParams},
+    diff_area::DiffArea,
+    diff_storage::DiffStorage,
+    params,
+    snapimage::{Image, LIVE_IMAGES},
+    tracker::Tracker,
+};
+use core::sync::atomic::{AtomicPtr, Ordering};
+use kernel::{
+    alloc::{flags::GFP_KERNEL, KBox, KVec},
+    block::bdev::BlockDevice,
+    error::code::*,
+    new_mutex,
+    prelude::*,
+    str::CStr,
+    sync::{Arc, Mutex},
+    time::{ktime_ms_delta, Ktime},
+    uuid::Uuid,
+    workqueue::OwnedQueue,
+    ThisModule,
+};
+
+/// Module-wide state.
+#[pin_data]
+pub(crate) struct Globals {
+    #[pin]
+    snapshots: Mutex<KVec<Arc<Snapshot>>>,
+    /// Which image indexes are in use.
+    #[pin]
+    image_slots: Mutex<KVec<bool>>,
+    /// Copy-on-write and image I/O.
+    pub(crate) wq: Arc<OwnedQueue>,
+    pub(crate) module: &'static ThisModule,
+}
+
+static GLOBALS: AtomicPtr<Globals> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The module-wide state. Valid while the module is loaded: everything that
+/// calls this runs with the module pinned (an open control device, an
+/// attached filter, an open image) or during init and exit.
+pub(crate) fn globals() -> &'static Globals {
+    let p = GLOBALS.load(Ordering::Acquire);
+    // SAFETY: `init_globals` stores a pointer to a pinned allocation that
+    // `exit_globals` frees only after clearing it, when no caller is left.
+    unsafe { &*p }
+}
+
+/// Sets up the module-wide state; owned by the returned box.
+pub(crate) fn init_globals(module: &'static ThisModule) -> Result<Pin<KBox<Globals>>> {
+    let wq = Arc::new(
+        OwnedQueue::new(
+            kernel::c_str!("blksnap"),
+            kernel::workqueue::flags::UNBOUND | kernel::workqueue::flags::MEM_RECLAIM,
+            0,
+        )?,
+        GFP_KERNEL,
+    )?;
+    let g = KBox::pin_init(
+        try_pin_init!(Globals {
+            snapshots <- new_mutex!(KVec::new(), "Globals::snapshots"),
+            image_slots <- new_mutex!(KVec::new(), "Globals::image_slots"),
+            wq,
+            module,
+        }),
+        GFP_KERNEL,
+    )?;
+    GLOBALS.store((&*g as *const Globals).cast_mut(), Ordering::Release);
+    Ok(g)
+}
+
+/// Tears down the module-wide state: destroys the remaining snapshots and
+/// waits for the images that are still open to be freed.
+pub(crate) fn exit_globals(g: Pin<KBox<Globals>>) {
+    let all = core::mem::take(&mut *g.snapshots.lock());
+    for s in all.iter() {
+        s.destroy();
+    }
+    drop(all);
+    g.wq.flush();
+    while LIVE_IMAGES.load(Ordering::Acquire) != 0 {
+        kernel::time::msleep(10);
+    }
+    GLOBALS.store(core::ptr::null_mut(), Ordering::Release);
+    drop(g);
+}
+
+struct Inner {
+    trackers: KVec<Arc<Tracker>>,
+    images: KVec<Image>,
+    taken: bool,
+    destroyed: bool,
+}
+
+/// A snapshot.
+#[pin_data]
+pub(crate) struct Snapshot {
+    id: Uuid,
+    store: Arc<DiffStorage>,
+    limit: u64,
+    #[pin]
+    inner: Mutex<Inner>,
+}
+
+impl Snapshot {
+    /// `IOCTL_BLKSNAP_SNAPSHOT_CREATE`: creates a snapshot whose difference
+    /// storage is at `path`, at most `limit` sectors.
+    pub(crate) fn create(path: &CStr, limit: u64) -> Result<Uuid> {
+        let min = 1u64 << (params::chunk_params().minimum_shift.max(9) - 9);
+        if limit != 0 && limit < min {
+            pr_err!(
+                "difference storage limit {} is smaller than a chunk ({} sectors)\n",
+                limit,
+                min
+            );
+            return Err(EINVAL);
+        }
+        let store = DiffStorage::open(path, limit)?;
+        let id = Uuid::new_random();
+        let s = Arc::pin_init(
+            try_pin_init!(Self {
+                id,
+                store,
+                limit,
+                inner <- new_mutex!(Inner {
+                    trackers: KVec::new(),
+                    images: KVec::new(),
+                    taken: false,
+                    destroyed: false,
+                }, "Snapshot::inner"),
+            }),
+            GFP_KERNEL,
+        )?;
+        globals().snapshots.lock().push(s, GFP_KERNEL)?;
+        pr_info!("snapshot {} created, storage {}\n", id, path);
+        Ok(id)
+    }
+
+    /// Finds a snapshot by id.
+    pub(crate) fn find(id: &Uuid) -> Result<Arc<Self>> {
+        globals()
+            .snapshots
+            .lock()
+            .iter()
+            .find(|s| s.id == *id)
+            .cloned()
+            .ok_or_else(|| {
+                pr_err!("no snapshot {}\n", id);
+                ESRCH
+            })
+    }
+
+    /// The ids of all snapshots.
+    pub(crate) fn collect() -> Result<KVec<Uuid>> {
+        let list = globals().snapshots.lock();
+        let mut ids = KVec::with_capacity(list.len(), GFP_KERNEL)?;
+        for s in list.iter() {
+            ids.push(s.id, GFP_KERNEL)?;
+        }
+        Ok(ids)
+    }
+
+    /// `SNAPSHOTADD`: adds a tracked device.
+    pub(crate) fn add(self: &Arc<Self>, tracker: &Arc<Tracker>) -> Result {
+        let mut inner = self.inner.lock();
+        if inner.destroyed {
+            return Err(ESRCH);
+        }
+        if inner.taken {
+            pr_err!(
+                "snapshot {} is taken already: cannot add {}\n",
+                self.id,
+                tracker.dev()
+            );
+            return Err(EBUSY);
+        }
+        if let Some(store) = self.store.bdev() {
+            if overlaps(store, tracker.bdev()) {
+                pr_err!(
+                    "the difference storage of snapshot {} is on {}: it cannot be snapshotted\n",
+                    self.id,
+                    tracker.bdev().name()
+                );
+                return Err(EINVAL);
+            }
+        }
+        tracker.join(self.id)?;
+        if let Err(e) = inner.trackers.push(tracker.clone(), GFP_KERNEL) {
+            let _ = tracker.leave(&self.id);
+            return Err(e.into());
+        }
+        pr_info!(
+            "snapshot {}: added {} [{}]\n",
+            self.id,
+            tracker.bdev().name(),
+            tracker.dev()
+        );
+        Ok(())
+    }
+
+    /// `IOCTL_BLKSNAP_SNAPSHOT_TAKE`.
+    pub(crate) fn take(self: &Arc<Self>) -> Result {
+        let mut inner = self.inner.lock();
+        if inner.destroyed {
+            return Err(ESRCH);
+        }
+        if inner.taken {
+            pr_err!("snapshot {} is taken already\n", self.id);
+            return Err(EALREADY);
+        }
+        if inner.trackers.is_empty() {
+            pr_err!("snapshot {} has no devices\n", self.id);
+            return Err(ENODEV);
+        }
+
+        // Everything that can fail and needs memory happens before the
+        // devices are frozen.
+        let cp = params::chunk_params();
+        let mut areas = KVec::with_capacity(inner.trackers.len(), GFP_KERNEL)?;
+        for t in inner.trackers.iter() {
+            if t.is_detached() {
+                pr_err!("snapshot {}: device {} is gone\n", self.id, t.dev());
+                return Err(ENODEV);
+            }
+            let bdev = t.bdev();
+            let g = chunk_geometry(bdev.nr_sectors(), bdev.logical_block_size(), &cp)?;
+            if self.limit != 0 && self.limit < g.chunk_sectors() {
+                pr_err!(
+                    "snapshot {}: storage limit {} sectors is smaller than a chunk of {} ({} sectors)\n",
+                    self.id,
+                    self.limit,
+                    bdev.name(),
+                    g.chunk_sectors()
+                );
+                return Err(EINVAL);
+            }
+            let area = DiffArea::new(
+                t.bdev_ref(),
+                g,
+                self.store.clone(),
+                globals().wq.clone(),
+                params::chunk_maximum_in_queue.get(),
+            )?;
+            areas.push(area, GFP_KERNEL)?;
+        }
+        let mut slots = KVec::with_capacity(inner.trackers.len(), GFP_KERNEL)?;
+        for _ in inner.trackers.iter() {
+            slots.push(alloc_image_slot()?, GFP_KERNEL)?;
+        }
+
+        // Freeze the file systems, then hold writes on all devices while the
+        // tracking maps switch and copy-on-write starts: one instant for all.
+        let start = Ktime::ktime_get();
+        let mut frozen = 0;
+        let mut freeze_err = None;
+        for t in inner.trackers.iter() {
+            if let Err(e) = t.bdev().freeze() {
+                pr_err!(
+                    "snapshot {}: cannot freeze {}: {:?}\n",
+                    self.id,
+                    t.bdev().name(),
+                    e
+                );
+                freeze_err = Some(e);
+                break;
+            }
+            frozen += 1;
+        }
+        if freeze_err.is_none() {
+            for t in inner.trackers.iter() {
+                t.hold_writes();
+            }
+            for (t, a) in inner.trackers.iter().zip(areas.iter()) {
+                t.switch_to(a.clone());
+            }
+            for t in inner.trackers.iter() {
+                t.release_writes();
+            }
+        }
+        let held_ms = ktime_ms_delta(Ktime::ktime_get(), start);
+        for t in inner.trackers.iter().take(frozen) {
+            if let Err(e) = t.bdev().thaw() {
+                pr_err!(
+                    "snapshot {}: thawing {}: {:?}\n",
+                    self.id,
+                    t.bdev().name(),
+                    e
+                );
+            }
+        }
+        let window_ms = ktime_ms_delta(Ktime::ktime_get(), start);
+        if let Some(e) = freeze_err {
+            for s in slots.iter() {
+                free_image_slot(*s);
+            }
+            return Err(e);
+        }
+        pr_info!(
+            "snapshot {} taken: {} devices frozen for {} ms, writes held for {} ms\n",
+            self.id,
+            inner.trackers.len(),
+            window_ms,
+            held_ms
+        );
+
+        // The images appear after the thaw: creating them may take time.
+        let mut images = KVec::with_capacity(areas.len(), GFP_KERNEL)?;
+        for ((t, a), slot) in inner.trackers.iter().zip(areas.iter()).zip(slots.iter()) {
+            match Image::new(*slot, t.bdev(), a.clone()) {
+                Ok(img) => {
+                    t.set_image(*slot);
+                    pr_info!(
+                        "snapshot {}: {} is the image of {}\n",
+                        self.id,
+                        img.name(),
+                        t.bdev().name()
+                    );
+                    images.push(img, GFP_KERNEL)?;
+                }
+                Err(e) => {
+                    pr_err!(
+                        "snapshot {}: cannot create the image of {}: {:?}\n",
+                        self.id,
+                        t.bdev().name(),
+                        e
+                    );
+                    a.set_error(e);
+                    free_image_slot(*slot);
+                }
+            }
+        }
+        inner.images = images;
+        inner.taken = true;
+        Ok(())
+    }
+
+    /// `IOCTL_BLKSNAP_SNAPSHOT_DESTROY`: removes the snapshot from the list
+    /// and releases everything.
+    pub(crate) fn remove(id: &Uuid) -> Result {
+        let s = {
+            let mut list = globals().snapshots.lock();
+            let pos = list.iter().position(|s| s.id == *id).ok_or_else(|| {
+                pr_err!("no snapshot {}\n", id);
+                ESRCH
+            })?;
+            list.remove(pos).ok_or(ESRCH)?
+        };
+        s.destroy();
+        Ok(())
+    }
+
+    /// Removes the images, stops copy-on-write and lets the devices go.
+    fn destroy(&self) {
+        let mut inner = self.inner.lock();
+        if inner.destroyed {
+            return;
+        }
+        inner.destroyed = true;
+        // No new image I/O first; reads in flight finish on their own.
+        for img in core::mem::take(&mut inner.images) {
+            if img.openers() != 0 {
+                pr_warn!(
+                    "snapshot {}: {} is still open; it is removed anyway\n",
+                    self.id,
+                    img.name()
+                );
+            }
+            free_image_slot(img.index());
+            drop(img);
+        }
+        for t in core::mem::take(&mut inner.trackers) {
+            if let Some(a) = t.leave(&self.id) {
+                pr_info!(
+                    "snapshot {}: {} chunks of {} were copied\n",
+                    self.id,
+                    a.stored_chunks(),
+                    t.bdev().name()
+                );
+            }
+        }
+        let (used, available) = self.store.usage();
+        pr_info!(
+            "snapshot {} destroyed; its storage held {} of {} MiB\n",
+            self.id,
+            used >> 11,
+            available >> 11
+        );
+    }
+}
+
+/// True if the two devices share sectors: the same device, or a disk and
+/// one of its partitions.
+fn overlaps(a: &BlockDevice, b: &BlockDevice) -> bool {
+    a.dev() == b.dev() || a.whole().dev() == b.dev() || b.whole().dev() == a.dev()
+}
+
+/// The chunk geometry of a device.
+fn chunk_geometry(sectors: u64, block_size: u32, cp: &ChunkParams) -> Result<ChunkGeometry> {
+    ChunkGeometry::new(sectors, block_size, cp).map_err(|e| {
+        pr_err!(
+            "no chunk size for {} sectors with {:?}: {:?}\n",
+            sectors,
+            cp,
+            e
+        );
+        EINVAL
+    })
+}
+
+fn alloc_image_slot() -> Result<u32> {
+    let mut slots = globals().image_slots.lock();
+    if let Some(i) = slots.iter().position(|used| !used) {
+        slots[i] = true;
+        return Ok(i as u32);
+    }
+    slots.push(true, GFP_KERNEL)?;
+    Ok(slots.len() as u32 - 1)
+}
+
+fn free_image_slot(i: u32) {
+    if let Some(s) = globals().image_slots.lock().get_mut(i as usize) {
+        *s = false;
+    }
+}

@@ -5,7 +5,7 @@
 # guest tests (MODE=test) or the demo (MODE=demo), checks for memory leaks
 # and unloads the module.
 #
-# usage: guest.sh test|demo RESULTS REPO [test name filters...]
+# usage: guest.sh test|demo|bench RESULTS REPO [test name filters...]
 set -u
 MODE=$1 RESULTS=$2 REPO=$3
 shift 3
@@ -29,6 +29,10 @@ test)
 	;;
 demo)
 	"$REPO/tests/qemu/demo.sh"
+	rc=$?
+	;;
+bench)
+	"$REPO/tests/qemu/bench.sh"
 	rc=$?
 	;;
 esac

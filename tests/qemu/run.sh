@@ -9,7 +9,7 @@
 #   serial blksnap-e: 400 MiB, for file systems.
 # Then runs tests/qemu/guest.sh MODE in the guest.
 #
-# usage: run.sh test|demo [test name filters...]
+# usage: run.sh test|demo|bench [test name filters...]
 #
 # For `test`, prints one line per test and a final "N passed, N failed"; the
 # run fails if a guest test fails, or if the guest's kernel log shows a BUG,
@@ -54,7 +54,7 @@ timeout --foreground "$TIMEOUT" vng --run "$KOUT" --disable-kvm --disable-microv
 	--rwdir "$RESULTS" \
 	--exec "$REPO/tests/qemu/guest.sh $MODE $RESULTS $REPO $*" 2>&1 |
 	tee "$RESULTS/console.log" |
-	grep --line-buffered -E '^(ok |FAIL |--- |    |[0-9]+ passed|demo|\$ |guest:)' | sed -u 's/^demo: //'
+	grep --line-buffered -E '^(ok |FAIL |--- |    |[0-9]+ passed|demo|bench|\$ |guest:)' | sed -u 's/^demo: //'
 vng_status=${PIPESTATUS[0]}
 set -e
 echo "qemu: guest finished in $(($(date +%s) - start)) s (exit status $vng_status)"

@@ -586,6 +586,16 @@ fn fs_test(fs: &str, mkfs: &[&str], mount_opts: &str, fsck: &[&str]) -> TestResu
         let snap = Snap::create(Path::new("/tmp"), 200 << 11)?;
         snap.add(&t.0)?;
         snap.take()?;
+        if let Some(line) = dev::run("dmesg", &[])?
+            .lines()
+            .rev()
+            .find(|l| l.contains("frozen for"))
+        {
+            println!(
+                "    {fs} under fio: {}",
+                line.split("taken: ").nth(1).unwrap_or(line)
+            );
+        }
         // Files written after the snapshot must not show in the image.
         std::fs::write(mnt.join("after"), b"after").map_err(|e| e.to_string())?;
         for i in 0..4 {

@@ -27,6 +27,7 @@ mod chunk;
 mod ctl;
 mod diff_area;
 mod diff_storage;
+mod event_queue;
 mod io;
 mod params;
 mod snapimage;

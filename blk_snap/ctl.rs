@@ -25,6 +25,10 @@ unsafe impl FromBytes for uapi::BlksnapSnapshotCreate {}
 unsafe impl FromBytes for uapi::BlksnapUuid {}
 // SAFETY: 16 bytes, no padding.
 unsafe impl AsBytes for uapi::BlksnapUuid {}
+// SAFETY: Integers only; any bit pattern is valid.
+unsafe impl FromBytes for uapi::BlksnapSnapshotCreateStorage {}
+// SAFETY: Integers only; any bit pattern is valid.
+unsafe impl FromBytes for uapi::BlksnapSnapshotAppendStorage {}
 
 /// The control device's operations.
 pub(crate) struct Control;
@@ -59,6 +63,9 @@ impl MiscDevice for Control {
                 Ok(0)
             }
             uapi::IOCTL_BLKSNAP_SNAPSHOT_COLLECT => collect(arg),
+            uapi::IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT => wait_event(arg),
+            uapi::IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE => create_storage(arg),
+            uapi::IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE => append_storage(arg),
             _ => {
                 pr_err!("unknown control ioctl {:#x}\n", cmd);
                 Err(ENOTTY)
@@ -112,5 +119,77 @@ fn collect(arg: usize) -> Result<isize> {
     for id in ids.iter() {
         out.write(&uapi::BlksnapUuid { b: id.0 })?;
     }
+    Ok(0)
+}
+
+/// Writes a new snapshot's id at `arg + offset`; removes the snapshot if
+/// user space cannot learn it.
+fn return_id(arg: usize, offset: usize, id: Uuid) -> Result<isize> {
+    let mut out = UserSlice::new(arg + offset, size_of::<uapi::BlksnapUuid>()).writer();
+    if let Err(e) = out.write(&uapi::BlksnapUuid { b: id.0 }) {
+        let _ = Snapshot::remove(&id);
+        return Err(e);
+    }
+    Ok(0)
+}
+
+/// `IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE` (extension).
+fn create_storage(arg: usize) -> Result<isize> {
+    let size = size_of::<uapi::BlksnapSnapshotCreateStorage>();
+    let req: uapi::BlksnapSnapshotCreateStorage = UserSlice::new(arg, size).reader().read()?;
+    if req.flags != 0 {
+        pr_err!("create storage: unknown flags {:#x}\n", req.flags);
+        return Err(EINVAL);
+    }
+    let id = Snapshot::create_kind(req.kind, req.limit_sect)?;
+    return_id(
+        arg,
+        core::mem::offset_of!(uapi::BlksnapSnapshotCreateStorage, id),
+        id,
+    )
+}
+
+/// `IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE` (extension).
+fn append_storage(arg: usize) -> Result<isize> {
+    let size = size_of::<uapi::BlksnapSnapshotAppendStorage>();
+    let req: uapi::BlksnapSnapshotAppendStorage = UserSlice::new(arg, size).reader().read()?;
+    if req.count == 0 || req.count > uapi::APPEND_MAX_RANGES || req.reserved != 0 {
+        pr_err!(
+            "append storage: {} ranges, not 1 to {}\n",
+            req.count,
+            uapi::APPEND_MAX_RANGES
+        );
+        return Err(if req.count > uapi::APPEND_MAX_RANGES {
+            E2BIG
+        } else {
+            EINVAL
+        });
+    }
+    let path = read_path(req.bdev_path as usize)?;
+    let path = CStr::from_bytes_with_nul(&path)?;
+    let n = req.count as usize;
+    let mut reader =
+        UserSlice::new(req.ranges as usize, n * size_of::<uapi::BlksnapSectors>()).reader();
+    let mut ranges = kernel::alloc::KVec::with_capacity(n, kernel::alloc::flags::GFP_KERNEL)?;
+    for _ in 0..n {
+        let r: uapi::BlksnapSectors = reader.read()?;
+        ranges.push((r.offset, r.count), kernel::alloc::flags::GFP_KERNEL)?;
+    }
+    Snapshot::find(&Uuid(req.id.b))?.append_storage(path, &ranges)?;
+    Ok(0)
+}
+
+/// `IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT`: reads the id and the timeout, waits,
+/// and writes the code, the time and the payload back.
+fn wait_event(arg: usize) -> Result<isize> {
+    let mut head = UserSlice::new(arg, 20).reader();
+    let id: uapi::BlksnapUuid = head.read()?;
+    let timeout_ms: u32 = head.read()?;
+    let snapshot = Snapshot::find(&Uuid(id.b))?;
+    let event = snapshot.wait_event(timeout_ms)?;
+    let mut out = UserSlice::new(arg + 20, 12 + crate::event_queue::PAYLOAD).writer();
+    out.write(&event.code)?;
+    out.write(&event.time_ns)?;
+    out.write_slice(&event.data)?;
     Ok(0)
 }

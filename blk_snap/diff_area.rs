@@ -20,7 +20,10 @@
 use crate::{
     chunk::ChunkGeometry,
     diff_storage::{DiffStorage, NoRoom},
+    event_queue::EventQueue,
     io,
+    tracker::Tracker,
+    uapi,
 };
 use core::ops::Range;
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
@@ -28,11 +31,11 @@ use kernel::{
     alloc::{flags::GFP_NOIO, KVec},
     block::{bdev::BlockDevice, bio::InFlightBio},
     error::code::*,
-    new_condvar, new_spinlock,
+    new_condvar, new_mutex, new_spinlock,
     page::Page,
     prelude::*,
     rbtree::{RBTree, RBTreeNodeReservation},
-    sync::{Arc, CondVar, SpinLock},
+    sync::{Arc, CondVar, Mutex, SpinLock},
     types::ARef,
     workqueue::OwnedQueue,
 };
@@ -85,7 +88,9 @@ struct State {
 pub(crate) struct DiffArea {
     geometry: ChunkGeometry,
     orig: ARef<BlockDevice>,
+    tracker: Arc<Tracker>,
     store: Arc<DiffStorage>,
+    events: Arc<EventQueue>,
     wq: Arc<OwnedQueue>,
     max_copies: u32,
     /// 0, or the negative errno that made the snapshot of this device unusable.
@@ -94,9 +99,13 @@ pub(crate) struct DiffArea {
     stored: AtomicU32,
     #[pin]
     state: SpinLock<State>,
-    /// Signalled when copies finish, for writers waiting for room.
+    /// Signalled when copies finish, for writers waiting for room and for
+    /// image writes waiting for a chunk.
     #[pin]
     room: CondVar,
+    /// Serializes writes to the image (read-modify-write of the storage).
+    #[pin]
+    image_writes: Mutex<()>,
 }
 
 /// Where to read a piece of the image from.
@@ -108,17 +117,20 @@ enum Source {
 impl DiffArea {
     /// Creates the difference area of `orig`.
     pub(crate) fn new(
-        orig: ARef<BlockDevice>,
+        tracker: Arc<Tracker>,
         geometry: ChunkGeometry,
         store: Arc<DiffStorage>,
+        events: Arc<EventQueue>,
         wq: Arc<OwnedQueue>,
         max_copies: u32,
     ) -> Result<Arc<Self>> {
         Arc::pin_init(
             try_pin_init!(Self {
                 geometry,
-                orig,
+                orig: tracker.bdev_ref(),
+                tracker,
                 store,
+                events,
                 wq,
                 max_copies: max_copies.max(1),
                 error: AtomicI32::new(0),
@@ -131,6 +143,7 @@ impl DiffArea {
                     shut_down: false,
                 }, "DiffArea::state"),
                 room <- new_condvar!("DiffArea::room"),
+                image_writes <- new_mutex!((), "DiffArea::image_writes"),
             }),
             GFP_NOIO,
         )
@@ -164,6 +177,12 @@ impl DiffArea {
                 self.orig.dev(),
                 e
             );
+            let dev = self.orig.dev();
+            let mut data = [0u8; 12];
+            data[0..4].copy_from_slice(&dev.major().to_ne_bytes());
+            data[4..8].copy_from_slice(&dev.minor().to_ne_bytes());
+            data[8..12].copy_from_slice(&e.to_errno().to_ne_bytes());
+            self.events.push(uapi::event::CORRUPTED, &data);
         }
     }
 
@@ -460,6 +479,99 @@ impl DiffArea {
         }
         Ok(())
     }
+}
+
+impl DiffArea {
+    /// Makes sure chunk `c` is in the storage, copying it from the device
+    /// if nobody did yet, and returns its address. Sleeps.
+    fn stored_chunk(self: &Arc<Self>, c: u64) -> Result<u64> {
+        enum Next {
+            Done(Result<u64>),
+            Wait,
+            Copy,
+        }
+        loop {
+            let mut reservation = Some(RBTreeNodeReservation::new(GFP_NOIO)?);
+            let mut state = self.state.lock();
+            let next = match state.chunks.get_mut(&c) {
+                Some(ch) => match ch.content {
+                    Content::Stored(at) => Next::Done(Ok(at)),
+                    Content::Failed => Next::Done(Err(EIO)),
+                    Content::Copying => Next::Wait,
+                    Content::Origin => {
+                        ch.content = Content::Copying;
+                        Next::Copy
+                    }
+                },
+                None => {
+                    let r = reservation.take().ok_or(ENOMEM)?;
+                    state.chunks.insert(r.into_node(
+                        c,
+                        Chunk {
+                            content: Content::Copying,
+                            readers: 0,
+                        },
+                    ));
+                    Next::Copy
+                }
+            };
+            match next {
+                Next::Done(r) => return r,
+                Next::Wait => self.room.wait(&mut state),
+                Next::Copy => {
+                    state.copies += 1;
+                    drop(state);
+                    self.clone().copy_chunk(c);
+                }
+            }
+        }
+    }
+
+    /// Serves a write to the snapshot image: the data goes to the storage,
+    /// after the chunk was copied there from the device if needed, and never
+    /// to the device. The blocks are marked changed in the CBT, so that the
+    /// next backup reads them again. Sleeps.
+    pub(crate) fn write_image(self: &Arc<Self>, bio: &InFlightBio) -> Result {
+        if self.error() != 0 {
+            return Err(EIO);
+        }
+        let _serial = self.image_writes.lock();
+        let mut offset = 0usize;
+        for piece in self.geometry.pieces(bio.sector(), u64::from(bio.sectors())) {
+            let span = self.geometry.chunk_span(piece.chunk);
+            let chunk_len = span.end - span.start;
+            let at = self.stored_chunk(piece.chunk)?;
+            // Read-modify-write whole 4 KiB blocks of the stored chunk.
+            let rel = piece.sector - span.start;
+            let first = rel & !7;
+            let last = (rel + piece.sectors).next_multiple_of(8).min(chunk_len);
+            let len = ((last - first) << 9) as usize;
+            let pages = self.store.read(at + first, len)?;
+            let bytes = (piece.sectors << 9) as usize;
+            let mut data = kernel::alloc::KVVec::from_elem(0u8, bytes, GFP_NOIO)?;
+            bio.copy_to_slice(offset, &mut data)?;
+            write_slice_to_pages(&pages, ((rel - first) << 9) as usize, &data)?;
+            self.store.write(at + first, pages, len)?;
+            self.tracker.mark_changed(piece.sector, piece.sectors);
+            offset += bytes;
+        }
+        Ok(())
+    }
+}
+
+/// Copies `data` into `pages` from byte `pos`.
+fn write_slice_to_pages(pages: &[Page], pos: usize, data: &[u8]) -> Result {
+    let ps = kernel::page::PAGE_SIZE;
+    let mut done = 0;
+    while done < data.len() {
+        let p = pos + done;
+        let n = (ps - p % ps).min(data.len() - done);
+        let page = pages.get(p / ps).ok_or(EINVAL)?;
+        // SAFETY: `data` holds `n` bytes from `done`; the page a full page.
+        unsafe { page.write_raw(data.as_ptr().add(done), p % ps, n)? };
+        done += n;
+    }
+    Ok(())
 }
 
 /// Copies `len` bytes of `pages` into `bio` at byte `offset`.

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Snapshot images: one read-only block device per snapshotted device,
+//! Snapshot images: one block device per snapshotted device,
 //! `/dev/blk-snap-imageN`, with the size and block sizes of the original.
-//! Reads are served by the device's difference area, in work items.
+//! Reads and writes are served by the device's difference area, in work
+//! items; writes land in the difference storage, never on the device.
 
 use crate::{diff_area::DiffArea, snapshot::globals};
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -55,18 +56,21 @@ impl DiskOperations for ImageOps {
                     pr_err!("image read: {:?}\n", e);
                 }
             }
-            // A cache flush has nothing to flush on a read-only device.
+            // Storage writes are synchronous: a flush has nothing to do.
             ReqOp::Write if bio.sectors() == 0 => bio.end(Ok(())),
             ReqOp::Flush => bio.end(Ok(())),
-            _ => bio.end(Err(EROFS)),
+            ReqOp::Write => {
+                let data = data.clone();
+                let spawned = globals().wq.try_spawn(GFP_NOIO, move || {
+                    let result = data.area.write_image(&bio);
+                    bio.end(result);
+                });
+                if let Err(e) = spawned {
+                    pr_err!("image write: {:?}\n", e);
+                }
+            }
+            _ => bio.end(Err(EOPNOTSUPP)),
         }
-    }
-
-    fn open(_data: &Arc<ImageData>, write: bool) -> Result {
-        if write {
-            return Err(EROFS);
-        }
-        Ok(())
     }
 }
 
@@ -88,7 +92,7 @@ impl Image {
                 capacity_sectors,
                 logical_block_size: orig.logical_block_size(),
                 physical_block_size: orig.physical_block_size(),
-                read_only: true,
+                read_only: false,
             },
             data,
             globals().module,

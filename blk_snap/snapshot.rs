@@ -13,6 +13,7 @@ use crate::{
     chunk::{ChunkGeometry, ChunkParams},
     diff_area::DiffArea,
     diff_storage::DiffStorage,
+    event_queue::{Event, EventQueue},
     params,
     snapimage::{Image, LIVE_IMAGES},
     tracker::Tracker,
@@ -108,6 +109,7 @@ struct Inner {
 pub(crate) struct Snapshot {
     id: Uuid,
     store: Arc<DiffStorage>,
+    events: Arc<EventQueue>,
     limit: u64,
     #[pin]
     inner: Mutex<Inner>,
@@ -117,21 +119,47 @@ impl Snapshot {
     /// `IOCTL_BLKSNAP_SNAPSHOT_CREATE`: creates a snapshot whose difference
     /// storage is at `path`, at most `limit` sectors.
     pub(crate) fn create(path: &CStr, limit: u64) -> Result<Uuid> {
-        let min = 1u64 << (params::chunk_params().minimum_shift.max(9) - 9);
-        if limit != 0 && limit < min {
-            pr_err!(
-                "difference storage limit {} is smaller than a chunk ({} sectors)\n",
-                limit,
-                min
-            );
-            return Err(EINVAL);
-        }
-        let store = DiffStorage::open(path, limit)?;
+        check_limit(limit)?;
+        let events = EventQueue::new()?;
+        let store = DiffStorage::open(path, limit, events.clone())?;
+        let id = Self::register(store, events, limit)?;
+        pr_info!("snapshot {} created, storage {}\n", id, path);
+        Ok(id)
+    }
+
+    /// `IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE`: a snapshot whose storage is
+    /// memory of at most `limit` sectors, or device ranges appended later.
+    pub(crate) fn create_kind(kind: u32, limit: u64) -> Result<Uuid> {
+        let events = EventQueue::new()?;
+        let (store, what) = match kind {
+            crate::uapi::storage::MEMORY => {
+                if limit == 0 {
+                    pr_err!("a memory storage needs a limit\n");
+                    return Err(EINVAL);
+                }
+                check_limit(limit)?;
+                (DiffStorage::memory(limit, events.clone())?, "memory")
+            }
+            crate::uapi::storage::DEVICES => {
+                (DiffStorage::devices(events.clone())?, "device ranges")
+            }
+            _ => {
+                pr_err!("unknown storage kind {}\n", kind);
+                return Err(EINVAL);
+            }
+        };
+        let id = Self::register(store, events, limit)?;
+        pr_info!("snapshot {} created, storage in {}\n", id, what);
+        Ok(id)
+    }
+
+    fn register(store: Arc<DiffStorage>, events: Arc<EventQueue>, limit: u64) -> Result<Uuid> {
         let id = Uuid::new_random();
         let s = Arc::pin_init(
             try_pin_init!(Self {
                 id,
                 store,
+                events,
                 limit,
                 inner <- new_mutex!(Inner {
                     trackers: KVec::new(),
@@ -143,8 +171,35 @@ impl Snapshot {
             GFP_KERNEL,
         )?;
         globals().snapshots.lock().push(s, GFP_KERNEL)?;
-        pr_info!("snapshot {} created, storage {}\n", id, path);
         Ok(id)
+    }
+
+    /// `IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE`.
+    pub(crate) fn append_storage(&self, path: &CStr, ranges: &[(u64, u64)]) -> Result {
+        let inner = self.inner.lock();
+        if inner.destroyed {
+            return Err(ESRCH);
+        }
+        // The new ranges must not be on a device of this snapshot.
+        let dev = kernel::fs::file::File::open(path, 0, 0)?;
+        if let Some(bdev) = dev.bdev() {
+            if let Some(t) = inner.trackers.iter().find(|t| overlaps(bdev, t.bdev())) {
+                pr_err!(
+                    "snapshot {}: storage on {} would be on snapshotted {}\n",
+                    self.id,
+                    path,
+                    t.bdev().name()
+                );
+                return Err(EINVAL);
+            }
+        }
+        drop(dev);
+        self.store.append(path, ranges)
+    }
+
+    /// `IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT`: the next event.
+    pub(crate) fn wait_event(&self, timeout_ms: u32) -> Result<Event> {
+        self.events.wait(timeout_ms)
     }
 
     /// Finds a snapshot by id.
@@ -185,8 +240,8 @@ impl Snapshot {
             );
             return Err(EBUSY);
         }
-        if let Some(store) = self.store.bdev() {
-            if overlaps(store, tracker.bdev()) {
+        {
+            if self.store.is_on(tracker.bdev()) {
                 pr_err!(
                     "the difference storage of snapshot {} is on {}: it cannot be snapshotted\n",
                     self.id,
@@ -246,9 +301,10 @@ impl Snapshot {
                 return Err(EINVAL);
             }
             let area = DiffArea::new(
-                t.bdev_ref(),
+                t.clone(),
                 g,
                 self.store.clone(),
+                self.events.clone(),
                 globals().wq.clone(),
                 params::chunk_maximum_in_queue.get(),
             )?;
@@ -367,6 +423,7 @@ impl Snapshot {
             return;
         }
         inner.destroyed = true;
+        self.events.close();
         // No new image I/O first; reads in flight finish on their own.
         for img in core::mem::take(&mut inner.images) {
             if img.openers() != 0 {
@@ -403,6 +460,20 @@ impl Snapshot {
 /// one of its partitions.
 fn overlaps(a: &BlockDevice, b: &BlockDevice) -> bool {
     a.dev() == b.dev() || a.whole().dev() == b.dev() || b.whole().dev() == a.dev()
+}
+
+/// Checks that a storage limit can hold at least one chunk.
+fn check_limit(limit: u64) -> Result {
+    let min = 1u64 << (params::chunk_params().minimum_shift.max(9) - 9);
+    if limit != 0 && limit < min {
+        pr_err!(
+            "difference storage limit {} is smaller than a chunk ({} sectors)\n",
+            limit,
+            min
+        );
+        return Err(EINVAL);
+    }
+    Ok(())
 }
 
 /// The chunk geometry of a device.

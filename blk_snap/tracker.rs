@@ -209,6 +209,17 @@ impl Tracker {
         }
     }
 
+    /// Marks sectors changed in both CBT maps, as if user space had asked
+    /// with `CBTDIRTY`: for writes to the snapshot image.
+    pub(crate) fn mark_changed(&self, sector: u64, count: u64) {
+        if let Ok(blocks) = self.cbt.check_range(sector, count) {
+            let mut ranges = KVec::new();
+            if ranges.push(blocks, GFP_NOIO).is_ok() {
+                self.cbt.mark_dirty(&ranges);
+            }
+        }
+    }
+
     /// Records the image index of the device.
     pub(crate) fn set_image(&self, index: u32) {
         self.cow.lock().image = Some(index);

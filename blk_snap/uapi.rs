@@ -239,6 +239,8 @@ pub mod event {
     pub const CORRUPTED: u32 = 0;
     /// The difference storage is full.
     pub const NO_SPACE: u32 = 1;
+    /// Extension: the difference storage is running low.
+    pub const LOW_FREE_SPACE: u32 = 64;
 }
 
 /// `struct blksnap_event_corrupted`.
@@ -287,10 +289,66 @@ pub const IOCTL_BLKSNAP_SNAPSHOT_COLLECT: u32 =
 pub const IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT: u32 =
     ior::<BlksnapSnapshotEvent>(BLKSNAP, nr::SNAPSHOT_WAIT_EVENT);
 
+/// Extension: `enum blksnap_storage_kind`.
+pub mod storage {
+    /// Kernel memory.
+    pub const MEMORY: u32 = 1;
+    /// Appended block device ranges.
+    pub const DEVICES: u32 = 2;
+}
+
+/// Extension: `struct blksnap_snapshot_create_storage`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapSnapshotCreateStorage {
+    /// Storage kind.
+    pub kind: u32,
+    /// Flags, 0.
+    pub flags: u32,
+    /// Limit in sectors.
+    pub limit_sect: u64,
+    /// The new snapshot's id (output).
+    pub id: BlksnapUuid,
+}
+
+/// Extension: `struct blksnap_snapshot_append_storage`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapSnapshotAppendStorage {
+    /// Snapshot id.
+    pub id: BlksnapUuid,
+    /// User address of the device path.
+    pub bdev_path: u64,
+    /// Number of ranges.
+    pub count: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+    /// User address of an array of `struct blksnap_sectors`.
+    pub ranges: u64,
+}
+
+/// Most ranges in one `IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE`.
+pub const APPEND_MAX_RANGES: u32 = 1024;
+
+/// Extension: `struct blksnap_event_low_free_space`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapEventLowFreeSpace {
+    /// Sectors still free.
+    pub free_sect: u64,
+}
+
+/// Extension: `IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE`.
+pub const IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE: u32 =
+    iowr::<BlksnapSnapshotCreateStorage>(BLKSNAP, 64);
+/// Extension: `IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE`.
+pub const IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE: u32 =
+    iow::<BlksnapSnapshotAppendStorage>(BLKSNAP, 65);
+
 /// The interface version reported by `IOCTL_BLKSNAP_VERSION`.
 pub const VERSION: BlksnapVersion = BlksnapVersion {
     major: 2,
-    minor: 0,
+    minor: 1,
     revision: 0,
     build: 0,
 };

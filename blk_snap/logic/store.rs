@@ -71,3 +71,54 @@ impl StoreSpace {
         self.available - self.used
     }
 }
+
+/// The next free place in a storage made of several extents.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Cursor {
+    /// Index of the extent.
+    pub extent: usize,
+    /// Sectors used in it.
+    pub used: u64,
+}
+
+/// Places `sectors` in the extents whose lengths are `lengths`, from
+/// `cursor` on. A piece never straddles two extents: when the rest of an
+/// extent is too small, it stays unused and the next extent is tried.
+/// Returns the extent, the offset in it, and the cursor after the piece.
+pub fn place(lengths: &[u64], cursor: Cursor, sectors: u64) -> Option<(usize, u64, Cursor)> {
+    let mut c = cursor;
+    while c.extent < lengths.len() {
+        if lengths[c.extent] - c.used.min(lengths[c.extent]) >= sectors {
+            let at = c.used;
+            return Some((
+                c.extent,
+                at,
+                Cursor {
+                    extent: c.extent,
+                    used: at + sectors,
+                },
+            ));
+        }
+        c = Cursor {
+            extent: c.extent + 1,
+            used: 0,
+        };
+    }
+    None
+}
+
+/// Sectors still free from `cursor` on, counting the rests of extents.
+pub fn free_from(lengths: &[u64], cursor: Cursor) -> u64 {
+    lengths
+        .iter()
+        .enumerate()
+        .skip(cursor.extent)
+        .map(|(i, &l)| {
+            if i == cursor.extent {
+                l.saturating_sub(cursor.used)
+            } else {
+                l
+            }
+        })
+        .sum()
+}

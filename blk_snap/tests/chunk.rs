@@ -140,3 +140,54 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn extents_are_filled_in_order_without_straddling() {
+    let lengths = [10u64, 3, 8];
+    let c = Cursor::default();
+    let (e, at, c) = place(&lengths, c, 4).unwrap();
+    assert_eq!((e, at), (0, 0));
+    let (e, at, c) = place(&lengths, c, 4).unwrap();
+    assert_eq!((e, at), (0, 4));
+    assert_eq!(free_from(&lengths, c), 2 + 3 + 8);
+    // 2 sectors left in extent 0 and 3 in extent 1: 4 goes to extent 2.
+    let (e, at, c) = place(&lengths, c, 4).unwrap();
+    assert_eq!((e, at, c), (2, 0, Cursor { extent: 2, used: 4 }));
+    assert_eq!(free_from(&lengths, c), 4);
+    assert!(place(&lengths, c, 5).is_none());
+    // Appending an extent makes room again.
+    let more = [10u64, 3, 8, 16];
+    assert_eq!(place(&more, c, 5).map(|p| (p.0, p.1)), Some((3, 0)));
+}
+
+proptest! {
+    #[test]
+    fn placed_pieces_never_overlap_and_stay_inside(
+        lengths in prop::collection::vec(0u64..500, 1..6),
+        sizes in prop::collection::vec(1u64..200, 1..40)
+    ) {
+        let mut c = Cursor::default();
+        let mut taken: Vec<(usize, u64, u64)> = Vec::new();
+        for s in sizes {
+            let before = free_from(&lengths, c);
+            match place(&lengths, c, s) {
+                Some((e, at, next)) => {
+                    prop_assert!(at + s <= lengths[e]);
+                    for &(e2, a2, s2) in &taken {
+                        prop_assert!(e2 != e || at >= a2 + s2 || a2 >= at + s);
+                    }
+                    taken.push((e, at, s));
+                    prop_assert!(free_from(&lengths, next) + s <= before);
+                    c = next;
+                }
+                None => {
+                    // Nothing from the cursor on has room for the piece.
+                    for (i, &l) in lengths.iter().enumerate().skip(c.extent) {
+                        let room = if i == c.extent { l - c.used } else { l };
+                        prop_assert!(room < s);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -57,9 +57,13 @@ fn compare(what: &str, got: &str) {
     );
 }
 
-#[test]
-fn c_headers_match_upstream_layout() {
-    let out = std::env::temp_dir().join(format!("blksnap-layout-{}", std::process::id()));
+/// Compiles tests/uapi/layout.c and runs it with `args`.
+fn c_layout(args: &[&str]) -> String {
+    let out = std::env::temp_dir().join(format!(
+        "blksnap-layout-{}-{}",
+        std::process::id(),
+        args.len()
+    ));
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let status = Command::new(&cc)
         .args(["-Wall", "-Wextra", "-Werror", "-I"])
@@ -70,10 +74,99 @@ fn c_headers_match_upstream_layout() {
         .status()
         .expect("run the C compiler");
     assert!(status.success(), "compiling tests/uapi/layout.c failed");
-    let printed = Command::new(&out).output().expect("run layout");
+    let printed = Command::new(&out).args(args).output().expect("run layout");
     std::fs::remove_file(&out).ok();
     assert!(printed.status.success());
-    compare("C headers", &String::from_utf8(printed.stdout).unwrap());
+    String::from_utf8(printed.stdout).unwrap()
+}
+
+#[test]
+fn c_headers_match_upstream_layout() {
+    compare("C headers", &c_layout(&[]));
+}
+
+/// Our extensions are not upstream facts, but the C header and the Rust
+/// mirror must agree on them too.
+#[test]
+fn extensions_agree_between_c_and_rust() {
+    let mut s = String::new();
+    macro_rules! size {
+        ($c:literal, $t:ty) => {
+            s += &format!("sizeof {} {}\n", $c, size_of::<$t>());
+        };
+    }
+    macro_rules! off {
+        ($c:literal, $t:ty, $f:ident) => {
+            s += &format!(
+                "offsetof {}.{} {}\n",
+                $c,
+                stringify!($f),
+                offset_of!($t, $f)
+            );
+        };
+    }
+    size!(
+        "blksnap_snapshot_create_storage",
+        BlksnapSnapshotCreateStorage
+    );
+    off!(
+        "blksnap_snapshot_create_storage",
+        BlksnapSnapshotCreateStorage,
+        flags
+    );
+    off!(
+        "blksnap_snapshot_create_storage",
+        BlksnapSnapshotCreateStorage,
+        limit_sect
+    );
+    off!(
+        "blksnap_snapshot_create_storage",
+        BlksnapSnapshotCreateStorage,
+        id
+    );
+    size!(
+        "blksnap_snapshot_append_storage",
+        BlksnapSnapshotAppendStorage
+    );
+    off!(
+        "blksnap_snapshot_append_storage",
+        BlksnapSnapshotAppendStorage,
+        bdev_path
+    );
+    off!(
+        "blksnap_snapshot_append_storage",
+        BlksnapSnapshotAppendStorage,
+        count
+    );
+    off!(
+        "blksnap_snapshot_append_storage",
+        BlksnapSnapshotAppendStorage,
+        reserved
+    );
+    off!(
+        "blksnap_snapshot_append_storage",
+        BlksnapSnapshotAppendStorage,
+        ranges
+    );
+    size!("blksnap_event_low_free_space", BlksnapEventLowFreeSpace);
+    s += &format!(
+        "ioctl IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE {:#x}\n",
+        IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE
+    );
+    s += &format!(
+        "ioctl IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE {:#x}\n",
+        IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE
+    );
+    s += &format!(
+        "enum CBTMAP_ACTIVE {} MEMORY {} DEVICES {} low_free_space {}\n",
+        ctl::CBTMAP_ACTIVE,
+        storage::MEMORY,
+        storage::DEVICES,
+        event::LOW_FREE_SPACE
+    );
+    assert_eq!(c_layout(&["ext"]), s);
+    // Extensions must not reuse upstream numbers.
+    const { assert!(ctl::CBTMAP_ACTIVE > ctl::SNAPSHOTINFO && event::LOW_FREE_SPACE > event::NO_SPACE) };
 }
 
 #[test]

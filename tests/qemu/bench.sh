@@ -32,7 +32,7 @@ measure() { # key rw bs dev [io_size]
 }
 
 snap() {
-	ID=$(blksnapctl snapshot create --store /tmp --limit 400M)
+	ID=$(blksnapctl snapshot create --store "$BLKSNAP_SCRATCH" --limit 400M)
 	blksnapctl snapshot add "$ID" "$DISK"
 	blksnapctl snapshot take "$ID"
 	IMAGE=/dev/$(blksnapctl --json snapshot info "$DISK" | jq -r .image)

@@ -21,9 +21,10 @@ run dd if=/dev/urandom of="$DISK" bs=4k count=1 seek=$((256 * 256 - 1)) oflag=di
 run blksnapctl cbt read --active "$DISK"
 say "creating an ext4 file system and writing a 3 MiB file"
 run mkfs.ext4 -q -F "$DISK"
-mkdir -p /tmp/mnt
-mount "$DISK" /tmp/mnt
-dd if=/dev/urandom of=/tmp/mnt/file bs=1M count=3 status=none
-umount /tmp/mnt
+MNT=$BLKSNAP_SCRATCH/mnt
+mkdir -p "$MNT"
+mount "$DISK" "$MNT"
+dd if=/dev/urandom of="$MNT/file" bs=1M count=3 status=none
+umount "$MNT"
 run blksnapctl cbt read --active "$DISK"
 run blksnapctl detach "$DISK"

@@ -15,8 +15,11 @@ export PATH=$BIN:$PATH BLKSNAP_KO=$KO
 
 echo "guest: $(uname -r), $(nproc) CPUs"
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
-# A plain tmpfs for difference storages and scratch files.
-mount -t tmpfs -o size=1200M tmpfs /tmp
+# A plain tmpfs for difference storages and scratch files. Not on /tmp: the
+# repository may be there.
+export BLKSNAP_SCRATCH=/run/blksnap
+mkdir -p $BLKSNAP_SCRATCH
+mount -t tmpfs -o size=1200M tmpfs $BLKSNAP_SCRATCH
 KMEMLEAK=/sys/kernel/debug/kmemleak
 [ -w $KMEMLEAK ] && echo clear >$KMEMLEAK
 

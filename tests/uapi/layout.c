@@ -12,8 +12,32 @@
 #define OFF(s, f) printf("offsetof %s.%s %zu\n", #s, #f, offsetof(struct s, f))
 #define IOCTL(n) printf("ioctl %s 0x%x\n", #n, (unsigned int)(n))
 
-int main(void)
+/* Our extensions, compared with the Rust mirrors only. */
+static void extensions(void)
 {
+	SIZE(blksnap_snapshot_create_storage);
+	OFF(blksnap_snapshot_create_storage, flags);
+	OFF(blksnap_snapshot_create_storage, limit_sect);
+	OFF(blksnap_snapshot_create_storage, id);
+	SIZE(blksnap_snapshot_append_storage);
+	OFF(blksnap_snapshot_append_storage, bdev_path);
+	OFF(blksnap_snapshot_append_storage, count);
+	OFF(blksnap_snapshot_append_storage, reserved);
+	OFF(blksnap_snapshot_append_storage, ranges);
+	SIZE(blksnap_event_low_free_space);
+	IOCTL(IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE);
+	IOCTL(IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE);
+	printf("enum CBTMAP_ACTIVE %d MEMORY %d DEVICES %d low_free_space %d\n",
+	       BLKFILTER_CTL_BLKSNAP_CBTMAP_ACTIVE, BLKSNAP_STORAGE_MEMORY,
+	       BLKSNAP_STORAGE_DEVICES, blksnap_event_code_low_free_space);
+}
+
+int main(int argc, char **argv __attribute__((unused)))
+{
+	if (argc > 1) {
+		extensions();
+		return 0;
+	}
 	SIZE(blkfilter_attach);
 	OFF(blkfilter_attach, opt);
 	OFF(blkfilter_attach, optlen);

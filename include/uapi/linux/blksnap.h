@@ -281,4 +281,81 @@ struct blksnap_event_no_space {
 	__u64 requested_nr_sect;
 };
 
+/*
+ * Extensions: not in the upstream proposal. Their numbers start at 64, so
+ * that upstream can grow without colliding with them.
+ */
+
+/**
+ * enum blksnap_storage_kind - Kinds of difference storage of
+ *	&IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE.
+ * @BLKSNAP_STORAGE_MEMORY: Kernel memory, up to the limit.
+ * @BLKSNAP_STORAGE_DEVICES: Ranges of block devices, appended with
+ *	&IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE before or after the snapshot is
+ *	taken.
+ */
+enum blksnap_storage_kind {
+	BLKSNAP_STORAGE_MEMORY = 1,
+	BLKSNAP_STORAGE_DEVICES = 2,
+};
+
+/**
+ * struct blksnap_snapshot_create_storage - Argument of
+ *	&IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE.
+ * @kind: &enum blksnap_storage_kind.
+ * @flags: Must be 0.
+ * @limit_sect: For memory: the most sectors it may hold. Ignored for devices.
+ * @id: Output: identifier of the new snapshot.
+ */
+struct blksnap_snapshot_create_storage {
+	__u32 kind;
+	__u32 flags;
+	__u64 limit_sect;
+	struct blksnap_uuid id;
+};
+
+/* Create a snapshot whose difference storage is in memory or on devices. */
+#define IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE				\
+	_IOWR(BLKSNAP, 64, struct blksnap_snapshot_create_storage)
+
+/**
+ * struct blksnap_snapshot_append_storage - Argument of
+ *	&IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE.
+ * @id: Identifier of the snapshot.
+ * @bdev_path: User space address of the NUL-terminated path of a block
+ *	device.  It is opened exclusively.
+ * @count: Number of ranges at @ranges, 1 to 1024.
+ * @reserved: Must be 0.
+ * @ranges: User space address of an array of &struct blksnap_sectors: the
+ *	ranges of the device that the storage may use.  They must lie inside
+ *	the device and not overlap each other or earlier ranges.
+ */
+struct blksnap_snapshot_append_storage {
+	struct blksnap_uuid id;
+	__u64 bdev_path;
+	__u32 count;
+	__u32 reserved;
+	__u64 ranges;
+};
+
+/* Give a snapshot with device storage more room, before or after take. */
+#define IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE				\
+	_IOW(BLKSNAP, 65, struct blksnap_snapshot_append_storage)
+
+/*
+ * Event extension: the free space of the difference storage dropped below
+ * half of the diff_storage_minimum module parameter. Raised once; appending
+ * storage re-arms it. Payload: &struct blksnap_event_low_free_space.
+ */
+#define blksnap_event_code_low_free_space 64
+
+/**
+ * struct blksnap_event_low_free_space - Payload of
+ *	blksnap_event_code_low_free_space.
+ * @free_sect: Sectors still free.
+ */
+struct blksnap_event_low_free_space {
+	__u64 free_sect;
+};
+
 #endif /* _UAPI_LINUX_BLKSNAP_H */

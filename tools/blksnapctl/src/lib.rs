@@ -74,6 +74,21 @@ pub mod raw {
         BlksnapSnapshotCreate
     );
     nix::ioctl_write_ptr_bad!(blksnap_destroy, IOCTL_BLKSNAP_SNAPSHOT_DESTROY, BlksnapUuid);
+    nix::ioctl_readwrite_bad!(
+        blksnap_create_storage,
+        IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE,
+        BlksnapSnapshotCreateStorage
+    );
+    nix::ioctl_write_ptr_bad!(
+        blksnap_append_storage,
+        IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE,
+        BlksnapSnapshotAppendStorage
+    );
+    nix::ioctl_read_bad!(
+        blksnap_wait_event,
+        IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT,
+        BlksnapSnapshotEvent
+    );
     nix::ioctl_write_ptr_bad!(blksnap_take, IOCTL_BLKSNAP_SNAPSHOT_TAKE, BlksnapUuid);
 
     /// A filter name as the ioctls expect it: NUL-padded to 32 bytes.
@@ -299,6 +314,56 @@ impl Tracker {
     }
 }
 
+/// A snapshot event.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Event {
+    /// The snapshot of a device became unusable.
+    Corrupted {
+        /// Device major number.
+        major: u32,
+        /// Device minor number.
+        minor: u32,
+        /// The negative errno.
+        errno: i32,
+    },
+    /// The difference storage is full.
+    NoSpace {
+        /// Sectors that could not be stored.
+        requested_sectors: u64,
+    },
+    /// The difference storage is running low (extension).
+    LowFreeSpace {
+        /// Sectors still free.
+        free_sectors: u64,
+    },
+    /// An event this library does not know.
+    Other {
+        /// Its code.
+        code: u32,
+    },
+}
+
+impl Event {
+    fn decode(code: u32, _time: i64, data: &[u8]) -> Self {
+        let u32_at = |o: usize| u32::from_ne_bytes(data[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_ne_bytes(data[o..o + 8].try_into().unwrap());
+        match code {
+            uapi::event::CORRUPTED => Event::Corrupted {
+                major: u32_at(0),
+                minor: u32_at(4),
+                errno: u32_at(8) as i32,
+            },
+            uapi::event::NO_SPACE => Event::NoSpace {
+                requested_sectors: u64_at(0),
+            },
+            uapi::event::LOW_FREE_SPACE => Event::LowFreeSpace {
+                free_sectors: u64_at(0),
+            },
+            code => Event::Other { code },
+        }
+    }
+}
+
 /// A snapshot identifier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SnapshotId(pub [u8; 16]);
@@ -399,6 +464,80 @@ impl Control {
             )
         })?;
         Ok(SnapshotId(arg.id.b))
+    }
+
+    /// Creates a snapshot whose difference storage is kernel memory of at
+    /// most `limit_sectors` sectors.
+    pub fn snapshot_create_memory(&self, limit_sectors: u64) -> Result<SnapshotId> {
+        self.create_storage(uapi::storage::MEMORY, limit_sectors, "in memory")
+    }
+
+    /// Creates a snapshot whose difference storage is block device ranges,
+    /// to be added with [`Control::snapshot_append_storage`].
+    pub fn snapshot_create_devices(&self) -> Result<SnapshotId> {
+        self.create_storage(uapi::storage::DEVICES, 0, "on device ranges")
+    }
+
+    fn create_storage(&self, kind: u32, limit: u64, what: &str) -> Result<SnapshotId> {
+        let mut arg = uapi::BlksnapSnapshotCreateStorage {
+            kind,
+            limit_sect: limit,
+            ..Default::default()
+        };
+        // SAFETY: `arg` is valid.
+        unsafe { raw::blksnap_create_storage(self.file.as_raw_fd(), &mut arg) }
+            .map_err(|e| err(format!("create a snapshot with storage {what}"), e))?;
+        Ok(SnapshotId(arg.id.b))
+    }
+
+    /// Gives snapshot `id` the sector `ranges` of block device `device` as
+    /// difference storage.
+    pub fn snapshot_append_storage(
+        &self,
+        id: &SnapshotId,
+        device: &Path,
+        ranges: &[SectorRange],
+    ) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(device.as_os_str().as_bytes())
+            .map_err(|_| err(format!("device path {}", device.display()), Errno::EINVAL))?;
+        let sectors: Vec<uapi::BlksnapSectors> = ranges
+            .iter()
+            .map(|r| uapi::BlksnapSectors {
+                offset: r.offset,
+                count: r.count,
+            })
+            .collect();
+        let arg = uapi::BlksnapSnapshotAppendStorage {
+            id: uapi::BlksnapUuid { b: id.0 },
+            bdev_path: path.as_ptr() as u64,
+            count: sectors.len() as u32,
+            reserved: 0,
+            ranges: sectors.as_ptr() as u64,
+        };
+        // SAFETY: `arg` points to the path and the ranges, alive here.
+        unsafe { raw::blksnap_append_storage(self.file.as_raw_fd(), &arg) }.map_err(|e| {
+            err(
+                format!("append storage on {} to snapshot {id}", device.display()),
+                e,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` for the next event of snapshot `id`.
+    pub fn snapshot_wait_event(&self, id: &SnapshotId, timeout_ms: u32) -> Result<Event> {
+        let mut arg = uapi::BlksnapSnapshotEvent {
+            id: uapi::BlksnapUuid { b: id.0 },
+            timeout_ms,
+            code: 0,
+            time_label: 0,
+            data: [0; uapi::BLKSNAP_EVENT_SIZE - 32],
+        };
+        // SAFETY: `arg` is a valid, page-sized event structure.
+        unsafe { raw::blksnap_wait_event(self.file.as_raw_fd(), &mut arg) }
+            .map_err(|e| err(format!("wait for an event of snapshot {id}"), e))?;
+        Ok(Event::decode(arg.code, arg.time_label, &arg.data))
     }
 
     /// Takes snapshot `id`: its images appear.

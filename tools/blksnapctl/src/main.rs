@@ -36,6 +36,9 @@ enum Command {
     /// Snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Difference storage.
+    #[command(subcommand)]
+    Store(StoreCommand),
 }
 
 #[derive(Subcommand)]
@@ -44,8 +47,15 @@ enum SnapshotCommand {
     Create {
         /// Difference storage: a file, a directory (for an unnamed
         /// temporary file), or a block device.
+        #[arg(long, conflicts_with_all = ["memory", "devices"], required_unless_present_any = ["memory", "devices"])]
+        store: Option<PathBuf>,
+        /// Keep the difference storage in kernel memory, up to --limit.
         #[arg(long)]
-        store: PathBuf,
+        memory: bool,
+        /// Keep the difference storage on block device ranges, given later
+        /// with `blksnapctl store append`.
+        #[arg(long, conflicts_with = "memory")]
+        devices: bool,
         /// Largest size of the storage, like 4G or 512M (bytes).
         #[arg(long, value_parser = parse_size, default_value = "1G")]
         limit: u64,
@@ -60,6 +70,25 @@ enum SnapshotCommand {
     List,
     /// Show the snapshot state of a device: image name and error.
     Info { device: PathBuf },
+    /// Wait for events of a snapshot and print them, until it is destroyed.
+    Watch {
+        id: SnapshotId,
+        /// Stop after this many seconds without an event.
+        #[arg(long)]
+        timeout: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Give a snapshot ranges of a block device as difference storage.
+    Append {
+        id: SnapshotId,
+        device: PathBuf,
+        /// OFFSET:COUNT in 512-byte sectors.
+        #[arg(required = true, value_parser = parse_range)]
+        ranges: Vec<SectorRange>,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -198,14 +227,30 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
             Tracker::open(&device)?.mark_dirty(&ranges)?;
         }
         Command::Snapshot(cmd) => snapshot(cmd, cli.json)?,
+        Command::Store(StoreCommand::Append { id, device, ranges }) => {
+            Control::open()?.snapshot_append_storage(&id, &device, &ranges)?
+        }
     }
     Ok(())
 }
 
 fn snapshot(cmd: SnapshotCommand, json: bool) -> Result<(), blksnap::Error> {
     match cmd {
-        SnapshotCommand::Create { store, limit } => {
-            let id = Control::open()?.snapshot_create(&store, limit >> 9)?;
+        SnapshotCommand::Create {
+            store,
+            memory,
+            devices,
+            limit,
+        } => {
+            let ctl = Control::open()?;
+            let id = match store {
+                Some(store) => ctl.snapshot_create(&store, limit >> 9)?,
+                None if memory => ctl.snapshot_create_memory(limit >> 9)?,
+                None => {
+                    debug_assert!(devices);
+                    ctl.snapshot_create_devices()?
+                }
+            };
             if json {
                 println!("{}", serde_json::json!({ "id": id.to_string() }));
             } else {
@@ -223,6 +268,23 @@ fn snapshot(cmd: SnapshotCommand, json: bool) -> Result<(), blksnap::Error> {
             } else {
                 for id in ids {
                     println!("{id}");
+                }
+            }
+        }
+        SnapshotCommand::Watch { id, timeout } => {
+            let ctl = Control::open()?;
+            let ms = timeout.map(|t| t.saturating_mul(1000)).unwrap_or(u32::MAX);
+            loop {
+                match ctl.snapshot_wait_event(&id, ms) {
+                    Ok(ev) => {
+                        if json {
+                            println!("{}", serde_json::to_string(&ev).unwrap());
+                        } else {
+                            println!("{ev:?}");
+                        }
+                    }
+                    Err(e) if e.errno == nix::errno::Errno::ESRCH => return Ok(()),
+                    Err(e) => return Err(e),
                 }
             }
         }

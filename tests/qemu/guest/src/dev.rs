@@ -8,6 +8,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+/// The guest's scratch directory: a tmpfs that guest.sh mounts, named by
+/// `BLKSNAP_SCRATCH` (the repository itself may be under /tmp).
+pub fn scratch() -> PathBuf {
+    std::env::var_os("BLKSNAP_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/blksnap"))
+}
+
 /// Sector size in bytes.
 pub const SECTOR: u64 = 512;
 
@@ -46,6 +54,18 @@ pub fn sysfs_attr(dev: &Path, attr: &str) -> Result<String, String> {
     std::fs::read_to_string(&p)
         .map(|s| s.trim().to_string())
         .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// Major and minor numbers of a block device, from sysfs.
+pub fn major_minor(dev: &Path) -> Result<(u32, u32), String> {
+    let s = sysfs_attr(dev, "dev")?;
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("dev of {}: {s}", dev.display()))?;
+    Ok((
+        a.parse().map_err(|_| s.clone())?,
+        b.parse().map_err(|_| s.clone())?,
+    ))
 }
 
 /// Size of a block device in sectors, from sysfs.
@@ -221,7 +241,7 @@ nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
 impl LoopDev {
     /// Creates a loop device over a new sparse file of `bytes` bytes.
     pub fn new(name: &str, bytes: u64) -> Result<Self, String> {
-        let backing = PathBuf::from(format!("/tmp/{name}.img"));
+        let backing = scratch().join(format!("{name}.img"));
         let f = File::create(&backing).map_err(|e| e.to_string())?;
         f.set_len(bytes).map_err(|e| e.to_string())?;
         drop(f);

@@ -9,6 +9,7 @@
 
 mod dev;
 mod snap;
+mod store;
 mod tests;
 
 use std::time::Instant;
@@ -63,7 +64,7 @@ fn main() {
     let filter: Vec<String> = std::env::args().skip(1).collect();
     let mut passed = 0;
     let mut failed = 0;
-    for (name, test) in tests::ALL.iter().chain(snap::ALL) {
+    for (name, test) in tests::ALL.iter().chain(snap::ALL).chain(store::ALL) {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }

@@ -154,7 +154,7 @@ fn control_device_version() -> TestResult {
     let v = Control::open().map_err(e)?.version().map_err(e)?;
     check_eq!(
         (v.major, v.minor, v.revision, v.build),
-        (2, 0, 0, 0),
+        (2, 1, 0, 0),
         "interface version"
     );
     Ok(())

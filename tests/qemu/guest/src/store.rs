@@ -1,0 +1,621 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Difference storage kinds, events, overflow and failure, writable images.
+
+use crate::dev::{self, AlignedBuf, SECTOR};
+use crate::snap::{
+    check_device, disk, e, pattern, pattern_test_with, sha256, write_pattern, Snap, Tracked,
+};
+use crate::{check_eq, fail, TestResult};
+use blksnap::{Control, Event, MapKind, SectorRange};
+use nix::errno::Errno;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+type Test = (&'static str, fn() -> TestResult);
+
+/// The storage tests, in the order they run.
+pub const ALL: &[Test] = &[
+    ("store_memory_pattern", memory_pattern),
+    ("store_devices_pattern", devices_pattern),
+    (
+        "store_memory_full_corrupts_snapshot_not_origin",
+        memory_full,
+    ),
+    (
+        "store_devices_grow_after_low_free_space",
+        devices_grow_on_event,
+    ),
+    ("store_overflow_with_concurrent_writer", overflow_concurrent),
+    ("store_io_error_keeps_origin", store_io_error),
+    ("image_writes_land_in_the_store", image_writes),
+    ("image_ext4_and_xfs_replay_then_fsck", image_journal_replay),
+    ("store_bad_input", bad_input),
+];
+
+const MIB_SECTORS: u64 = 2048;
+
+/// Sets the `diff_storage_minimum` module parameter; restores it on drop.
+struct StorageMinimum(String);
+
+impl StorageMinimum {
+    const PATH: &'static str = "/sys/module/blksnap/parameters/diff_storage_minimum";
+
+    fn set(sectors: u64) -> Result<Self, String> {
+        let old = std::fs::read_to_string(Self::PATH).map_err(|e| e.to_string())?;
+        std::fs::write(Self::PATH, sectors.to_string()).map_err(|e| e.to_string())?;
+        Ok(Self(old.trim().to_string()))
+    }
+}
+
+impl Drop for StorageMinimum {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+fn memory_pattern() -> TestResult {
+    pattern_test_with(
+        || {
+            let ctl = Control::open().map_err(e)?;
+            let id = ctl.snapshot_create_memory(64 * MIB_SECTORS).map_err(e)?;
+            Ok(Snap { id, ctl })
+        },
+        31,
+        40,
+    )
+}
+
+/// A snapshot whose storage is the given ranges of disk d.
+fn devices_snap(ranges: &[(u64, u64)]) -> Result<Snap, String> {
+    let ctl = Control::open().map_err(e)?;
+    let id = ctl.snapshot_create_devices().map_err(e)?;
+    let snap = Snap { id, ctl };
+    let ranges: Vec<SectorRange> = ranges
+        .iter()
+        .map(|&(offset, count)| SectorRange { offset, count })
+        .collect();
+    snap.ctl
+        .snapshot_append_storage(&snap.id, &disk("blksnap-d")?, &ranges)
+        .map_err(e)?;
+    Ok(snap)
+}
+
+fn devices_pattern() -> TestResult {
+    // Two ranges of disk d, 60 MiB in all, with a hole between them.
+    pattern_test_with(
+        || devices_snap(&[(0, 28 * MIB_SECTORS), (32 * MIB_SECTORS, 32 * MIB_SECTORS)]),
+        33,
+        12,
+    )
+}
+
+/// Collects the events of a snapshot that arrive within `ms`.
+fn events(ctl: &Control, snap: &Snap, ms: u32) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Ok(ev) = ctl.snapshot_wait_event(&snap.id, ms) {
+        out.push(ev);
+    }
+    out
+}
+
+fn memory_full() -> TestResult {
+    let c = disk("blksnap-c")?;
+    let t = Tracked::new(&c)?;
+    let size = dev::size_sectors(&c)?;
+    write_pattern(&c, 0, size, 41)?;
+    let ctl = Control::open().map_err(e)?;
+    let id = ctl.snapshot_create_memory(4 * MIB_SECTORS).map_err(e)?;
+    let snap = Snap {
+        id,
+        ctl: Control::open().map_err(e)?,
+    };
+    snap.add(&t.0)?;
+    snap.take()?;
+    let image = t.image()?;
+    // 16 MiB of new data: four times what the storage holds.
+    write_pattern(&c, 0, 16 * MIB_SECTORS, 42)?;
+    let evs = events(&ctl, &snap, 2000);
+    let (major, minor) = dev::major_minor(&c)?;
+    if !evs
+        .iter()
+        .any(|ev| matches!(ev, Event::NoSpace { requested_sectors } if *requested_sectors == 512))
+    {
+        fail!("no no_space event for a 256 KiB chunk: {evs:?}");
+    }
+    let corrupted = Event::Corrupted {
+        major,
+        minor,
+        errno: -(Errno::ENOSPC as i32),
+    };
+    if !evs.contains(&corrupted) {
+        fail!("no corrupted event for {major}:{minor} with ENOSPC: {evs:?}");
+    }
+    check_eq!(
+        t.0.snapshot_info().map_err(e)?.error_code,
+        -(Errno::ENOSPC as i32),
+        "SNAPSHOTINFO error"
+    );
+    // Image reads fail; the origin has every new write.
+    match dev::read_direct(&image, 0, 8) {
+        Err(err) if err.contains("Input/output error") => {}
+        other => fail!("reading the corrupted image: {other:?}, want EIO"),
+    }
+    check_device(&c, |s| if s < 16 * MIB_SECTORS { 42 } else { 41 })?;
+    snap.destroy()
+}
+
+fn devices_grow_on_event() -> TestResult {
+    let _min = StorageMinimum::set(8 * MIB_SECTORS)?;
+    let c = disk("blksnap-c")?;
+    let t = Tracked::new(&c)?;
+    let size = dev::size_sectors(&c)?;
+    write_pattern(&c, 0, size, 51)?;
+    // 8 MiB of storage; the event comes when less than 4 MiB are left.
+    let snap = devices_snap(&[(0, 8 * MIB_SECTORS)])?;
+    snap.add(&t.0)?;
+    snap.take()?;
+    let image = t.image()?;
+    let id = snap.id;
+    let d = disk("blksnap-d")?;
+    let watcher = std::thread::spawn(move || -> Result<Vec<Event>, String> {
+        let ctl = Control::open().map_err(e)?;
+        let mut seen = Vec::new();
+        loop {
+            match ctl.snapshot_wait_event(&id, 20_000) {
+                Ok(ev @ Event::LowFreeSpace { .. }) => {
+                    ctl.snapshot_append_storage(
+                        &id,
+                        &d,
+                        &[SectorRange {
+                            offset: 8 * MIB_SECTORS,
+                            count: 56 * MIB_SECTORS,
+                        }],
+                    )
+                    .map_err(e)?;
+                    seen.push(ev);
+                    return Ok(seen);
+                }
+                Ok(ev) => seen.push(ev),
+                Err(err) => return Err(format!("watcher: {err} after {seen:?}")),
+            }
+        }
+    });
+    // Chunk by chunk, 24 MiB: three times the first storage.
+    let mut written = 0;
+    while written < 24 * MIB_SECTORS {
+        write_pattern(&c, written, 512, 52)?;
+        written += 512;
+    }
+    let seen = watcher
+        .join()
+        .map_err(|_| "watcher panicked".to_string())??;
+    check_eq!(
+        t.0.snapshot_info().map_err(e)?.error_code,
+        0,
+        "snapshot error after the append"
+    );
+    let rest = events(&snap.ctl, &snap, 500);
+    if rest
+        .iter()
+        .any(|ev| matches!(ev, Event::Corrupted { .. } | Event::NoSpace { .. }))
+    {
+        fail!("events after the append: {rest:?}");
+    }
+    println!("    watcher saw {seen:?} and appended 56 MiB");
+    check_device(&image, |_| 51)?;
+    check_device(&c, |s| if s < 24 * MIB_SECTORS { 52 } else { 51 })?;
+    snap.destroy()
+}
+
+fn overflow_concurrent() -> TestResult {
+    let c = disk("blksnap-c")?;
+    let t = Tracked::new(&c)?;
+    let ctl = Control::open().map_err(e)?;
+    let id = ctl.snapshot_create_memory(2 * MIB_SECTORS).map_err(e)?;
+    let snap = Snap {
+        id,
+        ctl: Control::open().map_err(e)?,
+    };
+    snap.add(&t.0)?;
+    snap.take()?;
+    let image = t.image()?;
+    // fio writes and verifies 16 MiB while the storage overflows.
+    let fio = std::process::Command::new("fio")
+        .args([
+            "--name=overflow",
+            &format!("--filename={}", c.display()),
+            "--rw=randwrite",
+            "--bs=16k",
+            "--direct=1",
+            "--size=16M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--output-format=terse",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("fio: {e}"))?;
+    let start = std::time::Instant::now();
+    let mut got = None;
+    while start.elapsed() < Duration::from_secs(60) {
+        match ctl.snapshot_wait_event(&snap.id, 60_000) {
+            Ok(ev @ Event::Corrupted { .. }) => {
+                got = Some((ev, start.elapsed()));
+                break;
+            }
+            Ok(_) => {}
+            Err(err) => fail!("waiting for the corrupted event: {err}"),
+        }
+    }
+    let Some((ev, after)) = got else {
+        fail!("no corrupted event within 60 s");
+    };
+    println!("    {ev:?} after {} ms", after.as_millis());
+    let out = fio.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        fail!("fio found the origin's data wrong");
+    }
+    match dev::read_direct(&image, 0, 8) {
+        Err(err) if err.contains("Input/output error") => {}
+        other => fail!("reading the overflowed image: {other:?}, want EIO"),
+    }
+    snap.destroy()
+}
+
+/// Makes every I/O to `dev` fail while it lives (`fail_make_request`).
+struct FailRequests(String);
+
+impl FailRequests {
+    fn on(dev: &Path) -> Result<Self, String> {
+        let dbg = Path::new("/sys/kernel/debug/fail_make_request");
+        for (f, v) in [
+            ("probability", "100"),
+            ("interval", "1"),
+            ("times", "-1"),
+            ("verbose", "0"),
+        ] {
+            std::fs::write(dbg.join(f), v).map_err(|e| format!("{f}: {e}"))?;
+        }
+        let name = dev.file_name().unwrap().to_string_lossy().to_string();
+        std::fs::write(format!("/sys/block/{name}/make-it-fail"), "1")
+            .map_err(|e| e.to_string())?;
+        Ok(Self(name))
+    }
+}
+
+impl Drop for FailRequests {
+    fn drop(&mut self) {
+        let _ = std::fs::write(format!("/sys/block/{}/make-it-fail", self.0), "0");
+    }
+}
+
+fn store_io_error() -> TestResult {
+    let (c, d) = (disk("blksnap-c")?, disk("blksnap-d")?);
+    let t = Tracked::new(&c)?;
+    let size = dev::size_sectors(&c)?;
+    write_pattern(&c, 0, size, 61)?;
+    let snap = Snap::create(&d, 0)?;
+    snap.add(&t.0)?;
+    snap.take()?;
+    let image = t.image()?;
+    {
+        let _fail = FailRequests::on(&d)?;
+        write_pattern(&c, 0, 4 * MIB_SECTORS, 62)?;
+    }
+    let err = t.0.snapshot_info().map_err(e)?.error_code;
+    check_eq!(
+        err,
+        -(Errno::EIO as i32),
+        "snapshot error after storage I/O errors"
+    );
+    let evs = events(&snap.ctl, &snap, 1000);
+    if !evs
+        .iter()
+        .any(|ev| matches!(ev, Event::Corrupted { errno, .. } if *errno == -(Errno::EIO as i32)))
+    {
+        fail!("no corrupted event with EIO: {evs:?}");
+    }
+    if dev::read_direct(&image, 0, 8).is_ok() {
+        fail!("the image of a corrupted snapshot was readable");
+    }
+    check_device(&c, |s| if s < 4 * MIB_SECTORS { 62 } else { 61 })?;
+    snap.destroy()
+}
+
+fn image_writes() -> TestResult {
+    let c = disk("blksnap-c")?;
+    let t = Tracked::new(&c)?;
+    let size = dev::size_sectors(&c)?;
+    write_pattern(&c, 0, size, 71)?;
+    let snap = Snap::create(&dev::scratch(), 64 * MIB_SECTORS)?;
+    snap.add(&t.0)?;
+    snap.take()?;
+    let image = t.image()?;
+    check_eq!(dev::sysfs_attr(&image, "ro")?, "0", "image writable");
+    let chunk = 256 * 1024u64;
+    // Buffered writes at 1 KiB offsets: across the first chunk border, into
+    // a chunk that the origin wrote to, and at the very end.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .map_err(|e| e.to_string())?;
+    write_pattern(&c, 2 * chunk / SECTOR, 16, 72)?;
+    let writes: &[(u64, usize, u8)] = &[
+        (chunk - 1024, 3072, 0xa1),
+        (2 * chunk + 5 * 1024, 1024, 0xa2),
+        (size * SECTOR - 2048, 2048, 0xa3),
+    ];
+    for &(off, len, fill) in writes {
+        f.write_all_at(&vec![fill; len], off)
+            .map_err(|e| format!("write image at {off}: {e}"))?;
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    drop(f);
+    // Dropping the page cache makes the reads below come from the store.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(|e| e.to_string())?;
+    let f = std::fs::File::open(&image).map_err(|e| e.to_string())?;
+    let mut expect = vec![0u8; (size * SECTOR) as usize];
+    pattern(&mut expect, 0, 71);
+    for &(off, len, fill) in writes {
+        expect[off as usize..off as usize + len].fill(fill);
+    }
+    let mut got = vec![0u8; expect.len()];
+    f.read_exact_at(&mut got, 0).map_err(|e| e.to_string())?;
+    if let Some(i) = got.iter().zip(&expect).position(|(a, b)| a != b) {
+        fail!("image byte {i} is {:#x}, want {:#x}", got[i], expect[i]);
+    }
+    // The origin has none of it.
+    check_device(&c, |s| {
+        if (2 * chunk / SECTOR..2 * chunk / SECTOR + 16).contains(&s) {
+            72
+        } else {
+            71
+        }
+    })?;
+    // The CBT marks the image-written blocks changed.
+    let bs = u64::from(t.0.cbt_info().map_err(e)?.block_size);
+    let map = t.0.read_cbt_map(MapKind::Active).map_err(e)?;
+    for &(off, len, _) in writes {
+        for b in off / bs..=(off + len as u64 - 1) / bs {
+            if map[b as usize] == 0 {
+                fail!("block {b}, written through the image, is not marked");
+            }
+        }
+    }
+    snap.destroy()
+}
+
+fn image_journal_replay() -> TestResult {
+    for (fs, mkfs, fsck) in [
+        (
+            "ext4",
+            &["mkfs.ext4", "-q", "-F"][..],
+            &["fsck.ext4", "-n", "-f"][..],
+        ),
+        (
+            "xfs",
+            &["mkfs.xfs", "-q", "-f"][..],
+            &["xfs_repair", "-n"][..],
+        ),
+    ] {
+        if dev::run("which", &[mkfs[0]]).is_err() {
+            println!("    no {}", mkfs[0]);
+            continue;
+        }
+        let e_disk = disk("blksnap-e")?;
+        let dev_path = e_disk.to_str().unwrap().to_string();
+        dev::run(mkfs[0], &[&mkfs[1..], &[dev_path.as_str()]].concat())?;
+        let mnt = dev::scratch().join(format!("jr-{fs}"));
+        let img_mnt = dev::scratch().join(format!("jr-img-{fs}"));
+        std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&img_mnt).map_err(|e| e.to_string())?;
+        dev::run("mount", &[&dev_path, mnt.to_str().unwrap()])?;
+        let r = (|| {
+            let t = Tracked::new(&e_disk)?;
+            dev::run(
+                "dd",
+                &[
+                    "if=/dev/urandom",
+                    &format!("of={}", mnt.join("data").display()),
+                    "bs=1M",
+                    "count=4",
+                    "status=none",
+                ],
+            )?;
+            dev::run("sync", &[])?;
+            let sum = sha256(&mnt.join("data"))?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let churn = {
+                let (stop, mnt) = (stop.clone(), mnt.clone());
+                std::thread::spawn(move || {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = std::fs::write(
+                            mnt.join(format!("f{}", i % 64)),
+                            i.to_le_bytes().repeat(512),
+                        );
+                        i += 1;
+                    }
+                })
+            };
+            std::thread::sleep(Duration::from_millis(500));
+            let snap = Snap::create(&dev::scratch(), 200 * MIB_SECTORS)?;
+            snap.add(&t.0)?;
+            snap.take()?;
+            stop.store(true, Ordering::Relaxed);
+            churn.join().map_err(|_| "churn panicked".to_string())?;
+            let image = t.image()?;
+            let img = image.to_str().unwrap().to_string();
+            // A read-write mount replays the journal into the store.
+            let opts = if fs == "xfs" { "nouuid" } else { "rw" };
+            dev::run("mount", &["-o", opts, &img, img_mnt.to_str().unwrap()])?;
+            let r = sha256(&img_mnt.join("data"));
+            std::fs::write(img_mnt.join("written-on-image"), b"x").map_err(|e| e.to_string())?;
+            dev::run("umount", &[img_mnt.to_str().unwrap()])?;
+            check_eq!(r?, sum, "{fs}: checksum in the image");
+            dev::run(fsck[0], &[&fsck[1..], &[img.as_str()]].concat())
+                .map_err(|err| format!("{fs}: fsck of the image after the replay: {err}"))?;
+            if mnt.join("written-on-image").exists() {
+                fail!("{fs}: a file written on the image appeared on the origin");
+            }
+            snap.destroy()
+        })();
+        dev::run("umount", &[mnt.to_str().unwrap()])?;
+        r?;
+        println!("    {fs}: image mounted read-write, replayed, fsck clean");
+    }
+    Ok(())
+}
+
+fn bad_input() -> TestResult {
+    let (c, d) = (disk("blksnap-c")?, disk("blksnap-d")?);
+    let ctl = Control::open().map_err(e)?;
+    let r = |offset, count| SectorRange { offset, count };
+    let dsize = dev::size_sectors(&d)?;
+    let snap = Snap {
+        id: ctl.snapshot_create_devices().map_err(e)?,
+        ctl: Control::open().map_err(e)?,
+    };
+    let append = |ranges: &[SectorRange]| {
+        ctl.snapshot_append_storage(&snap.id, &d, ranges)
+            .map_err(|e| e.errno)
+    };
+    check_eq!(
+        append(&[r(0, 100), r(50, 100)]),
+        Err(Errno::EINVAL),
+        "overlapping ranges"
+    );
+    check_eq!(
+        append(&[r(dsize - 10, 20)]),
+        Err(Errno::EINVAL),
+        "a range past the end"
+    );
+    check_eq!(
+        append(&[r(u64::MAX, 2)]),
+        Err(Errno::EINVAL),
+        "a range that overflows"
+    );
+    check_eq!(append(&[r(8, 0)]), Err(Errno::EINVAL), "an empty range");
+    check_eq!(append(&[r(0, 1024)]), Ok(()), "a good range");
+    check_eq!(
+        append(&[r(512, 1024)]),
+        Err(Errno::EINVAL),
+        "a range overlapping an earlier one"
+    );
+    let unknown = blksnap::SnapshotId([0x33; 16]);
+    check_eq!(
+        ctl.snapshot_append_storage(&unknown, &d, &[r(4096, 8)])
+            .map_err(|e| e.errno),
+        Err(Errno::ESRCH),
+        "append to an unknown snapshot"
+    );
+    // The store on a device of the snapshot.
+    let t = Tracked::new(&c)?;
+    snap.add(&t.0)?;
+    check_eq!(
+        ctl.snapshot_append_storage(&snap.id, &c, &[r(0, 8)])
+            .map_err(|e| e.errno),
+        Err(Errno::EINVAL),
+        "storage on the snapshotted device"
+    );
+    // Raw requests: huge counts and bad addresses.
+    let path = std::ffi::CString::new(d.to_str().unwrap()).unwrap();
+    let ranges = [blk_snap_logic::uapi::BlksnapSectors {
+        offset: 8192,
+        count: 8,
+    }];
+    let raw = |count: u32, path_ptr: u64, ranges_ptr: u64| {
+        let arg = blk_snap_logic::uapi::BlksnapSnapshotAppendStorage {
+            id: blk_snap_logic::uapi::BlksnapUuid { b: snap.id.0 },
+            bdev_path: path_ptr,
+            count,
+            reserved: 0,
+            ranges: ranges_ptr,
+        };
+        // SAFETY: bad addresses on purpose; the kernel must check them.
+        unsafe { blksnap::raw::blksnap_append_storage(ctl.as_raw_fd(), &arg) }.map(|_| ())
+    };
+    check_eq!(
+        raw(1 << 30, path.as_ptr() as u64, ranges.as_ptr() as u64),
+        Err(Errno::E2BIG),
+        "a huge count"
+    );
+    check_eq!(
+        raw(0, path.as_ptr() as u64, ranges.as_ptr() as u64),
+        Err(Errno::EINVAL),
+        "a count of 0"
+    );
+    check_eq!(
+        raw(1, 16, ranges.as_ptr() as u64),
+        Err(Errno::EFAULT),
+        "a bad path address"
+    );
+    check_eq!(
+        raw(1, path.as_ptr() as u64, 16),
+        Err(Errno::EFAULT),
+        "a bad ranges address"
+    );
+    // Storage kinds.
+    let file_snap = Snap::create(&dev::scratch(), 64 * MIB_SECTORS)?;
+    check_eq!(
+        ctl.snapshot_append_storage(&file_snap.id, &d, &[r(8192, 8)])
+            .map_err(|e| e.errno),
+        Err(Errno::EINVAL),
+        "append to a file storage"
+    );
+    file_snap.destroy()?;
+    check_eq!(
+        ctl.snapshot_create_memory(0).map_err(|e| e.errno),
+        Err(Errno::EINVAL),
+        "memory without a limit"
+    );
+    let mut arg = blk_snap_logic::uapi::BlksnapSnapshotCreateStorage {
+        kind: 99,
+        ..Default::default()
+    };
+    // SAFETY: valid argument.
+    let res = unsafe { blksnap::raw::blksnap_create_storage(ctl.as_raw_fd(), &mut arg) };
+    check_eq!(res, Err(Errno::EINVAL), "an unknown storage kind");
+    // Events: a timeout, and a waiter woken by destroy.
+    check_eq!(
+        ctl.snapshot_wait_event(&snap.id, 100).map_err(|e| e.errno),
+        Err(Errno::ETIMEDOUT),
+        "waiting with no event"
+    );
+    let id = snap.id;
+    let waiter = std::thread::spawn(move || {
+        Control::open()
+            .map_err(e)
+            .map(|c| c.snapshot_wait_event(&id, 30_000).map_err(|e| e.errno))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    snap.destroy()?;
+    let woke = waiter.join().map_err(|_| "waiter panicked".to_string())??;
+    check_eq!(
+        woke,
+        Err(Errno::ESRCH),
+        "a waiter when its snapshot is destroyed"
+    );
+    // The image buffer is used: a raw event wait on an unknown snapshot.
+    let mut buf = AlignedBuf::new(4096, 0);
+    buf.as_mut_slice()[..16].copy_from_slice(&[0x44; 16]);
+    // SAFETY: a page-sized buffer; the kernel fills what it writes.
+    let r = unsafe {
+        nix::libc::ioctl(
+            ctl.as_raw_fd(),
+            blk_snap_logic::uapi::IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT as _,
+            buf.as_mut_slice().as_mut_ptr(),
+        )
+    };
+    check_eq!(
+        (r, Errno::last()),
+        (-1, Errno::ESRCH),
+        "waiting on an unknown snapshot"
+    );
+    Ok(())
+}

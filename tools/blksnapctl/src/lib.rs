@@ -8,6 +8,8 @@
 //!
 //! Every error carries the errno and what was attempted.
 
+pub mod backup;
+
 use blk_snap_logic::uapi::{self, ctl};
 use nix::errno::Errno;
 use std::fmt;

@@ -2,17 +2,31 @@
 
 //! blksnapctl: drive the blksnap kernel module from the command line.
 
+use blksnap::backup::{self, Kind, Progress};
 use blksnap::{changed_ranges, Control, MapKind, SectorRange, SnapshotId, Tracker};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Exit codes.
+mod exit {
+    /// The operation failed.
+    pub const FAILED: u8 = 1;
+    /// A verification found a mismatch.
+    pub const MISMATCH: u8 = 3;
+    /// Interrupted by a signal; nothing looks complete that is not.
+    pub const INTERRUPTED: u8 = 130;
+}
 
 #[derive(Parser)]
 #[command(
     name = "blksnapctl",
     version,
     about = "Change block tracking and snapshots of block devices (blksnap)",
-    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl cbt mark /dev/vdb 0:8 2048:16\n  blksnapctl detach /dev/vdb"
+    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl verify /backup/vdb.img --manifest /backup/vdb.manifest.json\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of text.
@@ -39,6 +53,61 @@ enum Command {
     /// Difference storage.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Back up devices: a full image, or the blocks changed since.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Check a backup image against its manifest's checksum.
+    Verify {
+        image: PathBuf,
+        #[arg(long)]
+        manifest: PathBuf,
+    },
+    /// Generate the man pages or shell completions.
+    #[command(subcommand, hide = true)]
+    Generate(GenerateCommand),
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// The devices, captured by one snapshot.
+    #[arg(required = true)]
+    devices: Vec<PathBuf>,
+    /// Difference storage for the snapshot: a directory, file or device.
+    #[arg(long)]
+    store: PathBuf,
+    /// Largest size of the difference storage, like 4G.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    limit: u64,
+    /// Directory of the backup images and manifests.
+    #[arg(long)]
+    to: PathBuf,
+    /// Keep the snapshot after the backup (its id is printed), to inspect
+    /// or compare its images; destroy it with `snapshot destroy`.
+    #[arg(long)]
+    keep_snapshot: bool,
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Copy each whole device into DIR/<name>.img (sparse) with a manifest.
+    Full(BackupArgs),
+    /// Copy the blocks changed since the last backup into the images.
+    Incremental {
+        #[command(flatten)]
+        args: BackupArgs,
+        /// Keep the base image and write the changes since it to
+        /// DIR/<name>.diff.img instead.
+        #[arg(long)]
+        differential: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GenerateCommand {
+    /// Write the man pages into DIR.
+    Man { dir: PathBuf },
+    /// Print a completion script for SHELL.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand)]
@@ -230,6 +299,7 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
         Command::Store(StoreCommand::Append { id, device, ranges }) => {
             Control::open()?.snapshot_append_storage(&id, &device, &ranges)?
         }
+        Command::Backup(_) | Command::Verify { .. } | Command::Generate(_) => unreachable!(),
     }
     Ok(())
 }
@@ -308,12 +378,138 @@ fn snapshot(cmd: SnapshotCommand, json: bool) -> Result<(), blksnap::Error> {
     Ok(())
 }
 
+/// A progress bar on a terminal.
+struct Bar(indicatif::ProgressBar);
+
+impl Progress for Bar {
+    fn update(&self, done: u64, total: u64) {
+        self.0.set_length(total);
+        self.0.set_position(done);
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
+    let (args, kind) = match cmd {
+        BackupCommand::Full(args) => (args, Kind::Full),
+        BackupCommand::Incremental { args, differential } => (
+            args,
+            if differential {
+                Kind::Differential
+            } else {
+                Kind::Incremental
+            },
+        ),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed));
+    }
+    let quiet = backup::Quiet;
+    let bar;
+    let progress: &dyn Progress = if std::io::stderr().is_terminal() && !json {
+        bar = Bar(indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .unwrap(),
+        ));
+        &bar
+    } else {
+        &quiet
+    };
+    let log = |m: &str| eprintln!("blksnapctl: {m}");
+    let result = backup::run(&backup::Options {
+        devices: &args.devices,
+        store: &args.store,
+        limit_sectors: args.limit >> 9,
+        dir: &args.to,
+        kind,
+        stop: &stop,
+        progress,
+        log: &log,
+        keep_snapshot: args.keep_snapshot,
+    });
+    match result {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap());
+            } else {
+                if let Some(id) = &report.snapshot {
+                    println!("snapshot {id} kept");
+                }
+                for o in report.devices {
+                    println!(
+                        "{}: {:?} backup, device {}, read {}, wrote {} ({:.1}% of the device) -> {}",
+                        o.device,
+                        o.kind,
+                        mib(o.size),
+                        mib(o.copied.read),
+                        mib(o.copied.written),
+                        100.0 * o.copied.read as f64 / o.size.max(1) as f64,
+                        o.manifest.display()
+                    );
+                }
+            }
+            Ok(())
+        }
+        Err(e) if stop.load(Ordering::Relaxed) => Err((
+            exit::INTERRUPTED,
+            format!(
+                "interrupted ({e}); the snapshot is destroyed and the backup is marked in-progress"
+            ),
+        )),
+        Err(e) => Err((exit::FAILED, e)),
+    }
+}
+
+fn generate(cmd: GenerateCommand) -> Result<(), (u8, String)> {
+    match cmd {
+        GenerateCommand::Man { dir } => {
+            std::fs::create_dir_all(&dir).map_err(|e| (exit::FAILED, e.to_string()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .map_err(|e| (exit::FAILED, e.to_string()))?;
+        }
+        GenerateCommand::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "blksnapctl",
+                &mut std::io::stdout(),
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let json = cli.json;
+    let r = match cli.command {
+        Command::Backup(cmd) => backup_cmd(cmd, json),
+        Command::Verify { image, manifest } => match backup::verify(&image, &manifest) {
+            Ok(sum) => {
+                if json {
+                    println!("{}", serde_json::json!({ "ok": true, "sha256": sum }));
+                } else {
+                    println!("{}: OK (sha256 {sum})", image.display());
+                }
+                Ok(())
+            }
+            Err(e) => Err((exit::MISMATCH, e)),
+        },
+        Command::Generate(cmd) => generate(cmd),
+        command => run(Cli { json, command }).map_err(|e| (exit::FAILED, e.to_string())),
+    };
+    match r {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err((code, e)) => {
             eprintln!("blksnapctl: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }

@@ -7,6 +7,7 @@
 //! Output: one `ok NAME` or `FAIL NAME: reason` line per test, then
 //! `N passed, N failed`. The exit status is non-zero if any test failed.
 
+mod backup;
 mod dev;
 mod snap;
 mod store;
@@ -64,7 +65,12 @@ fn main() {
     let filter: Vec<String> = std::env::args().skip(1).collect();
     let mut passed = 0;
     let mut failed = 0;
-    for (name, test) in tests::ALL.iter().chain(snap::ALL).chain(store::ALL) {
+    for (name, test) in tests::ALL
+        .iter()
+        .chain(snap::ALL)
+        .chain(store::ALL)
+        .chain(backup::ALL)
+    {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }

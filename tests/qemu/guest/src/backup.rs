@@ -1,0 +1,407 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Full and incremental backups with the blksnap library and blksnapctl.
+
+use crate::dev::{self, SECTOR};
+use crate::snap::{disk, e, sha256, Tracked};
+use crate::{check_eq, fail, TestResult};
+use blksnap::backup::{self, Kind, Manifest, Status};
+use blksnap::{Control, MapKind, SnapshotId, Tracker};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+type Test = (&'static str, fn() -> TestResult);
+
+/// The backup tests, in the order they run.
+pub const ALL: &[Test] = &[
+    (
+        "backup_full_then_incrementals_under_live_ext4",
+        full_then_incrementals,
+    ),
+    ("backup_differential_keeps_the_base", differential),
+    ("backup_generation_reset_forces_full", generation_reset),
+    ("backup_bad_input", bad_input),
+];
+
+fn opts<'a>(
+    devices: &'a [PathBuf],
+    dir: &'a Path,
+    kind: Kind,
+    stop: &'a AtomicBool,
+    keep: bool,
+) -> backup::Options<'a> {
+    static QUIET: backup::Quiet = backup::Quiet;
+    backup::Options {
+        devices,
+        store: Box::leak(Box::new(dev::scratch())),
+        limit_sectors: 300 << 11,
+        dir,
+        kind,
+        stop,
+        progress: &QUIET,
+        log: &|m| println!("    log: {m}"),
+        keep_snapshot: keep,
+    }
+}
+
+/// Compares the backup image with the snapshot image byte for byte.
+fn same(backup: &Path, image: &Path, size: u64) -> TestResult {
+    let (a, b) = (sha256(backup)?, sha256(image)?);
+    if a != b {
+        fail!(
+            "backup {} ({a}) differs from snapshot image {} ({b})",
+            backup.display(),
+            image.display()
+        );
+    }
+    check_eq!(
+        std::fs::metadata(backup).map_err(|e| e.to_string())?.len(),
+        size,
+        "backup size"
+    );
+    Ok(())
+}
+
+fn destroy(id: &Option<String>) -> TestResult {
+    if let Some(id) = id {
+        let id: SnapshotId = id.parse()?;
+        Control::open()
+            .map_err(e)?
+            .snapshot_destroy(&id)
+            .map_err(e)?;
+    }
+    Ok(())
+}
+
+fn full_then_incrementals() -> TestResult {
+    let edisk = disk("blksnap-d")?;
+    let dev = edisk.to_str().unwrap().to_string();
+    dev::run("mkfs.ext4", &["-q", "-F", &dev])?;
+    let mnt = dev::scratch().join("bk-mnt");
+    let dir = dev::scratch().join("bk-out");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
+    dev::run("mount", &[&dev, mnt.to_str().unwrap()])?;
+    let r = (|| {
+        let tracked = Tracked::new(&edisk)?;
+        // A live writer: files rewritten in place, new files, all the time.
+        let stop_writer = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (stop, written, mnt) = (stop_writer.clone(), written.clone(), mnt.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let data = vec![(i % 251) as u8; 64 * 1024];
+                    if std::fs::write(mnt.join(format!("w{}", i % 32)), &data).is_ok() {
+                        written.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let devices = vec![edisk.clone()];
+        let stop = AtomicBool::new(false);
+        let size = dev::size_sectors(&edisk)? * SECTOR;
+        let mut prev_number = 0;
+        for round in 0..4 {
+            let kind = if round == 0 {
+                Kind::Full
+            } else {
+                Kind::Incremental
+            };
+            let before = written.load(Ordering::Relaxed);
+            let report = backup::run(&opts(&devices, &dir, kind, &stop, true))?;
+            let o = &report.devices[0];
+            check_eq!(o.kind, kind, "backup kind of round {round}");
+            let m = Manifest::load(&o.manifest)?;
+            check_eq!(m.status, Status::Complete, "manifest status");
+            let img = dir.join(&m.image);
+            let r = same(&img, &o.image, size);
+            // The bytes read are at most the changed CBT blocks' size.
+            let info = tracked.0.cbt_info().map_err(e)?;
+            let map = tracked.0.read_cbt_map(MapKind::Snapshot).map_err(e)?;
+            let changed = map.iter().filter(|&&n| n > prev_number).count() as u64
+                * u64::from(info.block_size);
+            destroy(&report.snapshot)?;
+            r?;
+            check_eq!(
+                m.snapshot_number,
+                info.changes_number,
+                "manifest snapshot number"
+            );
+            if kind == Kind::Incremental {
+                if o.copied.read > changed.min(size) {
+                    fail!(
+                        "incremental read {} bytes, more than the {} of changed blocks",
+                        o.copied.read,
+                        changed
+                    );
+                }
+                if o.copied.read == 0 {
+                    fail!("incremental copied nothing under a live writer");
+                }
+            }
+            backup::verify(&img, &o.manifest)?;
+            println!(
+                "    round {round}: {:?}, device {} MiB, files written since the last backup {} KiB, changed blocks {} KiB, read {} KiB, wrote {} KiB",
+                kind,
+                size >> 20,
+                (written.load(Ordering::Relaxed) - before) >> 10,
+                changed >> 10,
+                o.copied.read >> 10,
+                o.copied.written >> 10
+            );
+            prev_number = info.changes_number;
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        stop_writer.store(true, Ordering::Relaxed);
+        writer.join().map_err(|_| "writer panicked".to_string())?;
+        Ok(())
+    })();
+    dev::run("umount", &[mnt.to_str().unwrap()])?;
+    r
+}
+
+fn differential() -> TestResult {
+    let c = disk("blksnap-c")?;
+    let _t = Tracked::new(&c)?;
+    let dir = dev::scratch().join("diff-out");
+    let _ = std::fs::remove_dir_all(&dir);
+    let devices = vec![c.clone()];
+    let stop = AtomicBool::new(false);
+    dev::write_direct(&c, 0, 2048, 1)?;
+    let full = backup::run(&opts(&devices, &dir, Kind::Full, &stop, false))?;
+    let base_manifest = full.devices[0].manifest.clone();
+    let base_sum = sha256(&dir.join(Manifest::load(&base_manifest)?.image))?;
+    dev::write_direct(&c, 4096, 8, 2)?;
+    let d1 = backup::run(&opts(&devices, &dir, Kind::Differential, &stop, false))?;
+    dev::write_direct(&c, 8192, 8, 3)?;
+    let d2 = backup::run(&opts(&devices, &dir, Kind::Differential, &stop, true))?;
+    let r = (|| {
+        // The base is untouched; the second differential has both changes.
+        check_eq!(
+            sha256(&dir.join(Manifest::load(&base_manifest)?.image))?,
+            base_sum,
+            "base image"
+        );
+        let m = Manifest::load(&d2.devices[0].manifest)?;
+        check_eq!(m.kind, Kind::Differential, "kind");
+        let size = dev::size_sectors(&c)? * SECTOR;
+        // Base + differential = the snapshot image.
+        let mut img = std::fs::read(dir.join(Manifest::load(&base_manifest)?.image))
+            .map_err(|e| e.to_string())?;
+        let diff = std::fs::read(dir.join(&m.image)).map_err(|e| e.to_string())?;
+        for &(s, l) in &m.ranges {
+            img[s as usize..(s + l) as usize].copy_from_slice(&diff[s as usize..(s + l) as usize]);
+        }
+        let snap = std::fs::read(&d2.devices[0].image).map_err(|e| e.to_string())?;
+        check_eq!(img.len() as u64, size, "restored size");
+        if img != snap {
+            fail!("base + differential differs from the snapshot image");
+        }
+        let changed: u64 = m.ranges.iter().map(|r| r.1).sum();
+        if d1.devices[0].copied.read > changed {
+            fail!("the first differential read more than the second");
+        }
+        Ok(())
+    })();
+    destroy(&d2.snapshot)?;
+    r
+}
+
+fn generation_reset() -> TestResult {
+    let c = disk("blksnap-c")?;
+    let dir = dev::scratch().join("gen-out");
+    let _ = std::fs::remove_dir_all(&dir);
+    let devices = vec![c.clone()];
+    let stop = AtomicBool::new(false);
+    {
+        let _t = Tracked::new(&c)?;
+        backup::run(&opts(&devices, &dir, Kind::Full, &stop, false))?;
+        let r = backup::run(&opts(&devices, &dir, Kind::Incremental, &stop, false))?;
+        check_eq!(r.devices[0].kind, Kind::Incremental, "second backup");
+    }
+    // Detaching dropped the CBT; a new generation starts at attach.
+    let _t = Tracked::new(&c)?;
+    let r = backup::run(&opts(&devices, &dir, Kind::Incremental, &stop, false))?;
+    check_eq!(
+        r.devices[0].kind,
+        Kind::Full,
+        "incremental after a generation reset"
+    );
+    check_eq!(
+        r.devices[0].copied.read,
+        dev::size_sectors(&c)? * SECTOR,
+        "bytes read by the fallback"
+    );
+    Ok(())
+}
+
+/// Runs blksnapctl; returns the exit code and stderr.
+fn ctl(args: &[&str]) -> (i32, String) {
+    match std::process::Command::new("blksnapctl").args(args).output() {
+        Ok(o) => (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        ),
+        Err(e) => (-1, e.to_string()),
+    }
+}
+
+/// The error is one line, the last one; before it only notes of what was done.
+fn one_line(what: &str, (code, err): (i32, String), want_code: i32, want: &str) -> TestResult {
+    let lines: Vec<&str> = err.lines().collect();
+    let notes_ok = lines
+        .iter()
+        .rev()
+        .skip(1)
+        .all(|l| l.ends_with(": change tracking started"));
+    let last_ok = lines
+        .last()
+        .is_some_and(|l| l.starts_with("blksnapctl: ") && l.contains(want));
+    if code != want_code || !notes_ok || !last_ok {
+        fail!(
+            "{what}: exit {code}, stderr {err:?}; want exit {want_code} and one line with `{want}`"
+        );
+    }
+    Ok(())
+}
+
+fn bad_input() -> TestResult {
+    let scratch = dev::scratch();
+    let s = scratch.to_str().unwrap();
+    let out = scratch.join("bad-out");
+    let o = out.to_str().unwrap();
+    one_line(
+        "nonexistent device",
+        ctl(&["backup", "full", "/dev/nosuchdisk", "--store", s, "--to", o]),
+        1,
+        "/dev/nosuchdisk",
+    )?;
+    let c = disk("blksnap-c")?;
+    let cs = c.to_str().unwrap();
+    // Not attached: no CBT to read.
+    one_line(
+        "CBT of an untracked device",
+        ctl(&["cbt", "info", cs]),
+        1,
+        "No such file or directory",
+    )?;
+    one_line(
+        "incremental without a manifest",
+        ctl(&["backup", "incremental", cs, "--store", s, "--to", o]),
+        1,
+        "make a full backup first",
+    )?;
+    // A target too small: a 8 MiB file system for a 64 MiB random device.
+    dev::run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={cs}"),
+            "bs=1M",
+            "count=64",
+            "oflag=direct",
+            "status=none",
+        ],
+    )?;
+    let small = scratch.join("small");
+    std::fs::create_dir_all(&small).map_err(|e| e.to_string())?;
+    dev::run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=8M",
+            "none",
+            small.to_str().unwrap(),
+        ],
+    )?;
+    let r = (|| {
+        let (code, err) = ctl(&[
+            "backup",
+            "full",
+            cs,
+            "--store",
+            s,
+            "--to",
+            small.to_str().unwrap(),
+        ]);
+        one_line(
+            "a target too small",
+            (code, err),
+            1,
+            "No space left on device",
+        )?;
+        let (_, manifest, _) = backup::paths(&small, &c);
+        let m = Manifest::load(&manifest)?;
+        check_eq!(
+            m.status,
+            Status::InProgress,
+            "manifest of the failed backup"
+        );
+        if small.join("vdc.img").exists() || backup::paths(&small, &c).0.exists() {
+            fail!("a final image exists after a failed backup");
+        }
+        let (code, err) = ctl(&[
+            "verify",
+            backup::paths(&small, &c)
+                .0
+                .with_extension("img.partial")
+                .to_str()
+                .unwrap(),
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ]);
+        if code == 0 {
+            fail!("an incomplete backup verified: {err}");
+        }
+        Ok(())
+    })();
+    dev::run("umount", &[small.to_str().unwrap()])?;
+    r?;
+    // No snapshot is left behind by the failures.
+    check_eq!(
+        Control::open()
+            .map_err(e)?
+            .snapshot_collect()
+            .map_err(e)?
+            .len(),
+        0,
+        "snapshots left"
+    );
+    if Tracker::open(&c).map_err(e)?.detach().is_err() {
+        fail!("the device was not tracked after the backup attempt");
+    }
+    // Without root, a clear error.
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "blksnapctl",
+            "backup",
+            "full",
+            cs,
+            "--store",
+            s,
+            "--to",
+            o,
+        ])
+        .output()
+        .map_err(|e| e.to_string())?;
+    one_line(
+        "non-root",
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        ),
+        1,
+        "Permission denied",
+    )
+}

@@ -1,0 +1,611 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Full, incremental and differential backups of block devices.
+//!
+//! A backup of a device is an image file `DIR/<name>.img` (sparse: runs of
+//! zeroes are not written) and a manifest `DIR/<name>.manifest.json` with the
+//! device's identity and size, the CBT block size, generation and snapshot
+//! number the image corresponds to, and the SHA-256 of the image.
+//!
+//! - full: snapshot the devices, copy each whole image.
+//! - incremental: snapshot again and copy into the existing image only the
+//!   blocks whose change number is newer than the manifest's.
+//! - differential: like incremental, but the base image stays as it is and the
+//!   changes since the base go to `DIR/<name>.diff.img`.
+//!
+//! A manifest is written with status `in-progress` before an image is
+//! touched and `complete` after; an interrupted backup stays visibly
+//! incomplete, and the next incremental falls back to a full backup.
+
+use crate::{changed_ranges, Control, MapKind, SnapshotId, Tracker};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Size of one copy I/O.
+pub const IO_SIZE: usize = 4 << 20;
+
+/// What a backup is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// The whole device.
+    Full,
+    /// Changes since the previous backup, applied to the image.
+    Incremental,
+    /// Changes since the base full backup, in a separate file.
+    Differential,
+}
+
+/// Whether a backup finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Being written, or interrupted: the image cannot be trusted.
+    InProgress,
+    /// Finished.
+    Complete,
+}
+
+/// The manifest of one device's backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version of this file.
+    pub format: u32,
+    /// The device path given when the backup was made.
+    pub device: String,
+    /// `major:minor` of the device.
+    pub dev: String,
+    /// Device identity from sysfs (serial or WWID), if it has one.
+    pub identity: Option<String>,
+    /// Device size in bytes.
+    pub size: u64,
+    /// CBT block size in bytes.
+    pub block_size: u32,
+    /// CBT generation the numbers belong to.
+    pub generation: String,
+    /// Snapshot number of the last backup (full or incremental) in the image.
+    pub snapshot_number: u8,
+    /// Snapshot number of the full backup the image started from.
+    pub base_number: u8,
+    /// What the last backup was.
+    pub kind: Kind,
+    /// Whether it finished.
+    pub status: Status,
+    /// The image file, relative to the manifest.
+    pub image: String,
+    /// SHA-256 of the image, hex.
+    pub sha256: String,
+    /// Bytes read from the snapshot image by the last backup.
+    pub bytes_read: u64,
+    /// Bytes written to the image file by the last backup.
+    pub bytes_written: u64,
+    /// For a differential backup: the changed byte ranges in its file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// The current manifest format.
+pub const FORMAT: u32 = 1;
+
+impl Manifest {
+    /// Reads a manifest file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not a manifest: {e}", path.display()))?;
+        if m.format != FORMAT {
+            return Err(format!(
+                "{}: manifest format {} is not {FORMAT}",
+                path.display(),
+                m.format
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Writes the manifest atomically (temporary file, fsync, rename).
+    pub fn store(&self, path: &Path) -> Result<(), String> {
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+        let mut f = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.write_all(b"\n"))
+            .and_then(|_| f.sync_all())
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// A byte range of a device to copy.
+pub type Extent = (u64, u64);
+
+/// The byte ranges to copy for an incremental backup: the blocks of `map`
+/// whose number is greater than `since`, merged, clipped to `size`.
+pub fn plan(map: &[u8], since: u8, block_size: u32, size: u64) -> Vec<Extent> {
+    let bs = u64::from(block_size);
+    changed_ranges(map, since)
+        .into_iter()
+        .filter_map(|(s, e)| {
+            let start = u64::from(s) * bs;
+            let end = (u64::from(e) * bs).min(size);
+            (start < end).then_some((start, end - start))
+        })
+        .collect()
+}
+
+/// Total bytes of `extents`.
+pub fn total(extents: &[Extent]) -> u64 {
+    extents.iter().map(|e| e.1).sum()
+}
+
+/// Where a device's files go.
+pub fn paths(dir: &Path, device: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let name = device
+        .to_string_lossy()
+        .trim_start_matches("/dev/")
+        .replace('/', "_");
+    (
+        dir.join(format!("{name}.img")),
+        dir.join(format!("{name}.manifest.json")),
+        dir.join(format!("{name}.diff.img")),
+    )
+}
+
+/// Identity of a device from sysfs: its serial or WWID.
+pub fn identity(device: &Path) -> Option<String> {
+    let name = std::fs::canonicalize(device).ok()?;
+    let name = name.file_name()?.to_string_lossy().to_string();
+    let sys = Path::new("/sys/class/block").join(&name);
+    for attr in ["serial", "device/serial", "wwid", "device/wwid"] {
+        if let Ok(s) = std::fs::read_to_string(sys.join(attr)) {
+            if !s.trim().is_empty() {
+                return Some(s.trim().to_string());
+            }
+        }
+    }
+    None
+}
+
+/// `major:minor` of a device.
+pub fn dev_string(device: &Path) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(device).map_err(|e| format!("{}: {e}", device.display()))?;
+    let rdev = md.rdev();
+    Ok(format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    ))
+}
+
+/// Reports progress of a copy; the CLI shows a bar on a terminal.
+pub trait Progress {
+    /// `done` of `total` bytes are copied.
+    fn update(&self, done: u64, total: u64);
+}
+
+/// No progress reports.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn update(&self, _done: u64, _total: u64) {}
+}
+
+/// A page-aligned buffer for direct I/O.
+struct Buffer(Vec<u8>, usize);
+
+impl Buffer {
+    fn new(len: usize) -> Self {
+        let v = vec![0u8; len + 4096];
+        let off = v.as_ptr().align_offset(4096);
+        Self(v, off)
+    }
+
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        &mut self.0[self.1..self.1 + len]
+    }
+}
+
+/// Counts of one copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Copied {
+    /// Bytes read from the snapshot image.
+    pub read: u64,
+    /// Bytes written to the backup file (zero runs of a new file are skipped).
+    pub written: u64,
+}
+
+/// Copies `extents` of the snapshot image `src` into `dst` at the same
+/// offsets, with O_DIRECT reads of up to [`IO_SIZE`]. Runs of zeroes are not
+/// written when `sparse` (a new, empty file). Stops with an error when
+/// `stop` is set.
+pub fn copy_extents(
+    src: &Path,
+    dst: &File,
+    extents: &[Extent],
+    sparse: bool,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<Copied, String> {
+    let img = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(src)
+        .map_err(|e| format!("open {}: {e}", src.display()))?;
+    let mut buf = Buffer::new(IO_SIZE);
+    let mut c = Copied::default();
+    let all = total(extents);
+    for &(start, len) in extents {
+        let mut off = start;
+        while off < start + len {
+            if stop.load(Ordering::Relaxed) {
+                return Err("interrupted".into());
+            }
+            let n = (start + len - off).min(IO_SIZE as u64) as usize;
+            // Direct I/O wants whole sectors; the device size is one.
+            let data = buf.get(n);
+            img.read_exact_at(data, off)
+                .map_err(|e| format!("read {} at {off}: {e}", src.display()))?;
+            c.read += n as u64;
+            if sparse {
+                // Write only the 4 KiB blocks that are not all zero.
+                for (i, block) in data.chunks(4096).enumerate() {
+                    if block.iter().any(|&b| b != 0) {
+                        let at = off + (i * 4096) as u64;
+                        dst.write_all_at(block, at)
+                            .map_err(|e| format!("write at {at}: {e}"))?;
+                        c.written += block.len() as u64;
+                    }
+                }
+            } else {
+                dst.write_all_at(data, off)
+                    .map_err(|e| format!("write at {off}: {e}"))?;
+                c.written += n as u64;
+            }
+            off += n as u64;
+            progress.update(c.read, all);
+        }
+    }
+    Ok(c)
+}
+
+/// SHA-256 of a file's first `size` bytes (a sparse tail reads as zeroes).
+pub fn sha256_file(path: &Path, size: u64) -> Result<String, String> {
+    let mut f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; IO_SIZE];
+    let mut left = size;
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        let got = f
+            .read(&mut buf[..n])
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if got == 0 {
+            // Past the end of a short file: zeroes.
+            buf[..n].fill(0);
+            h.update(&buf[..n]);
+            left -= n as u64;
+            continue;
+        }
+        h.update(&buf[..got]);
+        left -= got as u64;
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Options of a backup run.
+pub struct Options<'a> {
+    /// The devices, backed up from one snapshot.
+    pub devices: &'a [PathBuf],
+    /// The difference storage for the snapshot.
+    pub store: &'a Path,
+    /// Its limit in sectors.
+    pub limit_sectors: u64,
+    /// Where the backups go.
+    pub dir: &'a Path,
+    /// What to make; an incremental or differential falls back to full
+    /// when it cannot be made.
+    pub kind: Kind,
+    /// Set to interrupt the backup.
+    pub stop: &'a AtomicBool,
+    /// Progress reports.
+    pub progress: &'a dyn Progress,
+    /// Messages for the user.
+    pub log: &'a dyn Fn(&str),
+    /// Leave the snapshot in place after a successful backup, to compare
+    /// its images with the backups; the caller destroys it.
+    pub keep_snapshot: bool,
+}
+
+/// The result of a backup run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The snapshot, if it was kept.
+    pub snapshot: Option<String>,
+    /// One outcome per device.
+    pub devices: Vec<Outcome>,
+}
+
+/// The result for one device.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    /// The device.
+    pub device: String,
+    /// What was made (a fallback shows here).
+    pub kind: Kind,
+    /// Device size in bytes.
+    pub size: u64,
+    /// The counts.
+    pub copied: Copied,
+    /// The manifest.
+    pub manifest: PathBuf,
+    /// The snapshot image the backup was read from.
+    pub image: PathBuf,
+}
+
+struct Device {
+    path: PathBuf,
+    tracker: Tracker,
+    previous: Option<Manifest>,
+    kind: Kind,
+}
+
+/// Destroys the snapshot when dropped.
+struct SnapshotGuard<'a>(&'a Control, SnapshotId);
+
+impl Drop for SnapshotGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.snapshot_destroy(&self.1);
+    }
+}
+
+/// Makes a backup of `opts.devices`.
+pub fn run(opts: &Options<'_>) -> Result<Report, String> {
+    std::fs::create_dir_all(opts.dir).map_err(|e| format!("{}: {e}", opts.dir.display()))?;
+    let ctl = Control::open().map_err(|e| e.to_string())?;
+    let mut devices = Vec::new();
+    for path in opts.devices {
+        let tracker = Tracker::open(path).map_err(|e| e.to_string())?;
+        let (_, manifest, _) = paths(opts.dir, path);
+        let mut kind = opts.kind;
+        let mut previous = None;
+        if kind != Kind::Full {
+            // Checked before anything changes on the device.
+            match Manifest::load(&manifest) {
+                Ok(m) => previous = Some(m),
+                Err(e) => {
+                    return Err(format!(
+                        "{}: no usable manifest for an incremental backup ({e}); make a full backup first",
+                        path.display()
+                    ))
+                }
+            }
+        }
+        if tracker.cbt_info().is_err() {
+            tracker.attach().map_err(|e| e.to_string())?;
+            (opts.log)(&format!("{}: change tracking started", path.display()));
+        }
+        if let Some(m) = &previous {
+            let info = tracker.cbt_info().map_err(|e| e.to_string())?;
+            let why = if m.status != Status::Complete {
+                Some("the previous backup did not complete".to_string())
+            } else if m.size != info.device_capacity {
+                Some(format!(
+                    "the device size changed from {} to {}",
+                    m.size, info.device_capacity
+                ))
+            } else if m.generation != info.generation {
+                Some(format!(
+                    "the change tracking generation changed ({} -> {}): tracking was restarted",
+                    m.generation, info.generation
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                (opts.log)(&format!(
+                    "{}: {why}; making a full backup instead",
+                    path.display()
+                ));
+                kind = Kind::Full;
+            }
+        }
+        devices.push(Device {
+            path: path.clone(),
+            tracker,
+            previous,
+            kind,
+        });
+    }
+
+    let id = ctl
+        .snapshot_create(opts.store, opts.limit_sectors)
+        .map_err(|e| e.to_string())?;
+    let guard = SnapshotGuard(&ctl, id);
+    for d in &devices {
+        d.tracker.snapshot_add(&id).map_err(|e| e.to_string())?;
+    }
+    ctl.snapshot_take(&id).map_err(|e| e.to_string())?;
+
+    let mut out = Vec::new();
+    for d in &devices {
+        out.push(backup_device(d, opts)?);
+    }
+    let snapshot = if opts.keep_snapshot {
+        std::mem::forget(guard);
+        Some(id.to_string())
+    } else {
+        None
+    };
+    Ok(Report {
+        snapshot,
+        devices: out,
+    })
+}
+
+fn backup_device(d: &Device, opts: &Options<'_>) -> Result<Outcome, String> {
+    let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
+    let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
+    if snap.error_code != 0 {
+        return Err(format!(
+            "{}: the snapshot failed with error {}",
+            d.path.display(),
+            snap.error_code
+        ));
+    }
+    let image = PathBuf::from(format!("/dev/{}", snap.image));
+    let (img_path, manifest_path, diff_path) = paths(opts.dir, &d.path);
+    let size = info.device_capacity;
+
+    let mut m = Manifest {
+        format: FORMAT,
+        device: d.path.display().to_string(),
+        dev: dev_string(&d.path)?,
+        identity: identity(&d.path),
+        size,
+        block_size: info.block_size,
+        generation: info.generation.clone(),
+        snapshot_number: info.changes_number,
+        base_number: info.changes_number,
+        kind: d.kind,
+        status: Status::InProgress,
+        image: img_path.file_name().unwrap().to_string_lossy().to_string(),
+        sha256: String::new(),
+        bytes_read: 0,
+        bytes_written: 0,
+        ranges: Vec::new(),
+    };
+    let copied = match d.kind {
+        Kind::Full => {
+            m.store(&manifest_path)?;
+            let tmp = img_path.with_extension("img.partial");
+            let f = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            f.set_len(size).map_err(|e| e.to_string())?;
+            let c = copy_extents(&image, &f, &[(0, size)], true, opts.stop, opts.progress)
+                .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            f.sync_all().map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &img_path).map_err(|e| e.to_string())?;
+            m.sha256 = sha256_file(&img_path, size)?;
+            c
+        }
+        Kind::Incremental | Kind::Differential => {
+            let prev = d.previous.as_ref().ok_or("no previous manifest")?;
+            let since = if d.kind == Kind::Incremental {
+                prev.snapshot_number
+            } else {
+                prev.base_number
+            };
+            let map = d
+                .tracker
+                .read_cbt_map(MapKind::Snapshot)
+                .map_err(|e| e.to_string())?;
+            let extents = plan(&map, since, info.block_size, size);
+            m.base_number = prev.base_number;
+            let img_len = std::fs::metadata(&img_path).map(|md| md.len()).unwrap_or(0);
+            if img_len != size {
+                return Err(format!(
+                    "{}: {} bytes, but the device has {}: make a full backup",
+                    img_path.display(),
+                    img_len,
+                    size
+                ));
+            }
+            if d.kind == Kind::Incremental {
+                let mut inprogress = prev.clone();
+                inprogress.status = Status::InProgress;
+                inprogress.store(&manifest_path)?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&img_path)
+                    .map_err(|e| format!("{}: {e}", img_path.display()))?;
+                let c = copy_extents(&image, &f, &extents, false, opts.stop, opts.progress)
+                    .map_err(|e| format!("{}: {e}", img_path.display()))?;
+                f.sync_all().map_err(|e| e.to_string())?;
+                m.sha256 = sha256_file(&img_path, size)?;
+                c
+            } else {
+                // The base stays untouched; the changes go to a new file.
+                let base = prev.clone();
+                m.image = diff_path.file_name().unwrap().to_string_lossy().to_string();
+                m.ranges = extents.clone();
+                let tmp = diff_path.with_extension("img.partial");
+                let f = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+                f.set_len(size).map_err(|e| e.to_string())?;
+                let c = copy_extents(&image, &f, &extents, false, opts.stop, opts.progress)
+                    .map_err(|e| format!("{}: {e}", tmp.display()))?;
+                f.sync_all().map_err(|e| e.to_string())?;
+                std::fs::rename(&tmp, &diff_path).map_err(|e| e.to_string())?;
+                m.sha256 = sha256_file(&diff_path, size)?;
+                // The manifest keeps describing the base as well.
+                m.snapshot_number = info.changes_number;
+                let diff_manifest = manifest_path.with_extension("diff.json");
+                m.bytes_read = c.read;
+                m.bytes_written = c.written;
+                m.status = Status::Complete;
+                m.store(&diff_manifest)?;
+                base.store(&manifest_path)?;
+                return Ok(Outcome {
+                    device: m.device,
+                    kind: d.kind,
+                    size,
+                    copied: c,
+                    manifest: diff_manifest,
+                    image,
+                });
+            }
+        }
+    };
+    m.bytes_read = copied.read;
+    m.bytes_written = copied.written;
+    m.status = Status::Complete;
+    m.store(&manifest_path)?;
+    Ok(Outcome {
+        device: m.device,
+        kind: d.kind,
+        size,
+        copied,
+        manifest: manifest_path,
+        image,
+    })
+}
+
+/// Checks an image against its manifest; returns the checksum.
+pub fn verify(image: &Path, manifest: &Path) -> Result<String, String> {
+    let m = Manifest::load(manifest)?;
+    if m.status != Status::Complete {
+        return Err(format!(
+            "{}: the backup did not complete",
+            manifest.display()
+        ));
+    }
+    let len = std::fs::metadata(image)
+        .map_err(|e| format!("{}: {e}", image.display()))?
+        .len();
+    if len != m.size {
+        return Err(format!(
+            "{}: {} bytes, the manifest says {}",
+            image.display(),
+            len,
+            m.size
+        ));
+    }
+    let sum = sha256_file(image, m.size)?;
+    if sum != m.sha256 {
+        return Err(format!(
+            "{}: checksum {} does not match the manifest's {}",
+            image.display(),
+            sum,
+            m.sha256
+        ));
+    }
+    Ok(sum)
+}

@@ -1,0 +1,184 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Host tests of the CLI and the backup library: argument parsing, manifests,
+//! verification and incremental planning.
+
+use blksnap::backup::{plan, sha256_file, total, verify, Kind, Manifest, Status, FORMAT};
+use proptest::prelude::*;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_blksnapctl"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("blksnapctl-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn usage_errors_exit_with_2_and_help_has_examples() {
+    for args in [
+        &["backup", "full", "/dev/x"][..],
+        &["backup", "full", "--store", "/s", "--to", "/d"],
+        &["snapshot", "create"],
+        &["cbt", "mark", "/dev/x", "12"],
+        &["snapshot", "add", "not-a-uuid", "/dev/x"],
+        &["nosuchcommand"],
+    ] {
+        let out = bin().args(args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let help = bin().arg("--help").output().unwrap();
+    let text = String::from_utf8(help.stdout).unwrap();
+    assert!(
+        text.contains("Examples:") && text.contains("backup incremental"),
+        "{text}"
+    );
+}
+
+#[test]
+fn missing_control_device_is_a_one_line_error() {
+    // The host has no blksnap module: a clear, single line and status 1.
+    let out = bin().arg("version").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("/dev/blksnap-control"), "{err}");
+}
+
+#[test]
+fn man_pages_and_completions_are_generated() {
+    let d = tmp("man");
+    let out = bin().args(["generate", "man"]).arg(&d).output().unwrap();
+    assert!(out.status.success());
+    let page = std::fs::read_to_string(d.join("blksnapctl-backup-incremental.1")).unwrap();
+    assert!(page.contains("differential"), "{page}");
+    let out = bin()
+        .args(["generate", "completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .contains("blksnapctl"));
+    std::fs::remove_dir_all(d).ok();
+}
+
+fn manifest(image: &str, sha: &str, size: u64) -> Manifest {
+    Manifest {
+        format: FORMAT,
+        device: "/dev/vdb".into(),
+        dev: "254:16".into(),
+        identity: Some("serial-1".into()),
+        size,
+        block_size: 65536,
+        generation: "0d4f2a9c-0000-4000-8000-000000000001".into(),
+        snapshot_number: 3,
+        base_number: 1,
+        kind: Kind::Incremental,
+        status: Status::Complete,
+        image: image.into(),
+        sha256: sha.into(),
+        bytes_read: 1 << 20,
+        bytes_written: 1 << 20,
+        ranges: vec![(0, 4096), (1 << 20, 8192)],
+    }
+}
+
+#[test]
+fn manifests_round_trip() {
+    let d = tmp("manifest");
+    let m = manifest("vdb.img", "ab", 1 << 30);
+    let p = d.join("vdb.manifest.json");
+    m.store(&p).unwrap();
+    assert_eq!(Manifest::load(&p).unwrap(), m);
+    let text = std::fs::read_to_string(&p).unwrap();
+    assert!(
+        text.contains("\"status\": \"complete\"") && text.contains("\"kind\": \"incremental\""),
+        "{text}"
+    );
+    // Unknown formats and garbage are refused with the file's name.
+    std::fs::write(&p, text.replace("\"format\": 1", "\"format\": 9")).unwrap();
+    assert!(Manifest::load(&p).unwrap_err().contains("format 9"));
+    std::fs::write(&p, "{").unwrap();
+    assert!(Manifest::load(&p).unwrap_err().contains("not a manifest"));
+    std::fs::remove_dir_all(d).ok();
+}
+
+#[test]
+fn verify_checks_size_status_and_checksum() {
+    let d = tmp("verify");
+    let img = d.join("vdb.img");
+    let data: Vec<u8> = (0..(3u32 << 12)).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&img, &data).unwrap();
+    let sum = sha256_file(&img, data.len() as u64).unwrap();
+    let p = d.join("m.json");
+    manifest("vdb.img", &sum, data.len() as u64)
+        .store(&p)
+        .unwrap();
+    assert_eq!(verify(&img, &p).unwrap(), sum);
+    let ok = bin()
+        .arg("verify")
+        .arg(&img)
+        .arg("--manifest")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    // One flipped byte.
+    let mut bad = data.clone();
+    bad[5000] ^= 1;
+    std::fs::write(&img, &bad).unwrap();
+    assert!(verify(&img, &p).unwrap_err().contains("checksum"));
+    let out = bin()
+        .arg("verify")
+        .arg(&img)
+        .arg("--manifest")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    // An incomplete backup never verifies.
+    std::fs::write(&img, &data).unwrap();
+    let mut m = manifest("vdb.img", &sum, data.len() as u64);
+    m.status = Status::InProgress;
+    m.store(&p).unwrap();
+    assert!(verify(&img, &p).unwrap_err().contains("did not complete"));
+    std::fs::remove_dir_all(d).ok();
+}
+
+proptest! {
+    /// The plan covers exactly the bytes of the blocks whose number is newer,
+    /// clipped to the device.
+    #[test]
+    fn plan_copies_exactly_the_newer_blocks(
+        map in prop::collection::vec(0u8..6, 0..300),
+        since in 0u8..6,
+        shift in 9u32..14,
+        tail in 0u64..4096
+    ) {
+        let bs = 1u32 << shift;
+        let size = (map.len() as u64 * u64::from(bs)).saturating_sub(tail.min(u64::from(bs) - 1));
+        let extents = plan(&map, since, bs, size);
+        let mut covered = vec![false; size as usize];
+        let mut last_end = None;
+        for &(s, l) in &extents {
+            prop_assert!(l > 0 && s + l <= size);
+            if let Some(e) = last_end { prop_assert!(s > e, "extents are merged and ordered"); }
+            last_end = Some(s + l);
+            for b in s..s + l { covered[b as usize] = true; }
+        }
+        for (byte, c) in covered.iter().enumerate() {
+            let block = byte / bs as usize;
+            prop_assert_eq!(*c, map[block] > since, "byte {}", byte);
+        }
+        prop_assert_eq!(total(&extents), covered.iter().filter(|c| **c).count() as u64);
+    }
+}

@@ -12,6 +12,17 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_blksnapctl"))
 }
 
+/// Runs `blksnapctl verify IMAGE --manifest M`.
+fn verify_cli(img: &std::path::Path, manifest: &std::path::Path) -> std::process::Output {
+    bin()
+        .arg("verify")
+        .arg(img)
+        .arg("--manifest")
+        .arg(manifest)
+        .output()
+        .unwrap()
+}
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("blksnapctl-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -124,26 +135,14 @@ fn verify_checks_size_status_and_checksum() {
         .store(&p)
         .unwrap();
     assert_eq!(verify(&img, &p).unwrap(), sum);
-    let ok = bin()
-        .arg("verify")
-        .arg(&img)
-        .arg("--manifest")
-        .arg(&p)
-        .output()
-        .unwrap();
+    let ok = verify_cli(&img, &p);
     assert!(ok.status.success());
     // One flipped byte.
     let mut bad = data.clone();
     bad[5000] ^= 1;
     std::fs::write(&img, &bad).unwrap();
     assert!(verify(&img, &p).unwrap_err().contains("checksum"));
-    let out = bin()
-        .arg("verify")
-        .arg(&img)
-        .arg("--manifest")
-        .arg(&p)
-        .output()
-        .unwrap();
+    let out = verify_cli(&img, &p);
     assert_eq!(out.status.code(), Some(3));
     // An incomplete backup never verifies.
     std::fs::write(&img, &data).unwrap();

@@ -23,6 +23,7 @@ pub const ALL: &[Test] = &[
     ("backup_differential_keeps_the_base", differential),
     ("backup_generation_reset_forces_full", generation_reset),
     ("backup_bad_input", bad_input),
+    ("backup_interrupted_is_marked_incomplete", interrupted),
 ];
 
 fn opts<'a>(
@@ -404,4 +405,75 @@ fn bad_input() -> TestResult {
         1,
         "Permission denied",
     )
+}
+
+/// Ctrl-C during the copy: exit 130, the manifest says in-progress, no final
+/// image, no snapshot left, the device still tracked.
+fn interrupted() -> TestResult {
+    let edisk = disk("blksnap-e")?;
+    let ed = edisk.to_str().unwrap();
+    let dir = dev::scratch().join("int-out");
+    let _ = std::fs::remove_dir_all(&dir);
+    // Data everywhere: the copy of 400 MiB takes many seconds here.
+    dev::run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={ed}"),
+            "bs=1M",
+            "count=400",
+            "oflag=direct",
+            "status=none",
+        ],
+    )?;
+    let _t = Tracked::new(&edisk)?;
+    let child = std::process::Command::new("blksnapctl")
+        .args([
+            "backup",
+            "full",
+            ed,
+            "--store",
+            dev::scratch().to_str().unwrap(),
+            "--to",
+            dir.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_secs(3));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    one_line(
+        "interrupted backup",
+        (out.status.code().unwrap_or(-1), err),
+        130,
+        "interrupted",
+    )?;
+    let (img, manifest, _) = backup::paths(&dir, &edisk);
+    check_eq!(
+        Manifest::load(&manifest)?.status,
+        Status::InProgress,
+        "manifest of the interrupted backup"
+    );
+    if img.exists() {
+        fail!("{} exists after an interrupted full backup", img.display());
+    }
+    check_eq!(
+        Control::open()
+            .map_err(e)?
+            .snapshot_collect()
+            .map_err(e)?
+            .len(),
+        0,
+        "snapshots left"
+    );
+    if Path::new("/dev/blk-snap-image0").exists() {
+        fail!("a snapshot image is left after the interrupted backup");
+    }
+    Ok(())
 }

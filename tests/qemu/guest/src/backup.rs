@@ -253,6 +253,20 @@ fn ctl(args: &[&str]) -> (i32, String) {
     }
 }
 
+/// No snapshot outlives a failed or interrupted backup.
+fn no_snapshot_left() -> TestResult {
+    check_eq!(
+        Control::open()
+            .map_err(e)?
+            .snapshot_collect()
+            .map_err(e)?
+            .len(),
+        0,
+        "snapshots left"
+    );
+    Ok(())
+}
+
 /// The error is one line, the last one; before it only notes of what was done.
 fn one_line(what: &str, (code, err): (i32, String), want_code: i32, want: &str) -> TestResult {
     let lines: Vec<&str> = err.lines().collect();
@@ -367,15 +381,7 @@ fn bad_input() -> TestResult {
     dev::run("umount", &[small.to_str().unwrap()])?;
     r?;
     // No snapshot is left behind by the failures.
-    check_eq!(
-        Control::open()
-            .map_err(e)?
-            .snapshot_collect()
-            .map_err(e)?
-            .len(),
-        0,
-        "snapshots left"
-    );
+    no_snapshot_left()?;
     if Tracker::open(&c).map_err(e)?.detach().is_err() {
         fail!("the device was not tracked after the backup attempt");
     }
@@ -463,15 +469,7 @@ fn interrupted() -> TestResult {
     if img.exists() {
         fail!("{} exists after an interrupted full backup", img.display());
     }
-    check_eq!(
-        Control::open()
-            .map_err(e)?
-            .snapshot_collect()
-            .map_err(e)?
-            .len(),
-        0,
-        "snapshots left"
-    );
+    no_snapshot_left()?;
     if Path::new("/dev/blk-snap-image0").exists() {
         fail!("a snapshot image is left after the interrupted backup");
     }

@@ -222,13 +222,14 @@ pub struct Copied {
 
 /// Copies `extents` of the snapshot image `src` into `dst` at the same
 /// offsets, with O_DIRECT reads of up to [`IO_SIZE`]. Runs of zeroes are not
-/// written when `sparse` (a new, empty file). Stops with an error when
-/// `stop` is set.
+/// written when `sparse` (a new, empty file). Every byte read goes through
+/// `hash` too, if given. Stops with an error when `stop` is set.
 pub fn copy_extents(
     src: &Path,
     dst: &File,
     extents: &[Extent],
     sparse: bool,
+    mut hash: Option<&mut Sha256>,
     stop: &AtomicBool,
     progress: &dyn Progress,
 ) -> Result<Copied, String> {
@@ -252,6 +253,9 @@ pub fn copy_extents(
             img.read_exact_at(data, off)
                 .map_err(|e| format!("read {} at {off}: {e}", src.display()))?;
             c.read += n as u64;
+            if let Some(h) = hash.as_mut() {
+                h.update(&*data);
+            }
             if sparse {
                 // Write only the 4 KiB blocks that are not all zero.
                 for (i, block) in data.chunks(4096).enumerate() {
@@ -484,18 +488,12 @@ fn backup_device(d: &Device, opts: &Options<'_>) -> Result<Outcome, String> {
         bytes_written: 0,
         ranges: Vec::new(),
     };
-    let copied = match d.kind {
+    let (copied, manifest) = match d.kind {
         Kind::Full => {
             m.store(&manifest_path)?;
-            let tmp = img_path.with_extension("img.partial");
-            let f = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-            f.set_len(size).map_err(|e| e.to_string())?;
-            let c = copy_extents(&image, &f, &[(0, size)], true, opts.stop, opts.progress)
-                .map_err(|e| format!("{}: {e}", tmp.display()))?;
-            f.sync_all().map_err(|e| e.to_string())?;
-            std::fs::rename(&tmp, &img_path).map_err(|e| e.to_string())?;
-            m.sha256 = sha256_file(&img_path, size)?;
-            c
+            let (c, sum) = copy_to_new_file(&image, &img_path, &[(0, size)], size, opts)?;
+            m.sha256 = sum;
+            (c, manifest_path)
         }
         Kind::Incremental | Kind::Differential => {
             let prev = d.previous.as_ref().ok_or("no previous manifest")?;
@@ -527,55 +525,72 @@ fn backup_device(d: &Device, opts: &Options<'_>) -> Result<Outcome, String> {
                     .write(true)
                     .open(&img_path)
                     .map_err(|e| format!("{}: {e}", img_path.display()))?;
-                let c = copy_extents(&image, &f, &extents, false, opts.stop, opts.progress)
+                let c = copy_extents(&image, &f, &extents, false, None, opts.stop, opts.progress)
                     .map_err(|e| format!("{}: {e}", img_path.display()))?;
                 f.sync_all().map_err(|e| e.to_string())?;
                 m.sha256 = sha256_file(&img_path, size)?;
-                c
+                (c, manifest_path)
             } else {
-                // The base stays untouched; the changes go to a new file.
-                let base = prev.clone();
+                // The base and its manifest stay untouched; the changes go
+                // to a new file with a manifest of its own.
                 m.image = diff_path.file_name().unwrap().to_string_lossy().to_string();
-                m.ranges = extents.clone();
-                let tmp = diff_path.with_extension("img.partial");
-                let f = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-                f.set_len(size).map_err(|e| e.to_string())?;
-                let c = copy_extents(&image, &f, &extents, false, opts.stop, opts.progress)
-                    .map_err(|e| format!("{}: {e}", tmp.display()))?;
-                f.sync_all().map_err(|e| e.to_string())?;
-                std::fs::rename(&tmp, &diff_path).map_err(|e| e.to_string())?;
-                m.sha256 = sha256_file(&diff_path, size)?;
-                // The manifest keeps describing the base as well.
-                m.snapshot_number = info.changes_number;
-                let diff_manifest = manifest_path.with_extension("diff.json");
-                m.bytes_read = c.read;
-                m.bytes_written = c.written;
-                m.status = Status::Complete;
-                m.store(&diff_manifest)?;
-                base.store(&manifest_path)?;
-                return Ok(Outcome {
-                    device: m.device,
-                    kind: d.kind,
-                    size,
-                    copied: c,
-                    manifest: diff_manifest,
-                    image,
-                });
+                let (c, sum) = copy_to_new_file(&image, &diff_path, &extents, size, opts)?;
+                m.sha256 = sum;
+                m.ranges = extents;
+                (c, manifest_path.with_extension("diff.json"))
             }
         }
     };
     m.bytes_read = copied.read;
     m.bytes_written = copied.written;
     m.status = Status::Complete;
-    m.store(&manifest_path)?;
+    m.store(&manifest)?;
     Ok(Outcome {
         device: m.device,
         kind: d.kind,
         size,
         copied,
-        manifest: manifest_path,
+        manifest,
         image,
     })
+}
+
+/// Copies `extents` of the snapshot image into a new sparse file `path` of
+/// `size` bytes, written as `path.partial` and renamed when complete.
+/// Returns the counts and the file's SHA-256, computed while copying when the
+/// extents are the whole device.
+fn copy_to_new_file(
+    image: &Path,
+    path: &Path,
+    extents: &[Extent],
+    size: u64,
+    opts: &Options<'_>,
+) -> Result<(Copied, String), String> {
+    let tmp = path.with_extension("img.partial");
+    let f = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.set_len(size)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let whole = extents == [(0, size)];
+    let mut hash = Sha256::new();
+    let c = copy_extents(
+        image,
+        &f,
+        extents,
+        true,
+        whole.then_some(&mut hash),
+        opts.stop,
+        opts.progress,
+    )
+    .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.sync_all()
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let sum = if whole {
+        hex(&hash.finalize())
+    } else {
+        sha256_file(path, size)?
+    };
+    Ok((c, sum))
 }
 
 /// Checks an image against its manifest; returns the checksum.

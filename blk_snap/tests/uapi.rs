@@ -80,6 +80,32 @@ fn c_layout(args: &[&str]) -> String {
     String::from_utf8(printed.stdout).unwrap()
 }
 
+/// Appends `sizeof NAME N` for a Rust mirror to the layout text `$s`.
+macro_rules! size {
+    ($s:ident, $c:literal, $t:ty) => {
+        $s += &format!("sizeof {} {}\n", $c, size_of::<$t>());
+    };
+}
+
+/// Appends `offsetof NAME.FIELD N` for a Rust mirror to the layout text `$s`.
+macro_rules! off {
+    ($s:ident, $c:literal, $t:ty, $f:ident) => {
+        $s += &format!(
+            "offsetof {}.{} {}\n",
+            $c,
+            stringify!($f),
+            offset_of!($t, $f)
+        );
+    };
+}
+
+/// Appends `ioctl NAME 0xN` for an ioctl number constant to `$s`.
+macro_rules! ioctl {
+    ($s:ident, $n:ident) => {
+        $s += &format!("ioctl {} {:#x}\n", stringify!($n), $n);
+    };
+}
+
 #[test]
 fn c_headers_match_upstream_layout() {
     compare("C headers", &c_layout(&[]));
@@ -90,65 +116,59 @@ fn c_headers_match_upstream_layout() {
 #[test]
 fn extensions_agree_between_c_and_rust() {
     let mut s = String::new();
-    macro_rules! size {
-        ($c:literal, $t:ty) => {
-            s += &format!("sizeof {} {}\n", $c, size_of::<$t>());
-        };
-    }
-    macro_rules! off {
-        ($c:literal, $t:ty, $f:ident) => {
-            s += &format!(
-                "offsetof {}.{} {}\n",
-                $c,
-                stringify!($f),
-                offset_of!($t, $f)
-            );
-        };
-    }
     size!(
+        s,
         "blksnap_snapshot_create_storage",
         BlksnapSnapshotCreateStorage
     );
     off!(
+        s,
         "blksnap_snapshot_create_storage",
         BlksnapSnapshotCreateStorage,
         flags
     );
     off!(
+        s,
         "blksnap_snapshot_create_storage",
         BlksnapSnapshotCreateStorage,
         limit_sect
     );
     off!(
+        s,
         "blksnap_snapshot_create_storage",
         BlksnapSnapshotCreateStorage,
         id
     );
     size!(
+        s,
         "blksnap_snapshot_append_storage",
         BlksnapSnapshotAppendStorage
     );
     off!(
+        s,
         "blksnap_snapshot_append_storage",
         BlksnapSnapshotAppendStorage,
         bdev_path
     );
     off!(
+        s,
         "blksnap_snapshot_append_storage",
         BlksnapSnapshotAppendStorage,
         count
     );
     off!(
+        s,
         "blksnap_snapshot_append_storage",
         BlksnapSnapshotAppendStorage,
         reserved
     );
     off!(
+        s,
         "blksnap_snapshot_append_storage",
         BlksnapSnapshotAppendStorage,
         ranges
     );
-    size!("blksnap_event_low_free_space", BlksnapEventLowFreeSpace);
+    size!(s, "blksnap_event_low_free_space", BlksnapEventLowFreeSpace);
     s += &format!(
         "ioctl IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE {:#x}\n",
         IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE
@@ -172,75 +192,66 @@ fn extensions_agree_between_c_and_rust() {
 #[test]
 fn rust_mirrors_match_upstream_layout() {
     let mut s = String::new();
-    macro_rules! size {
-        ($c:literal, $t:ty) => {
-            s += &format!("sizeof {} {}\n", $c, size_of::<$t>());
-        };
-    }
-    macro_rules! off {
-        ($c:literal, $t:ty, $f:ident) => {
-            s += &format!(
-                "offsetof {}.{} {}\n",
-                $c,
-                stringify!($f),
-                offset_of!($t, $f)
-            );
-        };
-    }
-    macro_rules! ioctl {
-        ($n:ident) => {
-            s += &format!("ioctl {} {:#x}\n", stringify!($n), $n);
-        };
-    }
-    size!("blkfilter_attach", BlkfilterAttach);
-    off!("blkfilter_attach", BlkfilterAttach, opt);
-    off!("blkfilter_attach", BlkfilterAttach, optlen);
-    size!("blkfilter_detach", BlkfilterDetach);
-    size!("blkfilter_ctl", BlkfilterCtl);
-    off!("blkfilter_ctl", BlkfilterCtl, cmd);
-    off!("blkfilter_ctl", BlkfilterCtl, optlen);
-    off!("blkfilter_ctl", BlkfilterCtl, opt);
-    size!("blksnap_uuid", BlksnapUuid);
-    size!("blksnap_cbtinfo", BlksnapCbtinfo);
-    off!("blksnap_cbtinfo", BlksnapCbtinfo, block_size);
-    off!("blksnap_cbtinfo", BlksnapCbtinfo, block_count);
-    off!("blksnap_cbtinfo", BlksnapCbtinfo, generation_id);
-    off!("blksnap_cbtinfo", BlksnapCbtinfo, changes_number);
-    size!("blksnap_cbtmap", BlksnapCbtmap);
-    off!("blksnap_cbtmap", BlksnapCbtmap, length);
-    off!("blksnap_cbtmap", BlksnapCbtmap, buffer);
-    size!("blksnap_sectors", BlksnapSectors);
-    size!("blksnap_cbtdirty", BlksnapCbtdirty);
-    off!("blksnap_cbtdirty", BlksnapCbtdirty, dirty_sectors);
-    size!("blksnap_snapshotadd", BlksnapSnapshotadd);
-    size!("blksnap_snapshotinfo", BlksnapSnapshotinfo);
-    off!("blksnap_snapshotinfo", BlksnapSnapshotinfo, image);
-    size!("blksnap_version", BlksnapVersion);
-    size!("blksnap_snapshot_create", BlksnapSnapshotCreate);
+    size!(s, "blkfilter_attach", BlkfilterAttach);
+    off!(s, "blkfilter_attach", BlkfilterAttach, opt);
+    off!(s, "blkfilter_attach", BlkfilterAttach, optlen);
+    size!(s, "blkfilter_detach", BlkfilterDetach);
+    size!(s, "blkfilter_ctl", BlkfilterCtl);
+    off!(s, "blkfilter_ctl", BlkfilterCtl, cmd);
+    off!(s, "blkfilter_ctl", BlkfilterCtl, optlen);
+    off!(s, "blkfilter_ctl", BlkfilterCtl, opt);
+    size!(s, "blksnap_uuid", BlksnapUuid);
+    size!(s, "blksnap_cbtinfo", BlksnapCbtinfo);
+    off!(s, "blksnap_cbtinfo", BlksnapCbtinfo, block_size);
+    off!(s, "blksnap_cbtinfo", BlksnapCbtinfo, block_count);
+    off!(s, "blksnap_cbtinfo", BlksnapCbtinfo, generation_id);
+    off!(s, "blksnap_cbtinfo", BlksnapCbtinfo, changes_number);
+    size!(s, "blksnap_cbtmap", BlksnapCbtmap);
+    off!(s, "blksnap_cbtmap", BlksnapCbtmap, length);
+    off!(s, "blksnap_cbtmap", BlksnapCbtmap, buffer);
+    size!(s, "blksnap_sectors", BlksnapSectors);
+    size!(s, "blksnap_cbtdirty", BlksnapCbtdirty);
+    off!(s, "blksnap_cbtdirty", BlksnapCbtdirty, dirty_sectors);
+    size!(s, "blksnap_snapshotadd", BlksnapSnapshotadd);
+    size!(s, "blksnap_snapshotinfo", BlksnapSnapshotinfo);
+    off!(s, "blksnap_snapshotinfo", BlksnapSnapshotinfo, image);
+    size!(s, "blksnap_version", BlksnapVersion);
+    size!(s, "blksnap_snapshot_create", BlksnapSnapshotCreate);
     off!(
+        s,
         "blksnap_snapshot_create",
         BlksnapSnapshotCreate,
         diff_storage_filename
     );
-    off!("blksnap_snapshot_create", BlksnapSnapshotCreate, id);
-    size!("blksnap_snapshot_collect", BlksnapSnapshotCollect);
-    off!("blksnap_snapshot_collect", BlksnapSnapshotCollect, ids);
-    size!("blksnap_snapshot_event", BlksnapSnapshotEvent);
-    off!("blksnap_snapshot_event", BlksnapSnapshotEvent, timeout_ms);
-    off!("blksnap_snapshot_event", BlksnapSnapshotEvent, code);
-    off!("blksnap_snapshot_event", BlksnapSnapshotEvent, time_label);
-    off!("blksnap_snapshot_event", BlksnapSnapshotEvent, data);
-    size!("blksnap_event_corrupted", BlksnapEventCorrupted);
-    size!("blksnap_event_no_space", BlksnapEventNoSpace);
-    ioctl!(BLKFILTER_ATTACH);
-    ioctl!(BLKFILTER_DETACH);
-    ioctl!(BLKFILTER_CTL);
-    ioctl!(IOCTL_BLKSNAP_VERSION);
-    ioctl!(IOCTL_BLKSNAP_SNAPSHOT_CREATE);
-    ioctl!(IOCTL_BLKSNAP_SNAPSHOT_DESTROY);
-    ioctl!(IOCTL_BLKSNAP_SNAPSHOT_TAKE);
-    ioctl!(IOCTL_BLKSNAP_SNAPSHOT_COLLECT);
-    ioctl!(IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT);
+    off!(s, "blksnap_snapshot_create", BlksnapSnapshotCreate, id);
+    size!(s, "blksnap_snapshot_collect", BlksnapSnapshotCollect);
+    off!(s, "blksnap_snapshot_collect", BlksnapSnapshotCollect, ids);
+    size!(s, "blksnap_snapshot_event", BlksnapSnapshotEvent);
+    off!(
+        s,
+        "blksnap_snapshot_event",
+        BlksnapSnapshotEvent,
+        timeout_ms
+    );
+    off!(s, "blksnap_snapshot_event", BlksnapSnapshotEvent, code);
+    off!(
+        s,
+        "blksnap_snapshot_event",
+        BlksnapSnapshotEvent,
+        time_label
+    );
+    off!(s, "blksnap_snapshot_event", BlksnapSnapshotEvent, data);
+    size!(s, "blksnap_event_corrupted", BlksnapEventCorrupted);
+    size!(s, "blksnap_event_no_space", BlksnapEventNoSpace);
+    ioctl!(s, BLKFILTER_ATTACH);
+    ioctl!(s, BLKFILTER_DETACH);
+    ioctl!(s, BLKFILTER_CTL);
+    ioctl!(s, IOCTL_BLKSNAP_VERSION);
+    ioctl!(s, IOCTL_BLKSNAP_SNAPSHOT_CREATE);
+    ioctl!(s, IOCTL_BLKSNAP_SNAPSHOT_DESTROY);
+    ioctl!(s, IOCTL_BLKSNAP_SNAPSHOT_TAKE);
+    ioctl!(s, IOCTL_BLKSNAP_SNAPSHOT_COLLECT);
+    ioctl!(s, IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT);
     s += &format!(
         "enum CBTINFO {} CBTMAP {} CBTDIRTY {} SNAPSHOTADD {} SNAPSHOTINFO {}\n",
         ctl::CBTINFO,

@@ -147,6 +147,19 @@ pub struct SectorRange {
     pub count: u64,
 }
 
+impl SectorRange {
+    /// The ranges as the kernel reads them.
+    fn to_uapi(ranges: &[Self]) -> Vec<uapi::BlksnapSectors> {
+        ranges
+            .iter()
+            .map(|r| uapi::BlksnapSectors {
+                offset: r.offset,
+                count: r.count,
+            })
+            .collect()
+    }
+}
+
 /// Change tracking on one block device.
 pub struct Tracker {
     file: File,
@@ -262,13 +275,7 @@ impl Tracker {
 
     /// Marks sector ranges as changed.
     pub fn mark_dirty(&self, ranges: &[SectorRange]) -> Result<()> {
-        let sectors: Vec<uapi::BlksnapSectors> = ranges
-            .iter()
-            .map(|r| uapi::BlksnapSectors {
-                offset: r.offset,
-                count: r.count,
-            })
-            .collect();
+        let sectors = SectorRange::to_uapi(ranges);
         let mut arg = uapi::BlksnapCbtdirty {
             count: sectors.len() as u32,
             dirty_sectors: sectors.as_ptr() as u64,
@@ -503,13 +510,7 @@ impl Control {
         use std::os::unix::ffi::OsStrExt;
         let path = std::ffi::CString::new(device.as_os_str().as_bytes())
             .map_err(|_| err(format!("device path {}", device.display()), Errno::EINVAL))?;
-        let sectors: Vec<uapi::BlksnapSectors> = ranges
-            .iter()
-            .map(|r| uapi::BlksnapSectors {
-                offset: r.offset,
-                count: r.count,
-            })
-            .collect();
+        let sectors = SectorRange::to_uapi(ranges);
         let arg = uapi::BlksnapSnapshotAppendStorage {
             id: uapi::BlksnapUuid { b: id.0 },
             bdev_path: path.as_ptr() as u64,

@@ -145,6 +145,12 @@ impl Snap {
         Ok(Self { id, ctl })
     }
 
+    pub(crate) fn memory(limit_sectors: u64) -> Result<Self, String> {
+        let ctl = Control::open().map_err(e)?;
+        let id = ctl.snapshot_create_memory(limit_sectors).map_err(e)?;
+        Ok(Self { id, ctl })
+    }
+
     pub(crate) fn add(&self, t: &Tracker) -> TestResult {
         t.snapshot_add(&self.id).map_err(e)
     }

@@ -58,15 +58,7 @@ impl Drop for StorageMinimum {
 }
 
 fn memory_pattern() -> TestResult {
-    pattern_test_with(
-        || {
-            let ctl = Control::open().map_err(e)?;
-            let id = ctl.snapshot_create_memory(64 * MIB_SECTORS).map_err(e)?;
-            Ok(Snap { id, ctl })
-        },
-        31,
-        40,
-    )
+    pattern_test_with(|| Snap::memory(64 * MIB_SECTORS), 31, 40)
 }
 
 /// A snapshot whose storage is the given ranges of disk d.
@@ -94,9 +86,9 @@ fn devices_pattern() -> TestResult {
 }
 
 /// Collects the events of a snapshot that arrive within `ms`.
-fn events(ctl: &Control, snap: &Snap, ms: u32) -> Vec<Event> {
+fn events(snap: &Snap, ms: u32) -> Vec<Event> {
     let mut out = Vec::new();
-    while let Ok(ev) = ctl.snapshot_wait_event(&snap.id, ms) {
+    while let Ok(ev) = snap.ctl.snapshot_wait_event(&snap.id, ms) {
         out.push(ev);
     }
     out
@@ -107,18 +99,13 @@ fn memory_full() -> TestResult {
     let t = Tracked::new(&c)?;
     let size = dev::size_sectors(&c)?;
     write_pattern(&c, 0, size, 41)?;
-    let ctl = Control::open().map_err(e)?;
-    let id = ctl.snapshot_create_memory(4 * MIB_SECTORS).map_err(e)?;
-    let snap = Snap {
-        id,
-        ctl: Control::open().map_err(e)?,
-    };
+    let snap = Snap::memory(4 * MIB_SECTORS)?;
     snap.add(&t.0)?;
     snap.take()?;
     let image = t.image()?;
     // 16 MiB of new data: four times what the storage holds.
     write_pattern(&c, 0, 16 * MIB_SECTORS, 42)?;
-    let evs = events(&ctl, &snap, 2000);
+    let evs = events(&snap, 2000);
     let (major, minor) = dev::major_minor(&c)?;
     if !evs
         .iter()
@@ -198,7 +185,7 @@ fn devices_grow_on_event() -> TestResult {
         0,
         "snapshot error after the append"
     );
-    let rest = events(&snap.ctl, &snap, 500);
+    let rest = events(&snap, 500);
     if rest
         .iter()
         .any(|ev| matches!(ev, Event::Corrupted { .. } | Event::NoSpace { .. }))
@@ -214,12 +201,7 @@ fn devices_grow_on_event() -> TestResult {
 fn overflow_concurrent() -> TestResult {
     let c = disk("blksnap-c")?;
     let t = Tracked::new(&c)?;
-    let ctl = Control::open().map_err(e)?;
-    let id = ctl.snapshot_create_memory(2 * MIB_SECTORS).map_err(e)?;
-    let snap = Snap {
-        id,
-        ctl: Control::open().map_err(e)?,
-    };
+    let snap = Snap::memory(2 * MIB_SECTORS)?;
     snap.add(&t.0)?;
     snap.take()?;
     let image = t.image()?;
@@ -242,7 +224,7 @@ fn overflow_concurrent() -> TestResult {
     let start = std::time::Instant::now();
     let mut got = None;
     while start.elapsed() < Duration::from_secs(60) {
-        match ctl.snapshot_wait_event(&snap.id, 60_000) {
+        match snap.ctl.snapshot_wait_event(&snap.id, 60_000) {
             Ok(ev @ Event::Corrupted { .. }) => {
                 got = Some((ev, start.elapsed()));
                 break;
@@ -312,7 +294,7 @@ fn store_io_error() -> TestResult {
         -(Errno::EIO as i32),
         "snapshot error after storage I/O errors"
     );
-    let evs = events(&snap.ctl, &snap, 1000);
+    let evs = events(&snap, 1000);
     if !evs
         .iter()
         .any(|ev| matches!(ev, Event::Corrupted { errno, .. } if *errno == -(Errno::EIO as i32)))

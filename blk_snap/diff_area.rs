@@ -354,25 +354,35 @@ impl DiffArea {
         self.release_writable();
     }
 
-    /// Resubmits the held writes whose chunks are all writable.
+    /// Resubmits the held writes whose chunks are all writable, in the order
+    /// they were held. One pass over the held writes: the search resumes
+    /// after the last write released. A write it passed over that becomes
+    /// writable meanwhile is released by whoever made it so, since every
+    /// change of chunk state is followed by a call of this.
     fn release_writable(&self) {
+        let mut from = 0;
         loop {
             let next = {
-                let mut state = self.state.lock();
-                let key = {
-                    let State { chunks, held, .. } = &*state;
-                    held.iter()
-                        .find(|(_, w)| {
-                            w.chunks
-                                .clone()
-                                .all(|c| chunks.get(&c).is_some_and(Chunk::writable))
-                        })
-                        .map(|(k, _)| *k)
-                };
-                key.and_then(|k| state.held.remove(&k))
+                let mut guard = self.state.lock();
+                let State { chunks, held, .. } = &mut *guard;
+                let mut cursor = held.cursor_lower_bound(&from);
+                loop {
+                    let Some(c) = cursor else { break None };
+                    let (_, w) = c.current();
+                    if w.chunks
+                        .clone()
+                        .all(|x| chunks.get(&x).is_some_and(Chunk::writable))
+                    {
+                        break Some(c.remove_current().1.to_key_value());
+                    }
+                    cursor = c.move_next();
+                }
             };
             match next {
-                Some(w) => w.bio.submit(),
+                Some((key, w)) => {
+                    from = key + 1;
+                    w.bio.submit();
+                }
                 None => return,
             }
         }

@@ -6,7 +6,12 @@
 #   serial blksnap-a: 256 MiB, no partition table;
 #   serial blksnap-b: 256 MiB, MBR with partitions at sectors 2048 and 67600;
 #   serial blksnap-c, blksnap-d: 64 MiB each, for snapshots;
-#   serial blksnap-e: 400 MiB, for file systems.
+#   serial blksnap-e: 400 MiB, for file systems;
+#   serial blksnap-f: 131073 sectors (64 MiB + 512 bytes), an odd size that
+#     is not a multiple of 4 KiB (QEMU needs cache=writeback for it);
+#   serial blksnap-g: 64 MiB whose writes QEMU throttles to 64 KiB/s, so that
+#     a write stays in flight for seconds (the first write passes at once:
+#     issue a sacrificial one first).
 # Then runs tests/qemu/guest.sh MODE in the guest.
 #
 # usage: run.sh test|demo|bench [test name filters...]
@@ -31,11 +36,13 @@ truncate -s 256M "$RESULTS/disk-b.img"
 truncate -s 64M "$RESULTS/disk-c.img"
 truncate -s 64M "$RESULTS/disk-d.img"
 truncate -s 400M "$RESULTS/disk-e.img"
+truncate -s $((131073 * 512)) "$RESULTS/disk-f.img"
+truncate -s 64M "$RESULTS/disk-g.img"
 printf 'label: dos\nstart=2048, size=65536, type=83\nstart=67600, type=83\n' |
 	sfdisk --quiet "$RESULTS/disk-b.img" >/dev/null
 
-drive() { # file serial
-	echo "-drive file=$1,if=none,id=$2,format=raw,cache=none,aio=threads,discard=unmap" \
+drive() { # file serial [extra drive options]
+	echo "-drive file=$1,if=none,id=$2,format=raw,aio=threads,discard=unmap${3:-,cache=none}" \
 		"-device virtio-blk-pci,drive=$2,serial=$2"
 }
 
@@ -43,6 +50,8 @@ QEMU_DRIVES=
 for d in a b c d e; do
 	QEMU_DRIVES+="$(drive "$RESULTS/disk-$d.img" "blksnap-$d") "
 done
+QEMU_DRIVES+="$(drive "$RESULTS/disk-f.img" blksnap-f ,cache=writeback) "
+QEMU_DRIVES+="$(drive "$RESULTS/disk-g.img" blksnap-g ,cache=none,throttling.bps-write=65536) "
 
 echo "qemu: booting $(cat "$KOUT/include/config/kernel.release") ($MODE), results in $RESULTS"
 start=$(date +%s)

@@ -4,6 +4,11 @@
 //!
 //! The arithmetic lives in [`crate::cbt`], which the host tests cover; this
 //! file owns the two byte maps and the lock that the submit path takes.
+//!
+//! The map is sized for the device's capacity when tracking starts. If the
+//! capacity changed when a snapshot is taken, the map starts over with the
+//! new size and a new generation, like upstream: user space sees the new
+//! generation and knows that its earlier change numbers are void.
 
 use crate::cbt::{CbtError, CbtGeometry, CbtParams, CbtState};
 use core::ops::Range;
@@ -27,6 +32,7 @@ pub(crate) enum Map {
 }
 
 struct Maps {
+    geometry: CbtGeometry,
     state: CbtState,
     active: KVVec<u8>,
     read: KVVec<u8>,
@@ -35,7 +41,6 @@ struct Maps {
 /// The CBT map of one device.
 #[pin_data]
 pub(crate) struct CbtMap {
-    geometry: CbtGeometry,
     #[pin]
     maps: SpinLock<Maps>,
 }
@@ -46,8 +51,28 @@ pub(crate) struct CbtInfo {
     pub(crate) state: CbtState,
 }
 
+/// Empty maps for a device whose capacity changed, allocated before the
+/// snapshot is taken so that the switch itself cannot fail.
+pub(crate) struct Reset {
+    geometry: CbtGeometry,
+    active: KVVec<u8>,
+    read: KVVec<u8>,
+}
+
 /// Bytes copied to user space per lock hold when reading a map.
 const COPY_CHUNK: usize = 16 * 1024;
+
+fn geometry_for(capacity_sectors: u64, params: &CbtParams) -> Result<CbtGeometry> {
+    CbtGeometry::new(capacity_sectors, params).map_err(|e| {
+        pr_err!(
+            "cannot track {} sectors with {:?}: {:?}\n",
+            capacity_sectors,
+            params,
+            e
+        );
+        EINVAL
+    })
+}
 
 impl CbtMap {
     /// Creates the map of a device of `capacity_sectors` sectors.
@@ -55,83 +80,123 @@ impl CbtMap {
         capacity_sectors: u64,
         params: &CbtParams,
     ) -> Result<impl PinInit<Self, Error>> {
-        let geometry = CbtGeometry::new(capacity_sectors, params).map_err(|e| {
-            pr_err!(
-                "cannot track {} sectors with {:?}: {:?}\n",
-                capacity_sectors,
-                params,
-                e
-            );
-            EINVAL
-        })?;
+        let geometry = geometry_for(capacity_sectors, params)?;
         let n = geometry.block_count as usize;
         let active = KVVec::from_elem(0u8, n, GFP_KERNEL)?;
         let read = KVVec::from_elem(0u8, n, GFP_KERNEL)?;
         let state = CbtState::new(*Uuid::new_random().as_bytes());
         Ok(try_pin_init!(Self {
-            geometry,
-            maps <- new_spinlock!(Maps { state, active, read }, "CbtMap::maps"),
+            maps <- new_spinlock!(Maps { geometry, state, active, read }, "CbtMap::maps"),
         }))
     }
 
-    /// The geometry, fixed at creation.
-    pub(crate) fn geometry(&self) -> &CbtGeometry {
-        &self.geometry
+    /// The current geometry.
+    pub(crate) fn geometry(&self) -> CbtGeometry {
+        self.maps.lock().geometry
     }
 
     /// Records a write of `count` sectors at `sector`. Called from the submit
     /// path: takes a spinlock, never sleeps.
     pub(crate) fn mark_write(&self, sector: u64, count: u64) {
-        let blocks = self.geometry.blocks_touched(sector, count);
-        if blocks.is_empty() {
-            return;
-        }
         let mut maps = self.maps.lock();
-        let Maps { state, active, .. } = &mut *maps;
-        state.mark_write(active, blocks);
+        let Maps {
+            geometry,
+            state,
+            active,
+            ..
+        } = &mut *maps;
+        let blocks = geometry.blocks_touched(sector, count);
+        if !blocks.is_empty() {
+            state.mark_write(active, blocks);
+        }
     }
 
     /// Checks a user-supplied sector range and returns its blocks.
     pub(crate) fn check_range(&self, sector: u64, count: u64) -> Result<Range<usize>, CbtError> {
-        self.geometry.check_range(sector, count)
+        self.geometry().check_range(sector, count)
     }
 
-    /// Marks block ranges dirty in both maps.
+    /// Marks block ranges dirty in both maps. Ranges checked against an
+    /// older geometry are clipped to the map.
     pub(crate) fn mark_dirty(&self, ranges: &KVec<Range<usize>>) {
         let mut maps = self.maps.lock();
         let Maps {
             state,
             active,
             read,
+            ..
         } = &mut *maps;
+        let n = active.len();
         for blocks in ranges.iter() {
-            state.mark_dirty(active, read, blocks.clone());
+            let blocks = blocks.start.min(n)..blocks.end.min(n);
+            state.mark_dirty(active, read, blocks);
         }
     }
 
+    /// Prepares a reset if the device no longer has the capacity the map
+    /// was made for. May sleep.
+    pub(crate) fn prepare_reset(
+        &self,
+        capacity_sectors: u64,
+        params: &CbtParams,
+    ) -> Result<Option<Reset>> {
+        let old = self.geometry();
+        if old.capacity_sectors == capacity_sectors {
+            return Ok(None);
+        }
+        let geometry = geometry_for(capacity_sectors, params)?;
+        let n = geometry.block_count as usize;
+        pr_info!(
+            "the capacity changed from {} to {} sectors: the CBT map starts over\n",
+            old.capacity_sectors,
+            capacity_sectors
+        );
+        Ok(Some(Reset {
+            geometry,
+            active: KVVec::from_elem(0u8, n, GFP_KERNEL)?,
+            read: KVVec::from_elem(0u8, n, GFP_KERNEL)?,
+        }))
+    }
+
     /// Takes a snapshot: the read map becomes a copy of the active map and
-    /// the numbers advance, or a new generation starts.
-    pub(crate) fn take_snapshot(&self) {
-        let mut maps = self.maps.lock();
-        let Maps {
-            state,
-            active,
-            read,
-        } = &mut *maps;
-        if state.take_snapshot(active, read, || *Uuid::new_random().as_bytes()) {
+    /// the numbers advance, or a new generation starts (with `reset`, or
+    /// when the numbers are exhausted).
+    pub(crate) fn take_snapshot(&self, reset: Option<Reset>) {
+        // The maps a reset replaces are freed outside the spinlock.
+        let mut old = reset;
+        let exhausted = {
+            let mut maps = self.maps.lock();
+            if let Some(r) = old.as_mut() {
+                maps.geometry = core::mem::replace(&mut r.geometry, maps.geometry);
+                core::mem::swap(&mut maps.active, &mut r.active);
+                core::mem::swap(&mut maps.read, &mut r.read);
+                maps.state = CbtState::new(*Uuid::new_random().as_bytes());
+            }
+            let Maps {
+                state,
+                active,
+                read,
+                ..
+            } = &mut *maps;
+            state.take_snapshot(active, read, || *Uuid::new_random().as_bytes())
+        };
+        drop(old);
+        if exhausted {
             pr_info!("change numbers exhausted: new CBT generation\n");
         }
     }
 
     /// Returns the geometry and current numbers.
     pub(crate) fn info(&self) -> CbtInfo {
+        let maps = self.maps.lock();
         CbtInfo {
-            geometry: self.geometry,
-            state: self.maps.lock().state,
+            geometry: maps.geometry,
+            state: maps.state,
         }
     }
 
-    /// Copies `blocks` of a map to user space.
+    /// Copies `blocks` of a map to user space. Fails with `ENODATA` if the
+    /// map shrank meanwhile.
     pub(crate) fn read_to_user(
         &self,
         which: Map,
@@ -148,7 +213,8 @@ impl CbtMap {
                     Map::Read => &maps.read,
                     Map::Active => &maps.active,
                 };
-                bounce[..len].copy_from_slice(&map[pos..pos + len]);
+                let part = map.get(pos..pos + len).ok_or(ENODATA)?;
+                bounce[..len].copy_from_slice(part);
             }
             out.write_slice(&bounce[..len])?;
             pos += len;

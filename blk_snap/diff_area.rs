@@ -29,7 +29,7 @@ use core::ops::Range;
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use kernel::{
     alloc::{flags::GFP_NOIO, KVec},
-    block::{bdev::BlockDevice, bio::InFlightBio},
+    block::{bdev::BlockDevice, bio::InFlightBio, filter::Admitted},
     error::code::*,
     new_condvar, new_mutex, new_spinlock,
     page::Page,
@@ -69,7 +69,7 @@ impl Chunk {
 
 /// A write held until all the chunks it touches are writable.
 struct HeldWrite {
-    bio: InFlightBio,
+    bio: Admitted,
     chunks: Range<u64>,
 }
 
@@ -189,7 +189,7 @@ impl DiffArea {
     /// Handles a write that reached the device; `sector` is its first
     /// sector. Returns the bio if it may go on at once, `None` if it is
     /// held until the chunks it touches are copied.
-    pub(crate) fn cow(self: &Arc<Self>, sector: u64, bio: InFlightBio) -> Option<InFlightBio> {
+    pub(crate) fn cow(self: &Arc<Self>, sector: u64, bio: Admitted) -> Option<Admitted> {
         let chunks = self
             .geometry
             .chunks_touched(sector, u64::from(bio.sectors()));
@@ -412,6 +412,11 @@ impl DiffArea {
         reservation: &mut Option<RBTreeNodeReservation<u64, Chunk>>,
     ) -> Result<Source> {
         let mut state = self.state.lock();
+        if state.shut_down {
+            // The device is no longer protected: its data may be newer
+            // than the snapshot.
+            return Err(EIO);
+        }
         match state.chunks.get_mut(&chunk) {
             Some(c) => match c.content {
                 Content::Stored(at) => Ok(Source::Store(at)),
@@ -435,9 +440,11 @@ impl DiffArea {
         }
     }
 
-    /// Ends a read of chunk `c` from the device.
-    fn reader_done(&self, c: u64) {
-        let release = {
+    /// Ends a read of chunk `c` from the device. Fails with `EIO` if the
+    /// snapshot was shut down meanwhile: the writes it held may have
+    /// changed the data read.
+    fn reader_done(&self, c: u64) -> Result {
+        let (release, shut_down) = {
             let mut state = self.state.lock();
             let mut remove = false;
             let mut release = false;
@@ -451,11 +458,15 @@ impl DiffArea {
             if remove {
                 state.chunks.remove(&c);
             }
-            release
+            (release, state.shut_down)
         };
         if release {
             self.release_writable();
         }
+        if shut_down {
+            return Err(EIO);
+        }
+        Ok(())
     }
 
     /// Serves a read of the snapshot image: fills `bio` with the content the
@@ -475,7 +486,7 @@ impl DiffArea {
                 }
                 Source::Origin => {
                     let r = io::read_pages(&self.orig, piece.sector, len, true);
-                    self.reader_done(piece.chunk);
+                    self.reader_done(piece.chunk)?;
                     r
                 }
             }?;

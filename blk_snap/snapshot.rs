@@ -27,11 +27,15 @@ use kernel::{
     prelude::*,
     str::CStr,
     sync::{Arc, Mutex},
-    time::{ktime_ms_delta, Ktime},
+    time::{ktime_ms_delta, msecs_to_jiffies, Ktime},
     uuid::Uuid,
     workqueue::OwnedQueue,
     ThisModule,
 };
+
+/// How long taking a snapshot waits, at most, for the writes in flight on
+/// its devices before it gives up with `ETIMEDOUT`.
+const DRAIN_TIMEOUT_MS: u32 = 30_000;
 
 /// Module-wide state.
 #[pin_data]
@@ -265,6 +269,13 @@ impl Snapshot {
     }
 
     /// `IOCTL_BLKSNAP_SNAPSHOT_TAKE`.
+    ///
+    /// The cut: the file systems of the devices (and of a disk's
+    /// partitions) are frozen; new writes are held on every device; the
+    /// writes that passed before are waited for, so that every write that
+    /// completed before the cut is in the snapshot and none that was held is;
+    /// then the CBT maps switch and copy-on-write starts on every device,
+    /// the held writes go on, and the file systems thaw.
     pub(crate) fn take(self: &Arc<Self>) -> Result {
         let mut inner = self.inner.lock();
         if inner.destroyed {
@@ -282,7 +293,10 @@ impl Snapshot {
         // Everything that can fail and needs memory happens before the
         // devices are frozen.
         let cp = params::chunk_params();
-        let mut areas = KVec::with_capacity(inner.trackers.len(), GFP_KERNEL)?;
+        let n = inner.trackers.len();
+        let mut areas = KVec::with_capacity(n, GFP_KERNEL)?;
+        let mut resets = KVec::with_capacity(n, GFP_KERNEL)?;
+        let mut freeze = KVec::new();
         for t in inner.trackers.iter() {
             if t.is_detached() {
                 pr_err!("snapshot {}: device {} is gone\n", self.id, t.dev());
@@ -309,69 +323,106 @@ impl Snapshot {
                 params::chunk_maximum_in_queue.get(),
             )?;
             areas.push(area, GFP_KERNEL)?;
+            resets.push(Some(t.prepare_switch()?), GFP_KERNEL)?;
+            // A disk's partitions may carry file systems of their own.
+            freeze.push(t.bdev_ref(), GFP_KERNEL)?;
+            for part in bdev.partitions()? {
+                freeze.push(part, GFP_KERNEL)?;
+            }
         }
-        let mut slots = KVec::with_capacity(inner.trackers.len(), GFP_KERNEL)?;
-        for _ in inner.trackers.iter() {
-            slots.push(alloc_image_slot()?, GFP_KERNEL)?;
+        let mut slots = KVec::with_capacity(n, GFP_KERNEL)?;
+        for _ in 0..n {
+            match alloc_image_slot() {
+                Ok(s) => slots.push(s, GFP_KERNEL)?,
+                Err(e) => {
+                    for s in slots.iter() {
+                        free_image_slot(*s);
+                    }
+                    return Err(e);
+                }
+            }
         }
 
-        // Freeze the file systems, then hold writes on all devices while the
-        // tracking maps switch and copy-on-write starts: one instant for all.
         let start = Ktime::ktime_get();
         let mut frozen = 0;
-        let mut freeze_err = None;
-        for t in inner.trackers.iter() {
-            if let Err(e) = t.bdev().freeze() {
-                pr_err!(
+        for bdev in freeze.iter() {
+            if let Err(e) = bdev.freeze() {
+                // Like upstream: the snapshot is still crash consistent.
+                pr_warn!(
                     "snapshot {}: cannot freeze {}: {:?}\n",
                     self.id,
-                    t.bdev().name(),
+                    bdev.name(),
                     e
                 );
-                freeze_err = Some(e);
                 break;
             }
             frozen += 1;
         }
-        if freeze_err.is_none() {
-            for t in inner.trackers.iter() {
-                t.hold_writes();
-            }
-            for (t, a) in inner.trackers.iter().zip(areas.iter()) {
-                t.switch_to(a.clone());
-            }
-            for t in inner.trackers.iter() {
-                t.release_writes();
+        for t in inner.trackers.iter() {
+            t.hold_writes();
+        }
+        let held = Ktime::ktime_get();
+        let drained = self.drain(&inner.trackers);
+        let drain_ms = ktime_ms_delta(Ktime::ktime_get(), held);
+        let mut switched = Ok(());
+        if drained.is_ok() {
+            for ((t, a), r) in inner
+                .trackers
+                .iter()
+                .zip(areas.iter())
+                .zip(resets.iter_mut())
+            {
+                if let Err(e) = t.switch_to(a, r.take().flatten()) {
+                    switched = Err(e);
+                }
             }
         }
-        let held_ms = ktime_ms_delta(Ktime::ktime_get(), start);
-        for t in inner.trackers.iter().take(frozen) {
-            if let Err(e) = t.bdev().thaw() {
-                pr_err!(
-                    "snapshot {}: thawing {}: {:?}\n",
-                    self.id,
-                    t.bdev().name(),
-                    e
-                );
+        for t in inner.trackers.iter() {
+            t.release_writes();
+        }
+        let held_ms = ktime_ms_delta(Ktime::ktime_get(), held);
+        for bdev in freeze.iter().take(frozen).rev() {
+            if let Err(e) = bdev.thaw() {
+                pr_err!("snapshot {}: thawing {}: {:?}\n", self.id, bdev.name(), e);
             }
         }
         let window_ms = ktime_ms_delta(Ktime::ktime_get(), start);
-        if let Some(e) = freeze_err {
+        if let Err(e) = drained {
+            // Nothing switched: the snapshot stays untaken and may be taken
+            // again.
             for s in slots.iter() {
                 free_image_slot(*s);
             }
             return Err(e);
         }
+        if let Err(e) = switched {
+            // A device went away during the take. The snapshot cannot be
+            // used: it stays taken without images until it is destroyed.
+            pr_err!(
+                "snapshot {}: a device went away while it was taken: {:?}\n",
+                self.id,
+                e
+            );
+            for s in slots.iter() {
+                free_image_slot(*s);
+            }
+            inner.taken = true;
+            for t in inner.trackers.iter() {
+                let _ = t.leave(&self.id);
+            }
+            return Err(e);
+        }
         pr_info!(
-            "snapshot {} taken: {} devices frozen for {} ms, writes held for {} ms\n",
+            "snapshot {} taken: {} devices frozen for {} ms, writes held for {} ms ({} ms waiting for writes in flight)\n",
             self.id,
-            inner.trackers.len(),
+            n,
             window_ms,
-            held_ms
+            held_ms,
+            drain_ms
         );
 
         // The images appear after the thaw: creating them may take time.
-        let mut images = KVec::with_capacity(areas.len(), GFP_KERNEL)?;
+        let mut images = KVec::with_capacity(n, GFP_KERNEL)?;
         for ((t, a), slot) in inner.trackers.iter().zip(areas.iter()).zip(slots.iter()) {
             match Image::new(*slot, t.bdev(), a.clone()) {
                 Ok(img) => {
@@ -382,7 +433,8 @@ impl Snapshot {
                         img.name(),
                         t.bdev().name()
                     );
-                    images.push(img, GFP_KERNEL)?;
+                    // Cannot fail: the capacity is there.
+                    let _ = images.push(img, GFP_KERNEL);
                 }
                 Err(e) => {
                     pr_err!(
@@ -398,6 +450,27 @@ impl Snapshot {
         }
         inner.images = images;
         inner.taken = true;
+        Ok(())
+    }
+
+    /// Waits until no write that passed before the hold is in flight on
+    /// any of `trackers`, for at most [`DRAIN_TIMEOUT_MS`] in all.
+    fn drain(&self, trackers: &[Arc<Tracker>]) -> Result {
+        let start = Ktime::ktime_get();
+        for t in trackers {
+            let spent =
+                u32::try_from(ktime_ms_delta(Ktime::ktime_get(), start)).unwrap_or(u32::MAX);
+            let left = DRAIN_TIMEOUT_MS.saturating_sub(spent).max(1);
+            if let Err(e) = t.drain(msecs_to_jiffies(left)) {
+                pr_err!(
+                    "snapshot {} not taken: waiting for the writes in flight on {}: {:?}\n",
+                    self.id,
+                    t.bdev().name(),
+                    e
+                );
+                return Err(e);
+            }
+        }
         Ok(())
     }
 

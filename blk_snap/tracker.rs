@@ -14,19 +14,17 @@ use crate::{
     uapi::{self, ctl},
 };
 use core::mem::size_of;
-use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::{
     alloc::{flags::GFP_KERNEL, flags::GFP_NOIO, KVec},
     block::{
         bdev::{BlockDevice, DevT},
-        bio::{submitter_may_wait, InFlightBio},
-        filter::Filter,
+        bio::{flags, submitter_may_wait, BioList, InFlightBio},
+        filter::{Admitted, Filter, Passage},
     },
     c_str,
     error::code::*,
     new_spinlock,
     prelude::*,
-    rbtree::{RBTree, RBTreeNodeReservation},
     str::CStr,
     sync::{Arc, SpinLock},
     types::{ARef, AsBytes, FromBytes},
@@ -53,25 +51,30 @@ struct Cow {
     area: Option<Arc<DiffArea>>,
     /// Index of the snapshot image.
     image: Option<u32>,
-    /// Set while a snapshot is being taken: writes wait in `held`.
+    /// Set while a snapshot is being taken: new writes wait in `held`.
     holding: bool,
-    held: RBTree<u64, (u64, InFlightBio)>,
-    next_held: u64,
+    held: BioList,
     /// The filter was detached: the device is gone or no longer tracked.
     detached: bool,
 }
 
 /// A tracked block device.
+///
+/// Every write that the tracker lets pass is admitted through `passage`
+/// first, so that taking a snapshot can wait for the writes that passed
+/// before it: a snapshot then holds every write that completed before it,
+/// and none that passed after it.
 #[pin_data]
 pub(crate) struct Tracker {
     dev: DevT,
     bdev: ARef<BlockDevice>,
     #[pin]
     cbt: CbtMap,
-    /// Mirrors `Cow::holding`, to reserve memory before taking the lock.
-    holding: AtomicBool,
     #[pin]
     cow: SpinLock<Cow>,
+    /// The writes let pass and not completed yet.
+    #[pin]
+    passage: Passage,
 }
 
 impl Tracker {
@@ -82,16 +85,15 @@ impl Tracker {
                 dev: bdev.dev(),
                 bdev: ARef::from(bdev),
                 cbt <- cbt,
-                holding: AtomicBool::new(false),
                 cow <- new_spinlock!(Cow {
                     snapshot: None,
                     area: None,
                     image: None,
                     holding: false,
-                    held: RBTree::new(),
-                    next_held: 0,
+                    held: BioList::new(),
                     detached: false,
                 }, "Tracker::cow"),
+                passage <- Passage::new(),
             }),
             GFP_KERNEL,
         )?;
@@ -172,40 +174,75 @@ impl Tracker {
         area
     }
 
-    /// Starts holding writes, for the instant a snapshot is taken.
+    /// Starts holding new writes, for the instant a snapshot is taken.
     pub(crate) fn hold_writes(&self) {
-        self.holding.store(true, Ordering::Release);
         self.cow.lock().holding = true;
     }
 
-    /// Starts copy-on-write with `area` and switches the CBT maps.
-    pub(crate) fn switch_to(&self, area: Arc<DiffArea>) {
-        self.cbt.take_snapshot();
-        self.cow.lock().area = Some(area);
+    /// Waits until the writes that passed before [`Tracker::hold_writes`]
+    /// completed, at most `timeout_jiffies`. Sleeps, interruptibly.
+    pub(crate) fn drain(&self, timeout_jiffies: kernel::time::Jiffies) -> Result {
+        match self.passage.wait_idle(timeout_jiffies) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                pr_err!("{}: writes still in flight, timed out\n", self.dev);
+                Err(ETIMEDOUT)
+            }
+            Err(e) => {
+                pr_err!(
+                    "{}: interrupted while waiting for writes in flight\n",
+                    self.dev
+                );
+                Err(if e == ERESTARTSYS { EINTR } else { e })
+            }
+        }
     }
 
-    /// Stops holding writes and sends the held ones through copy-on-write.
+    /// Prepares what switching to a new snapshot needs, sleeping: new CBT
+    /// maps if the device changed size.
+    pub(crate) fn prepare_switch(&self) -> Result<Option<crate::cbt_map::Reset>> {
+        self.cbt
+            .prepare_reset(self.bdev.nr_sectors(), &params::cbt_params())
+    }
+
+    /// Switches the CBT maps and starts copy-on-write with `area`, while
+    /// writes are held and none is in flight. Fails with `ENODEV` if the
+    /// device went away meanwhile; the area is then marked corrupted.
+    pub(crate) fn switch_to(
+        &self,
+        area: &Arc<DiffArea>,
+        reset: Option<crate::cbt_map::Reset>,
+    ) -> Result {
+        self.cbt.take_snapshot(reset);
+        {
+            let mut cow = self.cow.lock();
+            if !cow.detached {
+                cow.area = Some(area.clone());
+                return Ok(());
+            }
+        }
+        pr_err!(
+            "{}: the device went away while the snapshot was taken\n",
+            self.dev
+        );
+        area.set_error(ENODEV);
+        Err(ENODEV)
+    }
+
+    /// Stops holding writes and lets the held ones pass, through
+    /// copy-on-write if the snapshot is on. Writes in flight together have
+    /// no order, so new writes may pass before the held ones.
     pub(crate) fn release_writes(&self) {
-        let (held, area) = {
+        let (mut held, area) = {
             let mut cow = self.cow.lock();
             cow.holding = false;
-            (core::mem::take(&mut cow.held), cow.area.clone())
+            (cow.held.take(), cow.area.clone())
         };
-        self.holding.store(false, Ordering::Release);
-        let mut held = held;
-        while let Some(key) = held.iter().next().map(|(k, _)| *k) {
-            let Some((sector, bio)) = held.remove(&key) else {
-                break;
-            };
-            // They were counted in the CBT before the switch: count again.
+        while let Some(bio) = held.pop() {
+            let sector = bio.sector_in(&self.bdev);
+            let bio = self.passage.admit(bio);
             self.cbt.mark_write(sector, u64::from(bio.sectors()));
-            let pass = match &area {
-                Some(a) => a.cow(sector, bio),
-                None => Some(bio),
-            };
-            if let Some(bio) = pass {
-                bio.submit();
-            }
+            self.pass(sector, bio, area.as_ref(), false);
         }
     }
 
@@ -225,30 +262,31 @@ impl Tracker {
         self.cow.lock().image = Some(index);
     }
 
-    /// Handles a write bio that reached the device.
-    fn write(&self, sector: u64, bio: InFlightBio) -> Option<InFlightBio> {
-        // Memory to hold the bio, reserved outside the lock.
-        let reservation = if self.holding.load(Ordering::Acquire) {
-            RBTreeNodeReservation::new(GFP_NOIO).ok()
-        } else {
-            None
-        };
-        let area = {
-            let mut guard = self.cow.lock();
-            let cow = &mut *guard;
+    /// Handles a write bio that reached the device: it is held while a
+    /// snapshot is being taken; otherwise it is admitted, marked in the CBT
+    /// map, and passes on through copy-on-write if a snapshot is on.
+    fn write(&self, sector: u64, bio: InFlightBio) {
+        let (bio, area) = {
+            let mut cow = self.cow.lock();
             if cow.holding {
-                if let Some(r) = reservation {
-                    let key = cow.next_held;
-                    cow.next_held += 1;
-                    cow.held.insert(r.into_node(key, (sector, bio)));
-                    return None;
-                }
-                pr_err!("{}: out of memory while taking a snapshot\n", self.dev);
+                cow.held.push(bio);
+                return;
             }
-            match cow.area.clone() {
-                Some(area) => area,
-                None => return Some(bio),
-            }
+            (self.passage.admit(bio), cow.area.clone())
+        };
+        // Marked after it was admitted: a snapshot taken from now on waits
+        // for the write, so the mark belongs to the snapshot it is in.
+        self.cbt.mark_write(sector, u64::from(bio.sectors()));
+        let nowait = bio.has_flags(flags::NOWAIT);
+        self.pass(sector, bio, area.as_ref(), !nowait && submitter_may_wait());
+    }
+
+    /// Lets an admitted write pass, through copy-on-write if `area` is on.
+    /// `may_wait`: the caller may sleep while the copies lag behind.
+    fn pass(&self, sector: u64, bio: Admitted, area: Option<&Arc<DiffArea>>, may_wait: bool) {
+        let Some(area) = area else {
+            bio.submit();
+            return;
         };
         if bio.has_crypt_ctx() || bio.has_integrity() {
             pr_err!(
@@ -256,13 +294,14 @@ impl Tracker {
                 self.dev
             );
             area.set_error(EPERM);
-            return Some(bio);
+            bio.submit();
+            return;
         }
-        let pass = area.cow(sector, bio);
-        if pass.is_none() && submitter_may_wait() {
-            area.throttle();
+        match area.cow(sector, bio) {
+            Some(bio) => bio.submit(),
+            None if may_wait => area.throttle(),
+            None => {}
         }
-        pass
     }
 
     fn cbtinfo(&self, opt: UserSlice, optlen: &mut u32) -> Result<i32> {
@@ -392,18 +431,40 @@ impl Filter for TrackerFilter {
         Tracker::new(bdev)
     }
 
+    fn may_detach(tracker: &Arc<Tracker>, bdev: &BlockDevice) -> Result {
+        let mut cow = tracker.cow.lock();
+        if let Some(id) = cow.snapshot {
+            drop(cow);
+            pr_err!(
+                "{} [{}] belongs to snapshot {}: destroy it before detaching\n",
+                bdev,
+                tracker.dev(),
+                id
+            );
+            return Err(EBUSY);
+        }
+        // Nothing can join a snapshot from now on: the detach follows.
+        cow.detached = true;
+        Ok(())
+    }
+
     fn detach(tracker: &Arc<Tracker>, bdev: &BlockDevice) {
         pr_info!("stopped tracking {} [{}]\n", bdev, tracker.dev());
-        let area = {
+        let (area, mut held) = {
             let mut cow = tracker.cow.lock();
             cow.detached = true;
-            cow.area.take()
+            cow.holding = false;
+            (cow.area.take(), cow.held.take())
         };
-        // A snapshot of a device that is no longer tracked cannot be kept
-        // consistent: it is marked corrupted, and the writes it held go on.
+        // Only a device that went away is detached while in a snapshot: that
+        // snapshot cannot be kept consistent, so it is marked corrupted, and
+        // the writes it held go on.
         if let Some(a) = area {
             a.set_error(ENODEV);
             a.shut_down();
+        }
+        while let Some(bio) = held.pop() {
+            tracker.passage.admit(bio).submit();
         }
     }
 
@@ -429,13 +490,10 @@ impl Filter for TrackerFilter {
     }
 
     fn submit_bio(tracker: &Arc<Tracker>, sector: u64, bio: InFlightBio) -> Option<InFlightBio> {
-        if !bio.is_write() {
+        if !bio.is_write() || bio.sectors() == 0 {
             return Some(bio);
         }
-        tracker.cbt.mark_write(sector, u64::from(bio.sectors()));
-        if bio.sectors() == 0 {
-            return Some(bio);
-        }
-        tracker.write(sector, bio)
+        tracker.write(sector, bio);
+        None
     }
 }

@@ -399,25 +399,9 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             (opts.log)(&format!("{}: change tracking started", path.display()));
         }
         if let Some(m) = &previous {
-            let info = tracker.cbt_info().map_err(|e| e.to_string())?;
-            let why = if m.status != Status::Complete {
-                Some("the previous backup did not complete".to_string())
-            } else if m.size != info.device_capacity {
-                Some(format!(
-                    "the device size changed from {} to {}",
-                    m.size, info.device_capacity
-                ))
-            } else if m.generation != info.generation {
-                Some(format!(
-                    "the change tracking generation changed ({} -> {}): tracking was restarted",
-                    m.generation, info.generation
-                ))
-            } else {
-                None
-            };
-            if let Some(why) = why {
+            if m.status != Status::Complete {
                 (opts.log)(&format!(
-                    "{}: {why}; making a full backup instead",
+                    "{}: the previous backup did not complete; making a full backup instead",
                     path.display()
                 ));
                 kind = Kind::Full;
@@ -439,6 +423,35 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
         d.tracker.snapshot_add(&id).map_err(|e| e.to_string())?;
     }
     ctl.snapshot_take(&id).map_err(|e| e.to_string())?;
+
+    // The take starts a new CBT generation if tracking restarted or the
+    // device changed size: only now can the numbers be compared.
+    for d in devices.iter_mut() {
+        let (Some(m), Kind::Incremental | Kind::Differential) = (&d.previous, d.kind) else {
+            continue;
+        };
+        let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
+        let why = if m.size != info.device_capacity {
+            Some(format!(
+                "the device size changed from {} to {}",
+                m.size, info.device_capacity
+            ))
+        } else if m.generation != info.generation {
+            Some(format!(
+                "the change tracking generation changed ({} -> {}): tracking was restarted",
+                m.generation, info.generation
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            (opts.log)(&format!(
+                "{}: {why}; making a full backup instead",
+                d.path.display()
+            ));
+            d.kind = Kind::Full;
+        }
+    }
 
     let mut out = Vec::new();
     for d in &devices {

@@ -26,7 +26,7 @@ pub const ALL: &[Test] = &[
     ("backup_interrupted_is_marked_incomplete", interrupted),
 ];
 
-fn opts<'a>(
+pub(crate) fn opts<'a>(
     devices: &'a [PathBuf],
     dir: &'a Path,
     kind: Kind,
@@ -48,7 +48,7 @@ fn opts<'a>(
 }
 
 /// Compares the backup image with the snapshot image byte for byte.
-fn same(backup: &Path, image: &Path, size: u64) -> TestResult {
+pub(crate) fn same(backup: &Path, image: &Path, size: u64) -> TestResult {
     let (a, b) = (sha256(backup)?, sha256(image)?);
     if a != b {
         fail!(

@@ -256,6 +256,11 @@ impl LoopDev {
         })
     }
 
+    /// The backing file.
+    pub fn backing(&self) -> &Path {
+        &self.backing
+    }
+
     /// Detaches the backing file and deletes the loop disk (`del_gendisk`).
     pub fn remove(&mut self) -> Result<(), String> {
         let f = File::open(&self.path).map_err(|e| e.to_string())?;

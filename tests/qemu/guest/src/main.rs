@@ -8,6 +8,7 @@
 //! `N passed, N failed`. The exit status is non-zero if any test failed.
 
 mod backup;
+mod cut;
 mod dev;
 mod snap;
 mod store;
@@ -70,6 +71,7 @@ fn main() {
         .chain(snap::ALL)
         .chain(store::ALL)
         .chain(backup::ALL)
+        .chain(cut::ALL)
     {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;

@@ -46,7 +46,7 @@ pub(crate) fn disk(serial: &str) -> Result<PathBuf, String> {
 }
 
 /// A deterministic pseudo-random generator (xorshift64*).
-pub(crate) struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     pub(crate) fn next(&mut self) -> u64 {

@@ -9,6 +9,7 @@
 
 mod backup;
 mod dev;
+mod odd;
 mod snap;
 mod store;
 mod tests;
@@ -70,6 +71,7 @@ fn main() {
         .chain(snap::ALL)
         .chain(store::ALL)
         .chain(backup::ALL)
+        .chain(odd::ALL)
     {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;

@@ -18,18 +18,30 @@
 //! of `diff_storage_minimum`, a `low_free_space` event tells user space to
 //! append storage in time.
 //!
+//! The storage works in blocks of 4 KiB, or of the logical block size of
+//! the device it is on if that is larger ([`store_alignment`]): every range
+//! starts on such a block of its device and holds whole blocks, every
+//! allocation starts on a block and takes whole blocks (a chunk of 512 bytes
+//! at the end of an odd-sized device takes 4 KiB). [`DiffStorage::read`] and
+//! [`DiffStorage::write`] take any sectors inside an allocation, and pad
+//! them to whole blocks: a partial block is read, or read, modified and
+//! written back.
+//!
 //! Addresses handed out are sectors of a virtual space in which the ranges
 //! follow one another.
 
 use crate::{
     event_queue::EventQueue,
     io, params,
-    store::{free_from, place, Cursor},
+    store::{
+        align_down, align_up, free_from, io_window, place, store_alignment, usable_range, Cursor,
+        Extent, RangeError,
+    },
     uapi,
 };
 use kernel::{
     alloc::{
-        flags::{GFP_KERNEL, GFP_NOIO},
+        flags::{__GFP_ZERO, GFP_KERNEL, GFP_NOIO},
         KBox, KVec,
     },
     block::bdev::BlockDevice,
@@ -38,7 +50,7 @@ use kernel::{
     new_mutex,
     page::{Page, PAGE_SIZE},
     prelude::*,
-    rbtree::RBTree,
+    rbtree::{RBTree, RBTreeNode},
     str::CStr,
     sync::{Arc, Mutex},
 };
@@ -84,13 +96,14 @@ enum Target {
     File,
     /// Memory pages.
     Memory,
-    /// A block device, from sector `start`.
+    /// A block device, from sector `start`, a multiple of the block size.
     Device { dev: Arc<Device>, start: u64 },
 }
 
+/// A range of the storage. Its length and block size are in the
+/// [`Extent`] of the same index in `Space::extents`.
 struct Range {
     target: Target,
-    len: u64,
 }
 
 /// The storage kind, with what it needs beyond the ranges.
@@ -102,13 +115,13 @@ enum Kind {
 
 struct Space {
     ranges: KVec<Range>,
-    /// The lengths of `ranges`, for [`place`].
-    lengths: KVec<u64>,
+    /// The lengths and block sizes of `ranges`, for [`place`].
+    extents: KVec<Extent>,
     /// For memory: the pages, by page index of the address.
     mem: RBTree<u64, Page>,
     cursor: Cursor,
     used: u64,
-    /// For a file: the size it may grow to.
+    /// For a file: the size it may grow to, in whole blocks.
     limit: u64,
     /// `low_free_space` was signalled and not re-armed by an append.
     low_signalled: bool,
@@ -145,19 +158,34 @@ impl DiffStorage {
         if probe.bdev().is_some() {
             drop(probe);
             let dev = Arc::new(Device::open(path)?, GFP_KERNEL)?;
-            let sectors = dev.bdev().nr_sectors();
+            let (sectors, lbs) = (dev.bdev().nr_sectors(), dev.bdev().logical_block_size());
+            let usable = usable_range(0, sectors, sectors, lbs).map_err(|_| {
+                pr_err!(
+                    "difference storage {}: {} sectors hold no block of {} sectors\n",
+                    path,
+                    sectors,
+                    store_alignment(lbs)
+                );
+                EINVAL
+            })?;
             let home = Some(kernel::types::ARef::from(dev.bdev()));
-            let mut ranges = KVec::new();
-            ranges.push(
-                Range {
-                    target: Target::Device { dev, start: 0 },
-                    len: sectors,
-                },
-                GFP_KERNEL,
-            )?;
-            return Self::new(Kind::Devices, events, home, ranges, sectors);
+            let extent = Extent::new(usable.end, store_alignment(lbs));
+            let range = Range {
+                target: Target::Device { dev, start: 0 },
+            };
+            return Self::new(
+                Kind::Devices,
+                events,
+                home,
+                one(range)?,
+                one(extent)?,
+                extent.len,
+            );
         }
         let home = probe.fs_bdev().map(kernel::types::ARef::from);
+        // Direct I/O on a file system on a device is aligned to the device's
+        // logical block size.
+        let align = store_alignment(probe.fs_bdev().map_or(0, |b| b.logical_block_size()));
         let file = if probe.is_regular() {
             drop(probe);
             File::open(path, O_RDWR | O_LARGEFILE | O_DIRECT, 0)
@@ -178,38 +206,49 @@ impl DiffStorage {
             );
         })?;
         let sectors = file.size() >> 9;
-        let limit = limit.max(sectors);
+        let limit = align_down(limit.max(sectors), align);
         if limit == 0 {
-            pr_err!("difference storage {}: no space and a limit of 0\n", path);
+            pr_err!(
+                "difference storage {}: no space and a limit below {} sectors\n",
+                path,
+                align
+            );
             return Err(EINVAL);
         }
-        let mut ranges = KVec::new();
-        ranges.push(
-            Range {
-                target: Target::File,
-                len: sectors,
-            },
-            GFP_KERNEL,
-        )?;
-        Self::new(Kind::File(file), events, home, ranges, limit)
+        let range = Range {
+            target: Target::File,
+        };
+        let extent = Extent::new(sectors, align);
+        Self::new(
+            Kind::File(file),
+            events,
+            home,
+            one(range)?,
+            one(extent)?,
+            limit,
+        )
     }
 
     /// A storage in memory of up to `limit` sectors.
     pub(crate) fn memory(limit: u64, events: Arc<EventQueue>) -> Result<Arc<Self>> {
-        let mut ranges = KVec::new();
-        ranges.push(
-            Range {
-                target: Target::Memory,
-                len: limit,
-            },
-            GFP_KERNEL,
-        )?;
-        Self::new(Kind::Memory, events, None, ranges, limit)
+        let range = Range {
+            target: Target::Memory,
+        };
+        // Whole pages.
+        let extent = Extent::new(limit, store_alignment(PAGE_SIZE as u32));
+        Self::new(
+            Kind::Memory,
+            events,
+            None,
+            one(range)?,
+            one(extent)?,
+            extent.len,
+        )
     }
 
     /// A storage of block device ranges, empty until ranges are appended.
     pub(crate) fn devices(events: Arc<EventQueue>) -> Result<Arc<Self>> {
-        Self::new(Kind::Devices, events, None, KVec::new(), 0)
+        Self::new(Kind::Devices, events, None, KVec::new(), KVec::new(), 0)
     }
 
     fn new(
@@ -217,12 +256,9 @@ impl DiffStorage {
         events: Arc<EventQueue>,
         home: Option<kernel::types::ARef<BlockDevice>>,
         ranges: KVec<Range>,
+        extents: KVec<Extent>,
         limit: u64,
     ) -> Result<Arc<Self>> {
-        let mut lengths = KVec::with_capacity(ranges.len(), GFP_KERNEL)?;
-        for r in ranges.iter() {
-            lengths.push(r.len, GFP_KERNEL)?;
-        }
         Arc::pin_init(
             try_pin_init!(Self {
                 kind,
@@ -230,7 +266,7 @@ impl DiffStorage {
                 home,
                 space <- new_mutex!(Space {
                     ranges,
-                    lengths,
+                    extents,
                     mem: RBTree::new(),
                     cursor: Cursor::default(),
                     used: 0,
@@ -262,6 +298,11 @@ impl DiffStorage {
     }
 
     /// Appends `count` sectors from `start` of the block device at `path`.
+    ///
+    /// A range must be whole logical blocks of the device; of it, the whole
+    /// blocks of the storage's block size are used (on a device with
+    /// 512-byte sectors, up to 7 sectors at either end of a range that is
+    /// not on 4 KiB boundaries stay unused).
     pub(crate) fn append(&self, path: &CStr, ranges: &[(u64, u64)]) -> Result {
         if !matches!(self.kind, Kind::Devices) {
             pr_err!("only a storage of device ranges can grow by appending\n");
@@ -284,21 +325,39 @@ impl DiffStorage {
             Some(dev) => dev,
             None => Arc::new(Device::open(path)?, GFP_KERNEL)?,
         };
-        let size = dev.bdev().nr_sectors();
+        let (size, lbs) = (dev.bdev().nr_sectors(), dev.bdev().logical_block_size());
+        let align = store_alignment(lbs);
+        // The sectors used of each range.
+        let mut usable = KVec::with_capacity(ranges.len(), GFP_KERNEL)?;
         for (i, &(start, count)) in ranges.iter().enumerate() {
-            let end = start.checked_add(count).ok_or(EINVAL)?;
-            if count == 0 || end > size {
-                pr_err!(
-                    "{}: range {}+{} is empty or past the end ({} sectors)\n",
-                    path,
-                    start,
-                    count,
-                    size
-                );
-                return Err(EINVAL);
-            }
+            let r = usable_range(start, count, size, lbs).map_err(|e| {
+                match e {
+                    RangeError::Empty | RangeError::PastEnd => pr_err!(
+                        "{}: range {}+{} is empty or past the end ({} sectors)\n",
+                        path,
+                        start,
+                        count,
+                        size
+                    ),
+                    RangeError::Misaligned => pr_err!(
+                        "{}: range {}+{} is not on logical blocks of {} bytes\n",
+                        path,
+                        start,
+                        count,
+                        lbs
+                    ),
+                    RangeError::TooSmall => pr_err!(
+                        "{}: range {}+{} holds no aligned block of {} sectors\n",
+                        path,
+                        start,
+                        count,
+                        align
+                    ),
+                }
+                EINVAL
+            })?;
             for &(s2, c2) in &ranges[..i] {
-                if start < s2 + c2 && s2 < end {
+                if start < s2 + c2 && s2 < start + count {
                     pr_err!(
                         "{}: ranges {}+{} and {}+{} overlap\n",
                         path,
@@ -310,15 +369,17 @@ impl DiffStorage {
                     return Err(EINVAL);
                 }
             }
+            usable.push(r, GFP_KERNEL)?;
         }
         let mut space = self.space.lock();
-        for r in space.ranges.iter() {
+        let space = &mut *space;
+        for (r, e) in space.ranges.iter().zip(space.extents.iter()) {
             if let Target::Device { dev: d, start: s } = &r.target {
                 if d.bdev().dev() != dev.bdev().dev() {
                     continue;
                 }
                 for &(start, count) in ranges {
-                    if start < s + r.len && *s < start + count {
+                    if start < s + e.len && *s < start + count {
                         pr_err!(
                             "{}: range {}+{} overlaps storage appended before\n",
                             path,
@@ -331,21 +392,22 @@ impl DiffStorage {
             }
         }
         space.ranges.reserve(ranges.len(), GFP_KERNEL)?;
-        space.lengths.reserve(ranges.len(), GFP_KERNEL)?;
-        for &(start, count) in ranges {
-            space.lengths.push(count, GFP_KERNEL)?;
+        space.extents.reserve(ranges.len(), GFP_KERNEL)?;
+        for r in usable.iter() {
+            space
+                .extents
+                .push(Extent::new(r.end - r.start, align), GFP_KERNEL)?;
             space.ranges.push(
                 Range {
                     target: Target::Device {
                         dev: dev.clone(),
-                        start,
+                        start: r.start,
                     },
-                    len: count,
                 },
                 GFP_KERNEL,
             )?;
         }
-        let free = self.free(&space);
+        let free = self.free(space);
         if free >= low_mark() {
             space.low_signalled = false;
         }
@@ -359,24 +421,26 @@ impl DiffStorage {
     }
 
     fn free(&self, space: &Space) -> u64 {
-        let mut free = free_from(&space.lengths, space.cursor);
+        let mut free = free_from(&space.extents, space.cursor);
         if let Kind::File(_) = self.kind {
             // The file may still grow.
             free += space
                 .limit
-                .saturating_sub(space.lengths.first().copied().unwrap_or(0));
+                .saturating_sub(space.extents.first().map_or(0, |e| e.len));
         }
         free
     }
 
     /// Allocates `sectors` sectors, growing a file if needed and allowed.
+    /// The allocation starts on a block of the storage and takes whole
+    /// blocks.
     pub(crate) fn alloc(&self, sectors: u64) -> core::result::Result<u64, NoRoom> {
         let mut space = self.space.lock();
         loop {
-            if let Some((range, at, next)) = place(&space.lengths, space.cursor, sectors) {
-                space.cursor = next;
-                space.used += sectors;
-                let base: u64 = space.lengths[..range].iter().sum();
+            if let Some(p) = place(&space.extents, space.cursor, sectors) {
+                space.cursor = p.next;
+                space.used += p.sectors;
+                let base: u64 = space.extents[..p.extent].iter().map(|e| e.len).sum();
                 let free = self.free(&space);
                 if free < low_mark() && !space.low_signalled {
                     space.low_signalled = true;
@@ -384,29 +448,34 @@ impl DiffStorage {
                     self.events
                         .push(uapi::event::LOW_FREE_SPACE, &free.to_ne_bytes());
                 }
-                return Ok(base + at);
+                return Ok(base + p.at);
             }
             // A file grows; other kinds are full.
             let Kind::File(file) = &self.kind else {
                 return Err(self.full(sectors));
             };
-            let have = space.ranges[0].len;
-            let step = u64::from(params::diff_storage_minimum.get()).max(sectors);
-            let to = (have + step).min(space.limit);
-            if to < space.used + sectors {
+            let align = space.extents[0].align;
+            let Some(need) = align_up(sectors, align) else {
+                return Err(self.full(sectors));
+            };
+            let have = file.size() >> 9;
+            let step = u64::from(params::diff_storage_minimum.get()).max(need);
+            let to = have.saturating_add(step).min(space.limit);
+            if align_down(to, align) < space.used + need {
                 return Err(self.full(sectors));
             }
-            file.allocate(have << 9, (to - have) << 9).map_err(|e| {
-                pr_err!(
-                    "difference storage: growing to {} sectors failed: {:?}\n",
-                    to,
-                    e
-                );
-                NoRoom::Error(e)
-            })?;
-            pr_info!("difference storage grew to {} MiB\n", to >> 11);
-            space.ranges[0].len = to;
-            space.lengths[0] = to;
+            if to > have {
+                file.allocate(have << 9, (to - have) << 9).map_err(|e| {
+                    pr_err!(
+                        "difference storage: growing to {} sectors failed: {:?}\n",
+                        to,
+                        e
+                    );
+                    NoRoom::Error(e)
+                })?;
+                pr_info!("difference storage grew to {} MiB\n", to >> 11);
+            }
+            space.extents[0] = Extent::new(to, align);
         }
     }
 
@@ -417,55 +486,95 @@ impl DiffStorage {
         NoRoom::Full
     }
 
-    /// Finds the range that holds `addr`: its target and the offset in it.
-    fn locate(&self, addr: u64) -> Result<(Target2, u64)> {
+    /// Finds the range that holds the `sectors` sectors from `addr`.
+    fn locate(&self, addr: u64, sectors: u64) -> Result<Located> {
         let space = self.space.lock();
         let mut base = 0;
-        for r in space.ranges.iter() {
-            if addr < base + r.len {
-                let t = match &r.target {
+        for (r, e) in space.ranges.iter().zip(space.extents.iter()) {
+            if addr < base + e.len {
+                let at = addr - base;
+                if sectors > e.len - at {
+                    // Allocations never straddle two ranges.
+                    return Err(EIO);
+                }
+                let target = match &r.target {
                     Target::File => Target2::File,
                     Target::Memory => Target2::Memory,
                     Target::Device { dev, start } => Target2::Device(dev.clone(), *start),
                 };
-                return Ok((t, addr - base));
+                return Ok(Located {
+                    target,
+                    at,
+                    align: e.align,
+                });
             }
-            base += r.len;
+            base += e.len;
         }
         Err(EIO)
     }
 
-    /// Writes `len` bytes of `pages` at address `addr`.
+    /// Writes `len` bytes of `pages` at address `addr`: any whole sectors
+    /// inside an allocation.
     pub(crate) fn write(&self, addr: u64, pages: KVec<Page>, len: usize) -> Result {
-        match self.locate(addr)? {
-            (Target2::File, at) => {
+        let sectors = io_sectors(len, pages.len())?;
+        let loc = self.locate(addr, sectors)?;
+        if let Target2::Memory = loc.target {
+            return self.write_memory(loc.at, pages, len);
+        }
+        let window = io_window(loc.at, sectors, loc.align).ok_or(EINVAL)?;
+        if window == (loc.at..loc.at + sectors) {
+            return self.write_blocks(&loc.target, loc.at, pages, len);
+        }
+        // Part of a block: read, modify and write back the whole blocks.
+        // The blocks belong to this allocation alone.
+        let wlen = ((window.end - window.start) << 9) as usize;
+        let blocks = self.read_blocks(&loc.target, window.start, wlen)?;
+        let offset = ((loc.at - window.start) << 9) as usize;
+        io::copy_pages(&pages, 0, &blocks, offset, len)?;
+        self.write_blocks(&loc.target, window.start, blocks, wlen)
+    }
+
+    /// Reads `len` bytes at address `addr` into new pages: any whole sectors
+    /// inside an allocation.
+    pub(crate) fn read(&self, addr: u64, len: usize) -> Result<KVec<Page>> {
+        let sectors = io_sectors(len, len.div_ceil(PAGE_SIZE))?;
+        let loc = self.locate(addr, sectors)?;
+        if let Target2::Memory = loc.target {
+            return self.read_memory(loc.at, len);
+        }
+        let window = io_window(loc.at, sectors, loc.align).ok_or(EINVAL)?;
+        if window == (loc.at..loc.at + sectors) {
+            return self.read_blocks(&loc.target, loc.at, len);
+        }
+        // Part of a block: read the whole blocks.
+        let wlen = ((window.end - window.start) << 9) as usize;
+        let blocks = self.read_blocks(&loc.target, window.start, wlen)?;
+        let pages = io::alloc_pages(len)?;
+        let offset = ((loc.at - window.start) << 9) as usize;
+        io::copy_pages(&blocks, offset, &pages, 0, len)?;
+        Ok(pages)
+    }
+
+    /// Writes whole blocks to a file or a device.
+    fn write_blocks(&self, target: &Target2, at: u64, pages: KVec<Page>, len: usize) -> Result {
+        match target {
+            Target2::File => {
                 let Kind::File(f) = &self.kind else {
                     return Err(EIO);
                 };
                 f.write_pages_at(at << 9, &pages, len)
             }
-            (Target2::Device(dev, start), at) => {
+            Target2::Device(dev, start) => {
                 io::write_pages(dev.bdev(), start + at, pages, len, false).map(|_| ())
             }
-            (Target2::Memory, at) => {
-                if at % 8 != 0 || len % PAGE_SIZE != 0 {
-                    return Err(EINVAL);
-                }
-                let mut space = self.space.lock();
-                // The pages themselves are kept.
-                for (i, page) in pages.into_iter().take(len / PAGE_SIZE).enumerate() {
-                    let node = kernel::rbtree::RBTreeNode::new(at / 8 + i as u64, page, GFP_NOIO)?;
-                    space.mem.insert(node);
-                }
-                Ok(())
-            }
+            Target2::Memory => Err(EIO),
         }
     }
 
-    /// Reads `len` bytes at address `addr` into new pages.
-    pub(crate) fn read(&self, addr: u64, len: usize) -> Result<KVec<Page>> {
-        match self.locate(addr)? {
-            (Target2::File, at) => {
+    /// Reads whole blocks of a file or a device into new pages.
+    fn read_blocks(&self, target: &Target2, at: u64, len: usize) -> Result<KVec<Page>> {
+        match target {
+            Target2::File => {
                 let Kind::File(f) = &self.kind else {
                     return Err(EIO);
                 };
@@ -473,39 +582,102 @@ impl DiffStorage {
                 f.read_pages_at(at << 9, &mut pages, len)?;
                 Ok(pages)
             }
-            (Target2::Device(dev, start), at) => io::read_pages(dev.bdev(), start + at, len, false),
-            (Target2::Memory, at) => {
-                let pages = io::alloc_pages(len)?;
-                let space = self.space.lock();
-                let map = &space.mem;
-                let mut buf = KVec::from_elem(0u8, PAGE_SIZE, GFP_NOIO)?;
-                // Byte position in the stored pages, and in the result.
-                let mut pos = (at * 512) as usize;
-                let mut done = 0;
-                while done < len {
-                    let page_off = pos % PAGE_SIZE;
-                    let n = (PAGE_SIZE - page_off)
-                        .min(len - done)
-                        .min(PAGE_SIZE - done % PAGE_SIZE);
-                    let src = map.get(&((pos / PAGE_SIZE) as u64)).ok_or(EIO)?;
-                    // SAFETY: `buf` holds `n` bytes; both pages hold a full page.
-                    unsafe {
-                        src.read_raw(buf.as_mut_ptr(), page_off, n)?;
-                        pages[done / PAGE_SIZE].write_raw(buf.as_ptr(), done % PAGE_SIZE, n)?;
-                    }
-                    pos += n;
-                    done += n;
-                }
-                Ok(pages)
-            }
+            Target2::Device(dev, start) => io::read_pages(dev.bdev(), start + at, len, false),
+            Target2::Memory => Err(EIO),
         }
+    }
+
+    /// Stores `len` bytes of `pages` in memory from sector `at`. Whole
+    /// pages are kept as they are; parts of pages are copied into the
+    /// stored pages, which start zeroed.
+    fn write_memory(&self, at: u64, pages: KVec<Page>, len: usize) -> Result {
+        let mut space = self.space.lock();
+        let mem = &mut space.mem;
+        let pos = at << 9;
+        if pos % PAGE_SIZE as u64 == 0 {
+            let first = pos / PAGE_SIZE as u64;
+            for (i, page) in pages.into_iter().enumerate() {
+                let done = i * PAGE_SIZE;
+                if done >= len {
+                    break;
+                }
+                let key = first + i as u64;
+                let n = (len - done).min(PAGE_SIZE);
+                if n == PAGE_SIZE {
+                    mem.insert(RBTreeNode::new(key, page, GFP_NOIO)?);
+                } else {
+                    let dst = mem_page(mem, key)?;
+                    io::copy_pages(
+                        core::slice::from_ref(&page),
+                        0,
+                        core::slice::from_ref(dst),
+                        0,
+                        n,
+                    )?;
+                }
+            }
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < len {
+            let p = pos + done as u64;
+            let offset = (p % PAGE_SIZE as u64) as usize;
+            let n = (PAGE_SIZE - offset).min(len - done);
+            let dst = mem_page(mem, p / PAGE_SIZE as u64)?;
+            io::copy_pages(&pages, done, core::slice::from_ref(dst), offset, n)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes from memory from sector `at` into new pages.
+    fn read_memory(&self, at: u64, len: usize) -> Result<KVec<Page>> {
+        let pages = io::alloc_pages(len)?;
+        let space = self.space.lock();
+        let pos = at << 9;
+        let mut done = 0;
+        while done < len {
+            let p = pos + done as u64;
+            let offset = (p % PAGE_SIZE as u64) as usize;
+            let n = (PAGE_SIZE - offset).min(len - done);
+            let src = space.mem.get(&(p / PAGE_SIZE as u64)).ok_or(EIO)?;
+            io::copy_pages(core::slice::from_ref(src), offset, &pages, done, n)?;
+            done += n;
+        }
+        Ok(pages)
     }
 
     /// Sectors used and sectors that exist now.
     pub(crate) fn usage(&self) -> (u64, u64) {
         let s = self.space.lock();
-        (s.used, s.ranges.iter().map(|r| r.len).sum())
+        (s.used, s.extents.iter().map(|e| e.len).sum())
     }
+}
+
+/// A range found by [`DiffStorage::locate`].
+struct Located {
+    target: Target2,
+    /// The sector in the range.
+    at: u64,
+    /// The block size of the range.
+    align: u64,
+}
+
+/// The stored page of memory page `key`, a new zeroed one if none is.
+fn mem_page(mem: &mut RBTree<u64, Page>, key: u64) -> Result<&Page> {
+    if mem.get(&key).is_none() {
+        let page = Page::alloc_page(GFP_NOIO | __GFP_ZERO)?;
+        mem.insert(RBTreeNode::new(key, page, GFP_NOIO)?);
+    }
+    mem.get(&key).ok_or(EIO)
+}
+
+/// The sectors of an I/O of `len` bytes in `pages` pages.
+fn io_sectors(len: usize, pages: usize) -> Result<u64> {
+    if len == 0 || len % 512 != 0 || len > pages * PAGE_SIZE {
+        return Err(EINVAL);
+    }
+    Ok((len >> 9) as u64)
 }
 
 /// A located range target, cloned out of the lock.
@@ -513,6 +685,13 @@ enum Target2 {
     File,
     Memory,
     Device(Arc<Device>, u64),
+}
+
+/// A vector of one element.
+fn one<T>(x: T) -> Result<KVec<T>> {
+    let mut v = KVec::with_capacity(1, GFP_KERNEL)?;
+    v.push(x, GFP_KERNEL)?;
+    Ok(v)
 }
 
 /// Free space below which `low_free_space` is signalled.

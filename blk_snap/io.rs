@@ -41,6 +41,19 @@ fn transfer(
     if len == 0 || len % 512 != 0 || len > pages.len() * PAGE_SIZE {
         return Err(EINVAL);
     }
+    // The block layer fails bios that are not on logical blocks with EIO;
+    // say why instead.
+    let lbs = u64::from(bdev.logical_block_size()).max(512);
+    if (sector << 9) % lbs != 0 || len as u64 % lbs != 0 {
+        pr_err!(
+            "{}: I/O of {} bytes at sector {} is not on logical blocks of {} bytes\n",
+            bdev.name(),
+            len,
+            sector,
+            lbs
+        );
+        return Err(EINVAL);
+    }
     let total = pages.len();
     let mut out = KVec::with_capacity(total, GFP_NOIO)?;
     let mut pages = pages.into_iter();
@@ -92,4 +105,31 @@ pub(crate) fn write_pages(
     bypass: bool,
 ) -> Result<KVec<Page>> {
     transfer(bdev, ReqOp::Write, sector, pages, len, bypass)
+}
+
+/// Copies `len` bytes from byte `from` of the pages `src` to byte `to` of
+/// the pages `dst`.
+///
+/// Nobody else may access the bytes written meanwhile: the caller owns the
+/// pages or holds the lock that guards them.
+pub(crate) fn copy_pages(src: &[Page], from: usize, dst: &[Page], to: usize, len: usize) -> Result {
+    let mut buf = KVec::from_elem(0u8, PAGE_SIZE, GFP_NOIO)?;
+    let mut done = 0;
+    while done < len {
+        let (s, d) = (from + done, to + done);
+        let n = (PAGE_SIZE - s % PAGE_SIZE)
+            .min(PAGE_SIZE - d % PAGE_SIZE)
+            .min(len - done);
+        let src_page = src.get(s / PAGE_SIZE).ok_or(EINVAL)?;
+        let dst_page = dst.get(d / PAGE_SIZE).ok_or(EINVAL)?;
+        // SAFETY: `buf` holds `PAGE_SIZE >= n` bytes. The pages check the
+        // bounds of the ranges, which nobody else writes to meanwhile (see
+        // above).
+        unsafe {
+            src_page.read_raw(buf.as_mut_ptr(), s % PAGE_SIZE, n)?;
+            dst_page.write_raw(buf.as_ptr(), d % PAGE_SIZE, n)?;
+        }
+        done += n;
+    }
+    Ok(())
 }

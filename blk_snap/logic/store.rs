@@ -6,6 +6,15 @@
 //! Chunks are stored one after another. A storage has `available` sectors
 //! now and may grow, in steps, up to `limit` sectors (a file that is extended
 //! with fallocate; a block device cannot grow).
+//!
+//! A storage reads and writes whole blocks of at least 4 KiB (direct I/O on
+//! a file, bios on a device with 4 KiB logical sectors, pages in memory).
+//! Allocations are placed on such blocks and rounded up to whole blocks, so
+//! that a short last chunk of a device (one whose size is not a multiple of
+//! 4 KiB) takes a whole block and leaves the next allocation aligned; reads
+//! and writes of parts of blocks are padded to whole blocks by the storage.
+
+use core::ops::Range;
 
 /// Why an allocation failed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -72,6 +81,73 @@ impl StoreSpace {
     }
 }
 
+/// Sectors of the smallest block a difference storage reads or writes:
+/// 4 KiB, the page size and the largest logical block size of common
+/// devices. Allocations start on such blocks and take whole blocks, so that
+/// a short last chunk of a device never leaves the storage misaligned.
+pub const STORE_BLOCK_SECTORS: u64 = 8;
+
+/// The block size, in sectors, of a storage on a device (or on a file
+/// system on a device) whose logical block size is `logical_block_size`
+/// bytes: [`STORE_BLOCK_SECTORS`], or the logical block size if larger.
+pub fn store_alignment(logical_block_size: u32) -> u64 {
+    (u64::from(logical_block_size) >> 9)
+        .max(STORE_BLOCK_SECTORS)
+        .next_power_of_two()
+}
+
+/// `x` rounded up to a multiple of `align`, `None` on overflow.
+pub fn align_up(x: u64, align: u64) -> Option<u64> {
+    let align = align.max(1);
+    x.checked_next_multiple_of(align)
+}
+
+/// `x` rounded down to a multiple of `align`.
+pub fn align_down(x: u64, align: u64) -> u64 {
+    let align = align.max(1);
+    x - x % align
+}
+
+/// The whole blocks of `align` sectors that hold the `sectors` sectors from
+/// `at`: what a storage that transfers only whole blocks reads or writes to
+/// serve them. `None` for an empty or overflowing request.
+pub fn io_window(at: u64, sectors: u64, align: u64) -> Option<Range<u64>> {
+    if sectors == 0 {
+        return None;
+    }
+    let end = align_up(at.checked_add(sectors)?, align)?;
+    Some(align_down(at, align)..end)
+}
+
+/// A part of a storage: `len` sectors in which allocations start on
+/// multiples of `align` sectors and take whole multiples of `align`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Extent {
+    /// Length in sectors.
+    pub len: u64,
+    /// Block size in sectors.
+    pub align: u64,
+}
+
+impl Extent {
+    /// An extent of the whole blocks of `align` sectors in `len` sectors:
+    /// a partial block at the end is not used.
+    pub fn new(len: u64, align: u64) -> Self {
+        Self {
+            len: align_down(len, align),
+            align: align.max(1),
+        }
+    }
+
+    /// Sectors that can still be allocated from `used` on.
+    fn rest(&self, used: u64) -> u64 {
+        match align_up(used, self.align) {
+            Some(at) => align_down(self.len, self.align).saturating_sub(at),
+            None => 0,
+        }
+    }
+}
+
 /// The next free place in a storage made of several extents.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct Cursor {
@@ -81,23 +157,40 @@ pub struct Cursor {
     pub used: u64,
 }
 
-/// Places `sectors` in the extents whose lengths are `lengths`, from
-/// `cursor` on. A piece never straddles two extents: when the rest of an
-/// extent is too small, it stays unused and the next extent is tried.
-/// Returns the extent, the offset in it, and the cursor after the piece.
-pub fn place(lengths: &[u64], cursor: Cursor, sectors: u64) -> Option<(usize, u64, Cursor)> {
+/// Where [`place`] put an allocation.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Placement {
+    /// Index of the extent.
+    pub extent: usize,
+    /// Offset in the extent, a multiple of its block size.
+    pub at: u64,
+    /// Sectors taken: the request rounded up to whole blocks.
+    pub sectors: u64,
+    /// The cursor after the allocation.
+    pub next: Cursor,
+}
+
+/// Places `sectors` in `extents` from `cursor` on. An allocation starts on
+/// a block of its extent and takes whole blocks; it never straddles two
+/// extents: when the rest of an extent is too small, it stays unused and
+/// the next extent is tried.
+pub fn place(extents: &[Extent], cursor: Cursor, sectors: u64) -> Option<Placement> {
     let mut c = cursor;
-    while c.extent < lengths.len() {
-        if lengths[c.extent] - c.used.min(lengths[c.extent]) >= sectors {
-            let at = c.used;
-            return Some((
-                c.extent,
+    while let Some(e) = extents.get(c.extent) {
+        let fits = align_up(c.used, e.align).and_then(|at| {
+            let size = align_up(sectors, e.align)?;
+            (at.checked_add(size)? <= align_down(e.len, e.align)).then_some((at, size))
+        });
+        if let Some((at, size)) = fits {
+            return Some(Placement {
+                extent: c.extent,
                 at,
-                Cursor {
+                sectors: size,
+                next: Cursor {
                     extent: c.extent,
-                    used: at + sectors,
+                    used: at + size,
                 },
-            ));
+            });
         }
         c = Cursor {
             extent: c.extent + 1,
@@ -108,17 +201,56 @@ pub fn place(lengths: &[u64], cursor: Cursor, sectors: u64) -> Option<(usize, u6
 }
 
 /// Sectors still free from `cursor` on, counting the rests of extents.
-pub fn free_from(lengths: &[u64], cursor: Cursor) -> u64 {
-    lengths
+pub fn free_from(extents: &[Extent], cursor: Cursor) -> u64 {
+    extents
         .iter()
         .enumerate()
         .skip(cursor.extent)
-        .map(|(i, &l)| {
-            if i == cursor.extent {
-                l.saturating_sub(cursor.used)
-            } else {
-                l
-            }
-        })
+        .map(|(i, e)| e.rest(if i == cursor.extent { cursor.used } else { 0 }))
         .sum()
+}
+
+/// Why a range of a device cannot be used as storage.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RangeError {
+    /// The range has no sectors.
+    Empty,
+    /// The range ends past the end of the device, or overflows.
+    PastEnd,
+    /// The start or the length is not a multiple of the device's logical
+    /// block size.
+    Misaligned,
+    /// The range holds no whole block of the storage's block size.
+    TooSmall,
+}
+
+/// Checks the range of `count` sectors from `start` of a device of
+/// `capacity` sectors whose logical block size is `logical_block_size`
+/// bytes, and returns the sectors the storage uses: the whole blocks of
+/// [`store_alignment`] in it, aligned on the device. A range whose start
+/// or length is not a multiple of the logical block size is refused.
+pub fn usable_range(
+    start: u64,
+    count: u64,
+    capacity: u64,
+    logical_block_size: u32,
+) -> Result<Range<u64>, RangeError> {
+    if count == 0 {
+        return Err(RangeError::Empty);
+    }
+    let end = start.checked_add(count).ok_or(RangeError::PastEnd)?;
+    if end > capacity {
+        return Err(RangeError::PastEnd);
+    }
+    let lbs = (u64::from(logical_block_size) >> 9).max(1);
+    if align_down(start, lbs) != start || align_down(count, lbs) != count {
+        return Err(RangeError::Misaligned);
+    }
+    let align = store_alignment(logical_block_size);
+    let first = align_up(start, align).ok_or(RangeError::TooSmall)?;
+    let last = align_down(end, align);
+    if last <= first {
+        return Err(RangeError::TooSmall);
+    }
+    Ok(first..last)
 }

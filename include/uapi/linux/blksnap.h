@@ -329,6 +329,16 @@ struct blksnap_snapshot_create_storage {
  * @ranges: User space address of an array of &struct blksnap_sectors: the
  *	ranges of the device that the storage may use.  They must lie inside
  *	the device and not overlap each other or earlier ranges.
+ *
+ * The offset and the count of each range, in 512-byte sectors, must be
+ * multiples of the device's logical block size: on a device with 4 KiB
+ * logical sectors, multiples of 8.  A range that is not is refused with
+ * EINVAL (and a kernel log line), not trimmed.  The storage stores chunks in
+ * blocks of 4 KiB, or of the logical block size if it is larger, aligned on
+ * the device: of a range on a device with 512-byte sectors that does not
+ * start or end on a 4 KiB boundary, up to 7 sectors at either end stay
+ * unused, and a range that holds no aligned 4 KiB block is refused with
+ * EINVAL.
  */
 struct blksnap_snapshot_append_storage {
 	struct blksnap_uuid id;

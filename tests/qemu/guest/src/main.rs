@@ -10,6 +10,7 @@
 mod backup;
 mod cut;
 mod dev;
+mod odd;
 mod snap;
 mod store;
 mod tests;
@@ -71,6 +72,7 @@ fn main() {
         .chain(snap::ALL)
         .chain(store::ALL)
         .chain(backup::ALL)
+        .chain(odd::ALL)
         .chain(cut::ALL)
     {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {

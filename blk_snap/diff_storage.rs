@@ -16,7 +16,9 @@
 //! block devices, never a page cache. Chunks are placed one after another;
 //! a chunk never straddles two ranges. When the free space drops below half
 //! of `diff_storage_minimum`, a `low_free_space` event tells user space to
-//! append storage in time.
+//! append storage in time (only for snapshots created through our extension
+//! ioctl; upstream clients get upstream's `no_space` when a file reaches its
+//! limit).
 //!
 //! Addresses handed out are sectors of a virtual space in which the ranges
 //! follow one another.
@@ -112,6 +114,8 @@ struct Space {
     limit: u64,
     /// `low_free_space` was signalled and not re-armed by an append.
     low_signalled: bool,
+    /// `no_space` was signalled: it comes at most once per snapshot.
+    no_space_signalled: bool,
 }
 
 /// Why the storage could not provide room.
@@ -236,6 +240,7 @@ impl DiffStorage {
                     used: 0,
                     limit,
                     low_signalled: false,
+                    no_space_signalled: false,
                 }, "DiffStorage::space"),
             }),
             GFP_KERNEL,
@@ -378,23 +383,20 @@ impl DiffStorage {
                 space.used += sectors;
                 let base: u64 = space.lengths[..range].iter().sum();
                 let free = self.free(&space);
-                if free < low_mark() && !space.low_signalled {
-                    space.low_signalled = true;
-                    pr_warn!("storage: only {} sectors free\n", free);
-                    self.events
-                        .push(uapi::event::LOW_FREE_SPACE, &free.to_ne_bytes());
+                if free < low_mark() {
+                    self.low_free_space(&mut space, free);
                 }
                 return Ok(base + at);
             }
             // A file grows; other kinds are full.
             let Kind::File(file) = &self.kind else {
-                return Err(self.full(sectors));
+                return Err(self.full(&mut space, sectors));
             };
             let have = space.ranges[0].len;
             let step = u64::from(params::diff_storage_minimum.get()).max(sectors);
             let to = (have + step).min(space.limit);
             if to < space.used + sectors {
-                return Err(self.full(sectors));
+                return Err(self.full(&mut space, sectors));
             }
             file.allocate(have << 9, (to - have) << 9).map_err(|e| {
                 pr_err!(
@@ -410,10 +412,43 @@ impl DiffStorage {
         }
     }
 
-    fn full(&self, sectors: u64) -> NoRoom {
-        pr_err!("difference storage is full: {} sectors needed\n", sectors);
+    /// The free space dropped below half of `diff_storage_minimum`: our
+    /// `low_free_space` event, once until an append re-arms it (the event
+    /// queue keeps it from upstream clients). A file that cannot grow any
+    /// more raises upstream's `no_space` then, as upstream does.
+    fn low_free_space(&self, space: &mut Space, free: u64) {
+        if !space.low_signalled {
+            space.low_signalled = true;
+            pr_warn!("storage: only {} sectors free\n", free);
+            self.events
+                .push(uapi::event::LOW_FREE_SPACE, &free.to_ne_bytes());
+        }
+        if matches!(self.kind, Kind::File(_)) && space.lengths[0] >= space.limit {
+            self.no_space(space);
+        }
+    }
+
+    /// Signals `no_space`, at most once per snapshot. Its payload is, as
+    /// upstream's, the total size of the storage in sectors.
+    fn no_space(&self, space: &mut Space) {
+        if space.no_space_signalled {
+            return;
+        }
+        space.no_space_signalled = true;
+        let total: u64 = space.lengths.iter().sum();
         self.events
-            .push(uapi::event::NO_SPACE, &sectors.to_ne_bytes());
+            .push(uapi::event::NO_SPACE, &total.to_ne_bytes());
+    }
+
+    /// The storage has no room for `sectors` more. A file or one of our
+    /// extension stores (memory, device ranges) signals `no_space` if it
+    /// did not yet; a block device given to `IOCTL_BLKSNAP_SNAPSHOT_CREATE`
+    /// does not, as upstream.
+    fn full(&self, space: &mut Space, sectors: u64) -> NoRoom {
+        pr_err!("difference storage is full: {} sectors needed\n", sectors);
+        if matches!(self.kind, Kind::File(_)) || self.events.extensions() {
+            self.no_space(space);
+        }
         NoRoom::Full
     }
 

@@ -12,6 +12,7 @@ mod dev;
 mod snap;
 mod store;
 mod tests;
+mod upstream;
 
 use std::time::Instant;
 
@@ -69,6 +70,7 @@ fn main() {
         .iter()
         .chain(snap::ALL)
         .chain(store::ALL)
+        .chain(upstream::ALL)
         .chain(backup::ALL)
     {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {

@@ -101,9 +101,11 @@ fn create(arg: usize) -> Result<isize> {
     Ok(0)
 }
 
-/// `IOCTL_BLKSNAP_SNAPSHOT_COLLECT`: with a `count` too small for all
-/// snapshots, copies nothing, sets `count` to the number needed and fails
-/// with `ENODATA`.
+/// `IOCTL_BLKSNAP_SNAPSHOT_COLLECT`. With `ids` 0, a size query as
+/// upstream: sets `count` to the number of snapshots and succeeds, whatever
+/// `count` was. Otherwise fills `ids` in creation order and sets `count` to
+/// the number written; with a `count` too small for all snapshots, copies
+/// nothing, sets `count` to the number needed and fails with `ENODATA`.
 fn collect(arg: usize) -> Result<isize> {
     let (mut reader, mut writer) =
         UserSlice::new(arg, size_of::<uapi::BlksnapSnapshotCollect>()).reader_writer();
@@ -111,7 +113,15 @@ fn collect(arg: usize) -> Result<isize> {
     let ids = Snapshot::collect()?;
     let n = ids.len() as u32;
     writer.write(&n)?;
+    if req.ids == 0 {
+        return Ok(0);
+    }
     if n > req.count {
+        pr_err!(
+            "collect: room for {} snapshot ids, {} needed\n",
+            req.count,
+            n
+        );
         return Err(ENODATA);
     }
     let mut out =
@@ -179,17 +189,30 @@ fn append_storage(arg: usize) -> Result<isize> {
     Ok(0)
 }
 
+/// Offset of `code` in `struct blksnap_snapshot_event`: what comes before
+/// it, the id and the timeout, is input only.
+const EVENT_OUT: usize = core::mem::offset_of!(uapi::BlksnapSnapshotEvent, code);
+/// Size of the data area of `struct blksnap_snapshot_event`.
+const EVENT_DATA: usize = uapi::BLKSNAP_EVENT_SIZE - 32;
+/// Zeroes for the rest of the data area after an event's payload.
+static ZEROES: [u8; EVENT_DATA - crate::event_queue::PAYLOAD] =
+    [0; EVENT_DATA - crate::event_queue::PAYLOAD];
+
 /// `IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT`: reads the id and the timeout, waits,
-/// and writes the code, the time and the payload back.
+/// and writes the code, the time and the data area back: the payload at its
+/// start, zeroes after it. As upstream: the id and the timeout are left as
+/// they were, and nothing is written when no event came (`ENOENT`) or a
+/// signal interrupted the wait (`EINTR`).
 fn wait_event(arg: usize) -> Result<isize> {
-    let mut head = UserSlice::new(arg, 20).reader();
+    let mut head = UserSlice::new(arg, EVENT_OUT).reader();
     let id: uapi::BlksnapUuid = head.read()?;
     let timeout_ms: u32 = head.read()?;
     let snapshot = Snapshot::find(&Uuid(id.b))?;
     let event = snapshot.wait_event(timeout_ms)?;
-    let mut out = UserSlice::new(arg + 20, 12 + crate::event_queue::PAYLOAD).writer();
+    let mut out = UserSlice::new(arg + EVENT_OUT, uapi::BLKSNAP_EVENT_SIZE - EVENT_OUT).writer();
     out.write(&event.code)?;
     out.write(&event.time_ns)?;
     out.write_slice(&event.data)?;
+    out.write_slice(&ZEROES)?;
     Ok(0)
 }

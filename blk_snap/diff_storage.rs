@@ -16,7 +16,9 @@
 //! block devices, never a page cache. Chunks are placed one after another;
 //! a chunk never straddles two ranges. When the free space drops below half
 //! of `diff_storage_minimum`, a `low_free_space` event tells user space to
-//! append storage in time.
+//! append storage in time (only for snapshots created through our extension
+//! ioctl; upstream clients get upstream's `no_space` when a file reaches its
+//! limit).
 //!
 //! The storage works in blocks of 4 KiB, or of the logical block size of
 //! the device it is on if that is larger ([`store_alignment`]): every range
@@ -125,6 +127,8 @@ struct Space {
     limit: u64,
     /// `low_free_space` was signalled and not re-armed by an append.
     low_signalled: bool,
+    /// `no_space` was signalled: it comes at most once per snapshot.
+    no_space_signalled: bool,
 }
 
 /// Why the storage could not provide room.
@@ -272,6 +276,7 @@ impl DiffStorage {
                     used: 0,
                     limit,
                     low_signalled: false,
+                    no_space_signalled: false,
                 }, "DiffStorage::space"),
             }),
             GFP_KERNEL,
@@ -442,27 +447,24 @@ impl DiffStorage {
                 space.used += p.sectors;
                 let base: u64 = space.extents[..p.extent].iter().map(|e| e.len).sum();
                 let free = self.free(&space);
-                if free < low_mark() && !space.low_signalled {
-                    space.low_signalled = true;
-                    pr_warn!("storage: only {} sectors free\n", free);
-                    self.events
-                        .push(uapi::event::LOW_FREE_SPACE, &free.to_ne_bytes());
+                if free < low_mark() {
+                    self.low_free_space(&mut space, free);
                 }
                 return Ok(base + p.at);
             }
             // A file grows; other kinds are full.
             let Kind::File(file) = &self.kind else {
-                return Err(self.full(sectors));
+                return Err(self.full(&mut space, sectors));
             };
             let align = space.extents[0].align;
             let Some(need) = align_up(sectors, align) else {
-                return Err(self.full(sectors));
+                return Err(self.full(&mut space, sectors));
             };
             let have = file.size() >> 9;
             let step = u64::from(params::diff_storage_minimum.get()).max(need);
             let to = have.saturating_add(step).min(space.limit);
             if align_down(to, align) < space.used + need {
-                return Err(self.full(sectors));
+                return Err(self.full(&mut space, sectors));
             }
             if to > have {
                 file.allocate(have << 9, (to - have) << 9).map_err(|e| {
@@ -479,10 +481,45 @@ impl DiffStorage {
         }
     }
 
-    fn full(&self, sectors: u64) -> NoRoom {
-        pr_err!("difference storage is full: {} sectors needed\n", sectors);
+    /// The free space dropped below half of `diff_storage_minimum`: our
+    /// `low_free_space` event, once until an append re-arms it (the event
+    /// queue keeps it from upstream clients). A file that cannot grow any
+    /// more raises upstream's `no_space` then, as upstream does.
+    fn low_free_space(&self, space: &mut Space, free: u64) {
+        if !space.low_signalled {
+            space.low_signalled = true;
+            pr_warn!("storage: only {} sectors free\n", free);
+            self.events
+                .push(uapi::event::LOW_FREE_SPACE, &free.to_ne_bytes());
+        }
+        if matches!(self.kind, Kind::File(_))
+            && space.extents[0].len >= align_down(space.limit, space.extents[0].align)
+        {
+            self.no_space(space);
+        }
+    }
+
+    /// Signals `no_space`, at most once per snapshot. Its payload is, as
+    /// upstream's, the total size of the storage in sectors.
+    fn no_space(&self, space: &mut Space) {
+        if space.no_space_signalled {
+            return;
+        }
+        space.no_space_signalled = true;
+        let total: u64 = space.extents.iter().map(|e| e.len).sum();
         self.events
-            .push(uapi::event::NO_SPACE, &sectors.to_ne_bytes());
+            .push(uapi::event::NO_SPACE, &total.to_ne_bytes());
+    }
+
+    /// The storage has no room for `sectors` more. A file or one of our
+    /// extension stores (memory, device ranges) signals `no_space` if it
+    /// did not yet; a block device given to `IOCTL_BLKSNAP_SNAPSHOT_CREATE`
+    /// does not, as upstream.
+    fn full(&self, space: &mut Space, sectors: u64) -> NoRoom {
+        pr_err!("difference storage is full: {} sectors needed\n", sectors);
+        if matches!(self.kind, Kind::File(_)) || self.events.extensions() {
+            self.no_space(space);
+        }
         NoRoom::Full
     }
 

@@ -5,7 +5,12 @@
 //!
 //! Events are queued in order and each is delivered to one waiter. When the
 //! snapshot is destroyed the queue closes and its waiters wake with `ESRCH`.
+//!
+//! Upstream clients know only the upstream codes, corrupted (0) and no_space
+//! (1), and treat any other code as an error: our extension codes (64 and
+//! up) reach only the snapshots created through our extension ioctl.
 
+use crate::uapi;
 use kernel::{
     alloc::{flags::GFP_ATOMIC, KVec},
     error::code::*,
@@ -41,23 +46,38 @@ pub(crate) struct EventQueue {
     queue: SpinLock<Queue>,
     #[pin]
     ready: CondVar,
+    /// The snapshot was created through our extension ioctl: its clients
+    /// know our extension events.
+    extensions: bool,
 }
 
 impl EventQueue {
-    /// Creates an empty queue.
-    pub(crate) fn new() -> Result<Arc<Self>> {
+    /// Creates an empty queue; `extensions` lets our extension events in.
+    pub(crate) fn new(extensions: bool) -> Result<Arc<Self>> {
         Arc::pin_init(
             try_pin_init!(Self {
                 queue <- new_spinlock!(Queue { events: KVec::new(), closed: false }, "EventQueue::queue"),
                 ready <- new_condvar!("EventQueue::ready"),
+                extensions,
             }),
             kernel::alloc::flags::GFP_KERNEL,
         )
     }
 
+    /// True if the snapshot's clients know our extension events.
+    pub(crate) fn extensions(&self) -> bool {
+        self.extensions
+    }
+
     /// Queues an event; `data` is its payload. May be called from any
-    /// context.
+    /// context. An extension event is dropped for a snapshot created
+    /// through the upstream interface. The `err_code` of a corrupted event
+    /// is stored as a positive errno, as upstream delivers it, whichever
+    /// sign the caller used.
     pub(crate) fn push(&self, code: u32, data: &[u8]) {
+        if code != uapi::event::CORRUPTED && code != uapi::event::NO_SPACE && !self.extensions {
+            return;
+        }
         let mut event = Event {
             code,
             time_ns: Ktime::ktime_get().to_ns(),
@@ -65,6 +85,13 @@ impl EventQueue {
         };
         let n = data.len().min(PAYLOAD);
         event.data[..n].copy_from_slice(&data[..n]);
+        if code == uapi::event::CORRUPTED {
+            // `struct blksnap_event_corrupted`: err_code at byte 8.
+            let mut err = [0u8; 4];
+            err.copy_from_slice(&event.data[8..12]);
+            let err = i32::from_ne_bytes(err).unsigned_abs();
+            event.data[8..12].copy_from_slice(&err.to_ne_bytes());
+        }
         {
             let mut q = self.queue.lock();
             if q.closed {
@@ -79,7 +106,9 @@ impl EventQueue {
         self.ready.notify_one();
     }
 
-    /// Waits up to `timeout_ms` for the next event and takes it.
+    /// Waits up to `timeout_ms` for the next event and takes it. As
+    /// upstream: `ENOENT` if none came in time, `EINTR` if a signal came
+    /// first (never restarted: the caller decides whether to wait again).
     pub(crate) fn wait(&self, timeout_ms: u32) -> Result<Event> {
         let mut left = msecs_to_jiffies(timeout_ms);
         let mut q = self.queue.lock();
@@ -91,12 +120,12 @@ impl EventQueue {
                 return Ok(e);
             }
             if left == 0 {
-                return Err(ETIMEDOUT);
+                return Err(ENOENT);
             }
             match self.ready.wait_interruptible_timeout(&mut q, left) {
                 kernel::sync::CondVarTimeoutResult::Timeout => left = 0,
                 kernel::sync::CondVarTimeoutResult::Woken { jiffies } => left = jiffies,
-                kernel::sync::CondVarTimeoutResult::Signal { .. } => return Err(ERESTARTSYS),
+                kernel::sync::CondVarTimeoutResult::Signal { .. } => return Err(EINTR),
             }
         }
     }

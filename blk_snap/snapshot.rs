@@ -121,10 +121,11 @@ pub(crate) struct Snapshot {
 
 impl Snapshot {
     /// `IOCTL_BLKSNAP_SNAPSHOT_CREATE`: creates a snapshot whose difference
-    /// storage is at `path`, at most `limit` sectors.
+    /// storage is at `path`, at most `limit` sectors. Its clients may know
+    /// only the upstream interface: it gets only upstream events.
     pub(crate) fn create(path: &CStr, limit: u64) -> Result<Uuid> {
         check_limit(limit)?;
-        let events = EventQueue::new()?;
+        let events = EventQueue::new(false)?;
         let store = DiffStorage::open(path, limit, events.clone())?;
         let id = Self::register(store, events, limit)?;
         pr_info!("snapshot {} created, storage {}\n", id, path);
@@ -133,8 +134,9 @@ impl Snapshot {
 
     /// `IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE`: a snapshot whose storage is
     /// memory of at most `limit` sectors, or device ranges appended later.
+    /// Its clients use our extensions: it gets our extension events too.
     pub(crate) fn create_kind(kind: u32, limit: u64) -> Result<Uuid> {
-        let events = EventQueue::new()?;
+        let events = EventQueue::new(true)?;
         let (store, what) = match kind {
             crate::uapi::storage::MEMORY => {
                 if limit == 0 {

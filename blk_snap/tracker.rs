@@ -341,7 +341,8 @@ impl Tracker {
             })?;
         let mut out = UserSlice::new(arg.buffer as usize, arg.length as usize).writer();
         self.cbt.read_to_user(which, blocks, &mut out)?;
-        Ok(arg.length as i32)
+        // 0 like every command, as upstream (not the length read).
+        Ok(0)
     }
 
     fn cbtdirty(&self, opt: UserSlice, optlen: u32) -> Result<i32> {

@@ -58,7 +58,7 @@ start=$(date +%s)
 set +e
 timeout --foreground "$TIMEOUT" vng --run "$KOUT" --disable-kvm --disable-microvm --force-9p \
 	--cpus 2 --memory 2G --verbose \
-	--append "oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0" \
+	--append "oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0 log_buf_len=16M" \
 	--qemu-opts="$QEMU_DRIVES" \
 	--rwdir "$RESULTS" \
 	--exec "$REPO/tests/qemu/guest.sh $MODE $RESULTS $REPO $*" 2>&1 |
@@ -68,7 +68,19 @@ vng_status=${PIPESTATUS[0]}
 set -e
 echo "qemu: guest finished in $(($(date +%s) - start)) s (exit status $vng_status)"
 
-[ "$MODE" = test ] || exit "$vng_status"
+if [ "$MODE" != test ]; then
+	# demo and bench: the guest must finish cleanly and unload the module
+	# (guest.sh prints "FAIL module_unloaded: ..." otherwise).
+	if grep -q '^FAIL module_unloaded' "$RESULTS/console.log"; then
+		echo "qemu: FAIL: the blksnap module could not be unloaded at the end"
+		exit 1
+	elif ! grep -q '^guest-exit 0$' "$RESULTS/console.log"; then
+		echo "qemu: FAIL: the guest did not report success (no \"guest-exit 0\"; vng status $vng_status)"
+		[ "$vng_status" != 0 ] && exit "$vng_status"
+		exit 1
+	fi
+	exit "$vng_status"
+fi
 
 # Harness checks, reported like tests.
 passed=$(grep -c '^ok ' "$RESULTS/console.log" || true)
@@ -108,6 +120,12 @@ elif grep -q 'unreferenced object' "$RESULTS/kmemleak.txt"; then
 	head -30 "$RESULTS/kmemleak.txt" | sed 's/^/    | /'
 else
 	report no_memory_leaks ok
+fi
+
+# guest.sh reports the final unload as ok/FAIL module_unloaded, counted
+# above; without either line it never got there.
+if ! grep -qE '^(ok|FAIL) module_unloaded' "$RESULTS/console.log"; then
+	report module_unloaded "the guest never reached the final rmmod"
 fi
 
 if grep -q '^guest-exit 0$' "$RESULTS/console.log"; then

@@ -29,7 +29,11 @@
  *
  * These commands are sent with the BLKFILTER_CTL ioctl on a block device the
  * blksnap filter is attached to.  &struct blkfilter_ctl.opt points to the
- * command's argument and &struct blkfilter_ctl.optlen gives its size.
+ * command's argument and &struct blkfilter_ctl.optlen gives its size.  A
+ * read-only descriptor of the device is enough (upstream's clients open it
+ * with O_DIRECT only); unlike upstream, BLKFILTER_ATTACH, BLKFILTER_DETACH
+ * and BLKFILTER_CTL need CAP_SYS_ADMIN.  Every command returns 0 on
+ * success; without the filter attached, BLKFILTER_CTL fails with ENOENT.
  */
 
 /**
@@ -39,8 +43,10 @@
  *	Get the change tracking parameters: fills &struct blksnap_cbtinfo.
  * @BLKFILTER_CTL_BLKSNAP_CBTMAP:
  *	Read part of the change tracking map as of the last snapshot, described
- *	by &struct blksnap_cbtmap.  Returns the number of bytes read.
- *	A range outside the map fails with ENODATA.
+ *	by &struct blksnap_cbtmap.  Returns 0, as upstream (not the number of
+ *	bytes read).  A range that ends exactly at block_count is read; one
+ *	outside the map, or starting past its end (where upstream reads past
+ *	the map), fails with ENODATA.  The whole map may be read in one call.
  * @BLKFILTER_CTL_BLKSNAP_CBTDIRTY:
  *	Mark sector ranges as changed, described by &struct blksnap_cbtdirty.
  * @BLKFILTER_CTL_BLKSNAP_SNAPSHOTADD:
@@ -146,7 +152,9 @@ struct blksnap_snapshotinfo {
 /**
  * DOC: Commands of the control device
  *
- * These ioctls are issued on /dev/blksnap-control and need CAP_SYS_ADMIN.
+ * These ioctls are issued on /dev/blksnap-control, opened read-write, and
+ * need CAP_SYS_ADMIN (upstream checks no capability).  Each returns 0 on
+ * success.
  */
 enum blksnap_ioctl {
 	BLKSNAP_IOCTL_VERSION = 0,
@@ -210,8 +218,12 @@ struct blksnap_snapshot_create {
  * @count: Capacity of @ids in entries; set to the number of snapshots.
  * @ids: User space address of an array of &struct blksnap_uuid, or 0.
  *
- * If @count is too small, nothing is copied, @count is set to the number
- * needed and the ioctl fails with ENODATA.
+ * With @ids 0, a size query: @count is set to the number of snapshots and
+ * the ioctl returns 0, whatever @count was (upstream's library starts so).
+ * Otherwise the ids are written in creation order and @count is set to their
+ * number.  If @count is too small, nothing is copied, @count is set to the
+ * number needed and the ioctl fails with ENODATA (upstream copies the first
+ * @count ids and leaves @count as it was).
  */
 struct blksnap_snapshot_collect {
 	__u32 count;
@@ -226,9 +238,19 @@ struct blksnap_snapshot_collect {
 /**
  * enum blksnap_event_codes - Codes of snapshot events.
  * @blksnap_event_code_corrupted: The snapshot of a device became unusable,
- *	&struct blksnap_event_corrupted.
- * @blksnap_event_code_no_space: The difference storage is full,
- *	&struct blksnap_event_no_space.
+ *	&struct blksnap_event_corrupted.  At most once per device.
+ * @blksnap_event_code_no_space: The difference storage is full or about to
+ *	be, &struct blksnap_event_no_space.  At most once per snapshot.  A file
+ *	raises it, as upstream, when it has grown to its limit and less than
+ *	half of the diff_storage_minimum module parameter is free (usually a
+ *	corrupted event with ENOSPC follows); a block device given to
+ *	&IOCTL_BLKSNAP_SNAPSHOT_CREATE never does.  The extension stores
+ *	(memory, device ranges) raise it when they are full.
+ *
+ * A snapshot created with &IOCTL_BLKSNAP_SNAPSHOT_CREATE gets only these
+ * events, and none before it is taken: upstream clients treat any other code
+ * as an error.  Our extension events (codes from 64) go only to snapshots
+ * created with &IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE.
  */
 enum blksnap_event_codes {
 	blksnap_event_code_corrupted,
@@ -238,11 +260,19 @@ enum blksnap_event_codes {
 /**
  * struct blksnap_snapshot_event - Argument of
  *	&IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT.
- * @id: Identifier of the snapshot.
- * @timeout_ms: How long to wait for an event, in milliseconds.
+ * @id: Identifier of the snapshot.  Left as it was.
+ * @timeout_ms: How long to wait for an event, in milliseconds; 0 polls.
+ *	Left as it was, so that the structure can be reused for the next call.
  * @code: Output: &enum blksnap_event_codes.
- * @time_label: Output: when the event happened.
- * @data: Output: the event's payload.
+ * @time_label: Output: when the event happened, in nanoseconds of the
+ *	kernel's monotonic clock.
+ * @data: Output: the event's payload at the start, zeroes after it.
+ *
+ * Errors, as upstream: ENOENT if no event came before the timeout, EINTR if
+ * a signal interrupted the wait (the call is never restarted), ESRCH for an
+ * unknown or destroyed snapshot (also for a waiter when its snapshot is
+ * destroyed).  Nothing is written back on error.  Each event is delivered
+ * once, in order.
  */
 struct blksnap_snapshot_event {
 	struct blksnap_uuid id;
@@ -265,7 +295,8 @@ struct blksnap_snapshot_event {
  *	&blksnap_event_code_corrupted.
  * @dev_id_mj: Major number of the device.
  * @dev_id_mn: Minor number of the device.
- * @err_code: The negative errno.
+ * @err_code: The errno, POSITIVE (28 for ENOSPC), as upstream; unlike
+ *	&struct blksnap_snapshotinfo.error_code, which is negative.
  */
 struct blksnap_event_corrupted {
 	__u32 dev_id_mj;
@@ -275,7 +306,9 @@ struct blksnap_event_corrupted {
 
 /**
  * struct blksnap_event_no_space - Payload of &blksnap_event_code_no_space.
- * @requested_nr_sect: Number of sectors that could not be stored.
+ * @requested_nr_sect: The total size of the difference storage requested so
+ *	far, in sectors, as upstream: for a file, the size it has grown to (its
+ *	limit); for memory or device ranges, all they hold.
  */
 struct blksnap_event_no_space {
 	__u64 requested_nr_sect;
@@ -355,7 +388,8 @@ struct blksnap_snapshot_append_storage {
 /*
  * Event extension: the free space of the difference storage dropped below
  * half of the diff_storage_minimum module parameter. Raised once; appending
- * storage re-arms it. Payload: &struct blksnap_event_low_free_space.
+ * storage re-arms it. Payload: &struct blksnap_event_low_free_space. Only
+ * for snapshots created with &IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE.
  */
 #define blksnap_event_code_low_free_space 64
 

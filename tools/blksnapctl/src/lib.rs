@@ -332,15 +332,19 @@ pub enum Event {
         major: u32,
         /// Device minor number.
         minor: u32,
-        /// The negative errno.
+        /// The errno, positive (28 for ENOSPC), unlike the negative
+        /// [`SnapshotInfo::error_code`].
         errno: i32,
     },
-    /// The difference storage is full.
+    /// The difference storage is full: a file at its limit, or memory or
+    /// device ranges with no room left. Comes at most once per snapshot.
     NoSpace {
-        /// Sectors that could not be stored.
+        /// The total size of the storage, in sectors.
         requested_sectors: u64,
     },
-    /// The difference storage is running low (extension).
+    /// The difference storage is running low (extension: only for snapshots
+    /// created with [`Control::snapshot_create_memory`] or
+    /// [`Control::snapshot_create_devices`]).
     LowFreeSpace {
         /// Sectors still free.
         free_sectors: u64,
@@ -529,7 +533,10 @@ impl Control {
     }
 
     /// Waits up to `timeout_ms` for the next event of snapshot `id`.
-    pub fn snapshot_wait_event(&self, id: &SnapshotId, timeout_ms: u32) -> Result<Event> {
+    /// `None`: no event came in time (`ENOENT`), or a signal interrupted the
+    /// wait (`EINTR`). A snapshot that does not exist (any more) gives
+    /// `ESRCH`.
+    pub fn snapshot_wait_event(&self, id: &SnapshotId, timeout_ms: u32) -> Result<Option<Event>> {
         let mut arg = uapi::BlksnapSnapshotEvent {
             id: uapi::BlksnapUuid { b: id.0 },
             timeout_ms,
@@ -538,9 +545,11 @@ impl Control {
             data: [0; uapi::BLKSNAP_EVENT_SIZE - 32],
         };
         // SAFETY: `arg` is a valid, page-sized event structure.
-        unsafe { raw::blksnap_wait_event(self.file.as_raw_fd(), &mut arg) }
-            .map_err(|e| err(format!("wait for an event of snapshot {id}"), e))?;
-        Ok(Event::decode(arg.code, arg.time_label, &arg.data))
+        match unsafe { raw::blksnap_wait_event(self.file.as_raw_fd(), &mut arg) } {
+            Ok(_) => Ok(Some(Event::decode(arg.code, arg.time_label, &arg.data))),
+            Err(Errno::ENOENT | Errno::EINTR) => Ok(None),
+            Err(e) => Err(err(format!("wait for an event of snapshot {id}"), e)),
+        }
     }
 
     /// Takes snapshot `id`: its images appear.
@@ -561,15 +570,16 @@ impl Control {
         Ok(())
     }
 
-    /// Lists the snapshots, with the two-call sizing protocol.
+    /// Lists the snapshots in creation order: a size query (`ids` 0), then
+    /// the ids.
     pub fn snapshot_collect(&self) -> Result<Vec<SnapshotId>> {
         loop {
             let mut arg = uapi::BlksnapSnapshotCollect { count: 0, ids: 0 };
-            // SAFETY: `arg` is valid; with count 0 nothing is written to `ids`.
-            match unsafe { raw::blksnap_collect(self.file.as_raw_fd(), &mut arg) } {
-                Ok(_) => return Ok(Vec::new()),
-                Err(Errno::ENODATA) => {}
-                Err(e) => return Err(err("list the snapshots", e)),
+            // SAFETY: `arg` is valid; with `ids` 0 only `count` is written.
+            unsafe { raw::blksnap_collect(self.file.as_raw_fd(), &mut arg) }
+                .map_err(|e| err("count the snapshots", e))?;
+            if arg.count == 0 {
+                return Ok(Vec::new());
             }
             let mut ids = vec![uapi::BlksnapUuid::default(); arg.count as usize];
             arg.ids = ids.as_mut_ptr() as u64;

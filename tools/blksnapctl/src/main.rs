@@ -343,16 +343,31 @@ fn snapshot(cmd: SnapshotCommand, json: bool) -> Result<(), blksnap::Error> {
         }
         SnapshotCommand::Watch { id, timeout } => {
             let ctl = Control::open()?;
-            let ms = timeout.map(|t| t.saturating_mul(1000)).unwrap_or(u32::MAX);
+            let limit = timeout.map(|t| std::time::Duration::from_secs(t.into()));
+            let mut last = std::time::Instant::now();
             loop {
+                // Each wait is cut to what is left of the timeout: a wait
+                // ends early when a signal interrupts it.
+                let ms = match limit {
+                    Some(limit) => {
+                        let left = limit.saturating_sub(last.elapsed());
+                        if left.is_zero() {
+                            return Ok(());
+                        }
+                        left.as_millis().clamp(1, u32::MAX.into()) as u32
+                    }
+                    None => u32::MAX,
+                };
                 match ctl.snapshot_wait_event(&id, ms) {
-                    Ok(ev) => {
+                    Ok(Some(ev)) => {
                         if json {
                             println!("{}", serde_json::to_string(&ev).unwrap());
                         } else {
                             println!("{ev:?}");
                         }
+                        last = std::time::Instant::now();
                     }
+                    Ok(None) => {}
                     Err(e) if e.errno == nix::errno::Errno::ESRCH => return Ok(()),
                     Err(e) => return Err(e),
                 }

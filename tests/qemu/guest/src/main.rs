@@ -14,6 +14,7 @@ mod odd;
 mod snap;
 mod store;
 mod tests;
+mod upstream;
 
 use std::time::Instant;
 
@@ -53,13 +54,88 @@ const SPLATS: &[&str] = &[
     "unreferenced object",
 ];
 
-fn kernel_log() -> Vec<String> {
-    match std::process::Command::new("dmesg").output() {
-        Ok(o) => String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(String::from)
-            .collect(),
-        Err(_) => Vec::new(),
+/// Reads the kernel log from /dev/kmsg, record by record. Records carry a
+/// sequence number: a test examines exactly the records logged after the
+/// previous read, however often the ring buffer wrapped, and the records
+/// that were overwritten before they could be read are counted.
+struct Kmsg {
+    file: std::fs::File,
+    /// Sequence number of the last record read.
+    last: Option<u64>,
+}
+
+/// Records read by [`Kmsg::read_new`].
+struct KmsgRead {
+    /// The messages, in order.
+    lines: Vec<String>,
+    /// How many records were overwritten before they were read.
+    lost: u64,
+    /// A read error other than the end of the log, if any.
+    error: Option<String>,
+}
+
+impl Kmsg {
+    /// Opens /dev/kmsg and skips the records already there.
+    fn open() -> Result<Self, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open("/dev/kmsg")
+            .map_err(|e| format!("/dev/kmsg: {e}"))?;
+        let mut k = Self { file, last: None };
+        k.read_new();
+        Ok(k)
+    }
+
+    /// Reads every record logged since the last call.
+    fn read_new(&mut self) -> KmsgRead {
+        use std::io::Read;
+        let mut out = KmsgRead {
+            lines: Vec::new(),
+            lost: 0,
+            error: None,
+        };
+        // One record per read; records are at most about 1 KiB of text,
+        // escaped.
+        let mut buf = vec![0u8; 16384];
+        loop {
+            match self.file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    // `prio,seq,usec,flags[,...];message\n` and then
+                    // continuation lines with key=value pairs.
+                    let rec = String::from_utf8_lossy(&buf[..n]);
+                    let Some((head, rest)) = rec.split_once(';') else {
+                        continue;
+                    };
+                    let Some(seq) = head.split(',').nth(1).and_then(|s| s.parse::<u64>().ok())
+                    else {
+                        continue;
+                    };
+                    if let Some(last) = self.last {
+                        if seq <= last {
+                            continue;
+                        }
+                        out.lost += seq - last - 1;
+                    }
+                    self.last = Some(seq);
+                    out.lines
+                        .push(rest.lines().next().unwrap_or_default().to_string());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // EPIPE: the next record was overwritten; the next read
+                // returns the oldest one left, and the gap in the sequence
+                // numbers counts what was lost.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EPIPE) => {}
+                Err(e) => {
+                    out.error = Some(format!("reading /dev/kmsg: {e}"));
+                    break;
+                }
+            }
+        }
+        out
     }
 }
 
@@ -67,10 +143,12 @@ fn main() {
     let filter: Vec<String> = std::env::args().skip(1).collect();
     let mut passed = 0;
     let mut failed = 0;
+    let mut kmsg = Kmsg::open();
     for (name, test) in tests::ALL
         .iter()
         .chain(snap::ALL)
         .chain(store::ALL)
+        .chain(upstream::ALL)
         .chain(backup::ALL)
         .chain(odd::ALL)
         .chain(cut::ALL)
@@ -78,14 +156,35 @@ fn main() {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
-        let before = kernel_log().len();
         let start = Instant::now();
         println!("--- {name}");
         let mut result = test();
-        let log = kernel_log();
-        let new = log.get(before..).unwrap_or(&[]);
+        // The kernel log of the test: every record logged since the last
+        // one the previous test saw.
+        let log = match kmsg.as_mut() {
+            Ok(k) => k.read_new(),
+            Err(err) => KmsgRead {
+                lines: Vec::new(),
+                lost: 0,
+                error: Some(err.clone()),
+            },
+        };
+        let new = &log.lines[..];
         if let Some(line) = new.iter().find(|l| SPLATS.iter().any(|s| l.contains(s))) {
             result = Err(format!("kernel log: {line}"));
+        } else if log.lost != 0 || log.error.is_some() {
+            let why = match &log.error {
+                Some(err) => format!("kernel log not checked: {err}"),
+                None => format!(
+                    "kernel log: {} records were overwritten before they could be checked \
+                     (the ring buffer wrapped during the test)",
+                    log.lost
+                ),
+            };
+            result = Err(match result {
+                Ok(()) => why,
+                Err(reason) => format!("{reason}; {why}"),
+            });
         }
         let secs = start.elapsed().as_secs_f64();
         match result {

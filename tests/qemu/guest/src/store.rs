@@ -9,6 +9,7 @@ use crate::snap::{
 use crate::{check_eq, fail, TestResult};
 use blksnap::{Control, Event, MapKind, SectorRange};
 use nix::errno::Errno;
+use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,7 +89,7 @@ fn devices_pattern() -> TestResult {
 /// Collects the events of a snapshot that arrive within `ms`.
 fn events(snap: &Snap, ms: u32) -> Vec<Event> {
     let mut out = Vec::new();
-    while let Ok(ev) = snap.ctl.snapshot_wait_event(&snap.id, ms) {
+    while let Ok(Some(ev)) = snap.ctl.snapshot_wait_event(&snap.id, ms) {
         out.push(ev);
     }
     out
@@ -107,16 +108,23 @@ fn memory_full() -> TestResult {
     write_pattern(&c, 0, 16 * MIB_SECTORS, 42)?;
     let evs = events(&snap, 2000);
     let (major, minor) = dev::major_minor(&c)?;
-    if !evs
+    // One no_space, whose payload is the size of the whole store.
+    let no_space: Vec<&Event> = evs
         .iter()
-        .any(|ev| matches!(ev, Event::NoSpace { requested_sectors } if *requested_sectors == 512))
-    {
-        fail!("no no_space event for a 256 KiB chunk: {evs:?}");
-    }
+        .filter(|ev| matches!(ev, Event::NoSpace { .. }))
+        .collect();
+    check_eq!(
+        no_space,
+        vec![&Event::NoSpace {
+            requested_sectors: 4 * MIB_SECTORS
+        }],
+        "no_space events of a full 4 MiB memory store (all events: {evs:?})"
+    );
+    // The errno of the event is positive, as upstream's.
     let corrupted = Event::Corrupted {
         major,
         minor,
-        errno: -(Errno::ENOSPC as i32),
+        errno: Errno::ENOSPC as i32,
     };
     if !evs.contains(&corrupted) {
         fail!("no corrupted event for {major}:{minor} with ENOSPC: {evs:?}");
@@ -153,7 +161,7 @@ fn devices_grow_on_event() -> TestResult {
         let mut seen = Vec::new();
         loop {
             match ctl.snapshot_wait_event(&id, 20_000) {
-                Ok(ev @ Event::LowFreeSpace { .. }) => {
+                Ok(Some(ev @ Event::LowFreeSpace { .. })) => {
                     ctl.snapshot_append_storage(
                         &id,
                         &d,
@@ -166,7 +174,10 @@ fn devices_grow_on_event() -> TestResult {
                     seen.push(ev);
                     return Ok(seen);
                 }
-                Ok(ev) => seen.push(ev),
+                Ok(Some(ev)) => seen.push(ev),
+                Ok(None) => {
+                    return Err(format!("watcher: no low_free_space in 20 s after {seen:?}"))
+                }
                 Err(err) => return Err(format!("watcher: {err} after {seen:?}")),
             }
         }
@@ -225,7 +236,7 @@ fn overflow_concurrent() -> TestResult {
     let mut got = None;
     while start.elapsed() < Duration::from_secs(60) {
         match snap.ctl.snapshot_wait_event(&snap.id, 60_000) {
-            Ok(ev @ Event::Corrupted { .. }) => {
+            Ok(Some(ev @ Event::Corrupted { .. })) => {
                 got = Some((ev, start.elapsed()));
                 break;
             }
@@ -297,7 +308,7 @@ fn store_io_error() -> TestResult {
     let evs = events(&snap, 1000);
     if !evs
         .iter()
-        .any(|ev| matches!(ev, Event::Corrupted { errno, .. } if *errno == -(Errno::EIO as i32)))
+        .any(|ev| matches!(ev, Event::Corrupted { errno, .. } if *errno == Errno::EIO as i32))
     {
         fail!("no corrupted event with EIO: {evs:?}");
     }
@@ -310,65 +321,137 @@ fn store_io_error() -> TestResult {
 
 fn image_writes() -> TestResult {
     let c = disk("blksnap-c")?;
-    let t = Tracked::new(&c)?;
     let size = dev::size_sectors(&c)?;
+    // The pattern goes in before tracking starts: no CBT block is marked at
+    // take, so every mark below comes from a write after it.
     write_pattern(&c, 0, size, 71)?;
+    let t = Tracked::new(&c)?;
     let snap = Snap::create(&dev::scratch(), 64 * MIB_SECTORS)?;
     snap.add(&t.0)?;
     snap.take()?;
     let image = t.image()?;
     check_eq!(dev::sysfs_attr(&image, "ro")?, "0", "image writable");
+    check_eq!(
+        dev::sysfs_attr(&image, "queue/logical_block_size")?,
+        "512",
+        "image logical block size"
+    );
+    // Chunks of 256 KiB (the default for 64 MiB). The origin changes one
+    // chunk after the take, which copies it to the store.
     let chunk = 256 * 1024u64;
-    // Buffered writes at 1 KiB offsets: across the first chunk border, into
-    // a chunk that the origin wrote to, and at the very end.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&image)
-        .map_err(|e| e.to_string())?;
-    write_pattern(&c, 2 * chunk / SECTOR, 16, 72)?;
-    let writes: &[(u64, usize, u8)] = &[
-        (chunk - 1024, 3072, 0xa1),
-        (2 * chunk + 5 * 1024, 1024, 0xa2),
-        (size * SECTOR - 2048, 2048, 0xa3),
+    let origin_write = (2 * chunk, 16 * SECTOR);
+    write_pattern(&c, origin_write.0 / SECTOR, origin_write.1 / SECTOR, 72)?;
+    // O_DIRECT writes of less than 4 KiB at 512-byte offsets: each reads,
+    // modifies and writes back whole 4 KiB blocks of a chunk in the store.
+    let writes: &[(u64, usize, u8, &str)] = &[
+        (
+            chunk - 1024,
+            3072,
+            0xa1,
+            "3 KiB across the border of chunks 0 and 1",
+        ),
+        (
+            2 * chunk + 5 * 1024,
+            1024,
+            0xa2,
+            "1 KiB in the chunk the origin changed",
+        ),
+        (
+            10 * chunk + 3 * 512,
+            512,
+            0xa3,
+            "one sector inside chunk 10",
+        ),
+        (
+            20 * chunk + 3584,
+            1024,
+            0xa4,
+            "1 KiB across a 4 KiB boundary",
+        ),
+        (size * SECTOR - 512, 512, 0xa5, "the last sector"),
     ];
-    for &(off, len, fill) in writes {
-        f.write_all_at(&vec![fill; len], off)
-            .map_err(|e| format!("write image at {off}: {e}"))?;
+    let f = dev::open_direct(&image, true)?;
+    for &(off, len, fill, what) in writes {
+        let buf = AlignedBuf::new(len, fill);
+        f.write_all_at(buf.as_slice(), off)
+            .map_err(|e| format!("O_DIRECT write of {what} ({len} bytes at {off}): {e}"))?;
     }
-    f.sync_all().map_err(|e| e.to_string())?;
     drop(f);
-    // Dropping the page cache makes the reads below come from the store.
-    std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(|e| e.to_string())?;
-    let f = std::fs::File::open(&image).map_err(|e| e.to_string())?;
     let mut expect = vec![0u8; (size * SECTOR) as usize];
     pattern(&mut expect, 0, 71);
-    for &(off, len, fill) in writes {
+    for &(off, len, fill, _) in writes {
         expect[off as usize..off as usize + len].fill(fill);
     }
-    let mut got = vec![0u8; expect.len()];
-    f.read_exact_at(&mut got, 0).map_err(|e| e.to_string())?;
-    if let Some(i) = got.iter().zip(&expect).position(|(a, b)| a != b) {
-        fail!("image byte {i} is {:#x}, want {:#x}", got[i], expect[i]);
+    let compare = |got: &[u8], how: &str| -> TestResult {
+        if let Some(i) = got.iter().zip(&expect).position(|(a, b)| a != b) {
+            let near = writes
+                .iter()
+                .find(|w| (w.0.saturating_sub(4096)..w.0 + w.1 as u64 + 4096).contains(&(i as u64)))
+                .map_or("no image write", |w| w.3);
+            fail!(
+                "{how} read of the image: byte {i} is {:#x}, want {:#x} (near: {near})",
+                got[i],
+                expect[i]
+            );
+        }
+        Ok(())
+    };
+    compare(&dev::read_direct(&image, 0, size)?, "O_DIRECT")?;
+    // Buffered, from a dropped page cache: 64 KiB around each write.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(|e| e.to_string())?;
+    let f = std::fs::File::open(&image).map_err(|e| e.to_string())?;
+    for &(off, len, _, what) in writes {
+        let from = off.saturating_sub(32 * 1024);
+        let to = (off + len as u64 + 32 * 1024).min(size * SECTOR);
+        let mut got = vec![0u8; (to - from) as usize];
+        f.read_exact_at(&mut got, from)
+            .map_err(|e| format!("buffered read around {what}: {e}"))?;
+        let want = &expect[from as usize..to as usize];
+        if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+            fail!(
+                "buffered read of the image: byte {} is {:#x}, want {:#x} (near: {what})",
+                from + i as u64,
+                got[i],
+                want[i]
+            );
+        }
     }
     // The origin has none of it.
     check_device(&c, |s| {
-        if (2 * chunk / SECTOR..2 * chunk / SECTOR + 16).contains(&s) {
+        if (origin_write.0 / SECTOR..(origin_write.0 + origin_write.1) / SECTOR).contains(&s) {
             72
         } else {
             71
         }
     })?;
-    // The CBT marks the image-written blocks changed.
+    // The CBT: the map of the snapshot (CBTMAP) marks exactly the blocks
+    // written through the image; the active map those and the origin's.
     let bs = u64::from(t.0.cbt_info().map_err(e)?.block_size);
-    let map = t.0.read_cbt_map(MapKind::Active).map_err(e)?;
-    for &(off, len, _) in writes {
-        for b in off / bs..=(off + len as u64 - 1) / bs {
-            if map[b as usize] == 0 {
-                fail!("block {b}, written through the image, is not marked");
-            }
-        }
-    }
+    let blocks = |off: u64, len: u64| (off / bs)..=((off + len - 1) / bs);
+    let image_blocks: BTreeSet<u64> = writes
+        .iter()
+        .flat_map(|&(off, len, _, _)| blocks(off, len as u64))
+        .collect();
+    let origin_blocks: BTreeSet<u64> = blocks(origin_write.0, origin_write.1).collect();
+    let marked = |kind: MapKind| -> Result<BTreeSet<u64>, String> {
+        let map = t.0.read_cbt_map(kind).map_err(e)?;
+        Ok((0..map.len() as u64)
+            .filter(|&b| map[b as usize] != 0)
+            .collect())
+    };
+    check_eq!(
+        marked(MapKind::Snapshot)?,
+        image_blocks,
+        "blocks marked in CBTMAP after the image writes"
+    );
+    check_eq!(
+        marked(MapKind::Active)?,
+        &image_blocks | &origin_blocks,
+        "blocks marked in the active map (image and origin writes)"
+    );
+    println!(
+        "    image wrote blocks {image_blocks:?}, the origin {origin_blocks:?}: both maps exact"
+    );
     snap.destroy()
 }
 
@@ -563,12 +646,26 @@ fn bad_input() -> TestResult {
     // SAFETY: valid argument.
     let res = unsafe { blksnap::raw::blksnap_create_storage(ctl.as_raw_fd(), &mut arg) };
     check_eq!(res, Err(Errno::EINVAL), "an unknown storage kind");
-    // Events: a timeout, and a waiter woken by destroy.
+    // Events: a timeout (ENOENT, as upstream: "no event"), and a waiter
+    // woken by destroy.
     check_eq!(
         ctl.snapshot_wait_event(&snap.id, 100).map_err(|e| e.errno),
-        Err(Errno::ETIMEDOUT),
+        Ok(None),
         "waiting with no event"
     );
+    // The command's watcher stops after --timeout seconds without one.
+    let start = std::time::Instant::now();
+    check_eq!(
+        dev::run(
+            "blksnapctl",
+            &["snapshot", "watch", &snap.id.to_string(), "--timeout", "1"]
+        ),
+        Ok(String::new()),
+        "snapshot watch --timeout 1 with no event"
+    );
+    if start.elapsed() > Duration::from_secs(5) {
+        fail!("snapshot watch --timeout 1 took {:?}", start.elapsed());
+    }
     let id = snap.id;
     let waiter = std::thread::spawn(move || {
         Control::open()

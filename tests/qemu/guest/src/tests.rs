@@ -618,11 +618,8 @@ fn bad_input_cbtmap_and_cbtdirty_ranges() -> TestResult {
             16,
         )
     };
-    check_eq!(
-        read(0, count, &mut out),
-        Ok(count as i32),
-        "read the whole map"
-    );
+    // 0, like every command, as upstream: not the number of bytes read.
+    check_eq!(read(0, count, &mut out), Ok(0), "read the whole map");
     check_eq!(read(count, 0, &mut out), Ok(0), "read nothing at the end");
     check_eq!(
         read(count, 1, &mut out),
@@ -701,6 +698,11 @@ fn bad_input_cbtmap_and_cbtdirty_ranges() -> TestResult {
 fn bad_input_without_cap_sys_admin() -> TestResult {
     let disk = disk_a()?;
     let f = std::fs::File::open(&disk).map_err(|e| e.to_string())?;
+    // Disk b is attached, so that a BLKFILTER_CTL or BLKFILTER_DETACH that
+    // skipped the check would succeed instead of failing with ENOENT.
+    let disk_b = disk_b()?;
+    let attached = Attached::new(&disk_b)?;
+    let fb = std::fs::File::open(&disk_b).map_err(|e| e.to_string())?;
     let c = Control::open().map_err(e)?;
     // The child drops root, and with it every capability, but keeps the
     // descriptors opened as root.
@@ -728,7 +730,7 @@ fn bad_input_without_cap_sys_admin() -> TestResult {
                 name: raw::filter_name("blksnap"),
             };
             // SAFETY: valid argument.
-            if unsafe { raw::blkfilter_detach(f.as_raw_fd(), &mut d) } != Err(Errno::EPERM) {
+            if unsafe { raw::blkfilter_detach(fb.as_raw_fd(), &mut d) } != Err(Errno::EPERM) {
                 code |= 2;
             }
             let mut v = uapi::BlksnapVersion::default();
@@ -740,6 +742,17 @@ fn bad_input_without_cap_sys_admin() -> TestResult {
                 Err(e) if e.raw_os_error() == Some(nix::libc::EACCES) => {}
                 _ => code |= 8,
             }
+            let mut info = [0u8; 40];
+            let mut ctl_arg = uapi::BlkfilterCtl {
+                name: raw::filter_name("blksnap"),
+                cmd: ctl::CBTINFO,
+                optlen: 40,
+                opt: info.as_mut_ptr() as u64,
+            };
+            // SAFETY: valid argument, `info` has room for 40 bytes.
+            if unsafe { raw::blkfilter_ctl(fb.as_raw_fd(), &mut ctl_arg) } != Err(Errno::EPERM) {
+                code |= 16;
+            }
             // SAFETY: as above.
             unsafe { nix::libc::_exit(code) };
         }
@@ -748,12 +761,19 @@ fn bad_input_without_cap_sys_admin() -> TestResult {
             check_eq!(
                 status,
                 nix::sys::wait::WaitStatus::Exited(child, 0),
-                "child without CAP_SYS_ADMIN (bits: 1 attach, 2 detach, 4 version not EPERM; 8 control open not EACCES; 10 setuid failed)"
+                "child without CAP_SYS_ADMIN (bits: 1 attach, 2 detach, 4 version, 16 BLKFILTER_CTL not EPERM; 8 control open not EACCES; 10 setuid failed)"
             );
         }
     }
-    // The unprivileged attach did not attach anything.
+    // The unprivileged attach did not attach anything, the detach did not
+    // detach.
     check_eq!(dev::sysfs_attr(&disk, "filter")?, "", "filter attribute");
+    check_eq!(
+        dev::sysfs_attr(&disk_b, "filter")?,
+        "blksnap",
+        "filter attribute of disk b"
+    );
+    attached.info()?;
     Ok(())
 }
 

@@ -58,7 +58,7 @@ start=$(date +%s)
 set +e
 timeout --foreground "$TIMEOUT" vng --run "$KOUT" --disable-kvm --disable-microvm --force-9p \
 	--cpus 2 --memory 2G --verbose \
-	--append "oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0 log_buf_len=16M" \
+	--append "oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0" \
 	--qemu-opts="$QEMU_DRIVES" \
 	--rwdir "$RESULTS" \
 	--exec "$REPO/tests/qemu/guest.sh $MODE $RESULTS $REPO $*" 2>&1 |

@@ -12,7 +12,9 @@
 
 use crate::backup::{opts, same};
 use crate::dev::{self, AlignedBuf, SECTOR};
-use crate::snap::{check_device, disk, e, pattern, sha256, write_pattern, Rng, Snap, Tracked};
+use crate::snap::{
+    check_device, disk, e, pattern, random_files, sha256, write_pattern, Rng, Snap, Tracked,
+};
 use crate::{check_eq, fail, TestResult};
 use blksnap::backup::{self, Kind, Manifest};
 use blksnap::Tracker;
@@ -445,22 +447,7 @@ fn partitions_frozen() -> TestResult {
     dev::run("mount", &[&pdev, mnt.to_str().unwrap()])?;
     let r = (|| {
         let t = Tracked::new(&b)?;
-        let mut sums = Vec::new();
-        for i in 0..3 {
-            let p = mnt.join(format!("file{i}"));
-            dev::run(
-                "dd",
-                &[
-                    "if=/dev/urandom",
-                    &format!("of={}", p.display()),
-                    "bs=1M",
-                    &format!("count={}", i + 1),
-                    "status=none",
-                ],
-            )?;
-            sums.push((format!("file{i}"), sha256(&p)?));
-        }
-        dev::run("sync", &[])?;
+        let sums = random_files(&mnt, 3)?;
         let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
         let writer = {

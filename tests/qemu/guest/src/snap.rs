@@ -430,30 +430,43 @@ fn destroy_while_busy() -> TestResult {
     snap.take()?;
     let image = t.image()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let (stop, image) = (stop.clone(), image.clone());
-        std::thread::spawn(move || -> Result<(u64, u64), String> {
-            let f = dev::open_direct(&image, false)?;
-            let (mut ok, mut failed) = (0, 0);
-            let mut buf = AlignedBuf::new(1 << 20, 0);
-            let mut off = 0;
-            while !stop.load(Ordering::Relaxed) {
-                match f.read_exact_at(buf.as_mut_slice(), off) {
-                    Ok(()) => {
-                        let mut want = vec![0u8; 1 << 20];
-                        pattern(&mut want, off / SECTOR, 21);
-                        if buf.as_slice() != want.as_slice() {
-                            return Err(format!("image read at {off} returned wrong data"));
+    let t0 = std::time::Instant::now();
+    // Every read: when it began and ended (ms since t0) and whether it
+    // succeeded. A read that succeeds must return the snapshot's data. Four
+    // readers, so that reads are in progress at any time.
+    let mut expect = vec![0u8; (size * SECTOR) as usize];
+    pattern(&mut expect, 0, 21);
+    let expect = Arc::new(expect);
+    let readers: Vec<_> = (0..4u64)
+        .map(|i| {
+            let (stop, image, expect) = (stop.clone(), image.clone(), expect.clone());
+            std::thread::spawn(move || -> Result<Vec<(u128, u128, bool)>, String> {
+                let f = dev::open_direct(&image, false)?;
+                let mut reads = Vec::new();
+                let mut buf = AlignedBuf::new(1 << 20, 0);
+                let mut off = i << 24;
+                while !stop.load(Ordering::Relaxed) {
+                    let start = t0.elapsed().as_millis();
+                    let r = f.read_exact_at(buf.as_mut_slice(), off);
+                    let end = t0.elapsed().as_millis();
+                    match r {
+                        Ok(()) => {
+                            let want = &expect[off as usize..off as usize + (1 << 20)];
+                            if buf.as_slice() != want {
+                                return Err(format!(
+                                    "image read at {off}, from {start} to {end} ms, returned data that is not the snapshot's"
+                                ));
+                            }
                         }
-                        ok += 1;
+                        Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
                     }
-                    Err(_) => failed += 1,
+                    reads.push((start, end, r.is_ok()));
+                    off = (off + (1 << 20)) % (size * SECTOR);
                 }
-                off = (off + (1 << 20)) % (size * SECTOR);
-            }
-            Ok((ok, failed))
+                Ok(reads)
+            })
         })
-    };
+        .collect();
     let writer = {
         let (stop, c) = (stop.clone(), c.clone());
         std::thread::spawn(move || -> Result<BTreeSet<u64>, String> {
@@ -466,17 +479,40 @@ fn destroy_while_busy() -> TestResult {
         })
     };
     std::thread::sleep(std::time::Duration::from_millis(1500));
+    let destroy_start = t0.elapsed().as_millis();
     snap.destroy()?;
+    let destroy_end = t0.elapsed().as_millis();
     std::thread::sleep(std::time::Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = reader.join().map_err(|_| "reader panicked".to_string())??;
+    let mut reads = Vec::new();
+    for r in readers {
+        reads.extend(r.join().map_err(|_| "reader panicked".to_string())??);
+    }
     let written = writer.join().map_err(|_| "writer panicked".to_string())??;
+    let ok_before = reads.iter().filter(|r| r.2 && r.1 < destroy_start).count();
+    let raced: Vec<_> = reads
+        .iter()
+        .filter(|r| r.0 < destroy_start && r.1 >= destroy_start)
+        .collect();
+    let after: Vec<_> = reads.iter().filter(|r| r.0 > destroy_end).collect();
     println!(
-        "    {ok} image reads before the destroy, {failed} failed after it; {} sectors written",
+        "    {ok_before} image reads succeeded before the destroy; {} were in progress when it began ({} returned the snapshot's data, the others failed); {} began after it and failed; {} sectors written",
+        raced.len(),
+        raced.iter().filter(|r| r.2).count(),
+        after.len(),
         written.len()
     );
-    if ok == 0 {
+    if ok_before == 0 {
         fail!("no image read succeeded before the destroy");
+    }
+    if raced.is_empty() {
+        fail!("no image read was in progress when the destroy began: nothing raced it");
+    }
+    if after.is_empty() {
+        fail!("no image read was tried after the destroy");
+    }
+    if after.iter().any(|r| r.2) {
+        fail!("an image read that began after the destroy succeeded");
     }
     // The origin got every write, the snapshot's end notwithstanding.
     check_device(&c, |s| if written.contains(&s) { 22 } else { 21 })
@@ -548,6 +584,28 @@ fn cbt_across_snapshots() -> TestResult {
     Ok(())
 }
 
+/// Writes `n` files of random data, `file0` of 1 MiB, `file1` of 2 MiB...,
+/// into `dir`, syncs, and returns their names and SHA-256 sums.
+pub(crate) fn random_files(dir: &Path, n: usize) -> Result<Vec<(String, String)>, String> {
+    let mut sums = Vec::new();
+    for i in 0..n {
+        let p = dir.join(format!("file{i}"));
+        dev::run(
+            "dd",
+            &[
+                "if=/dev/urandom",
+                &format!("of={}", p.display()),
+                "bs=1M",
+                &format!("count={}", i + 1),
+                "status=none",
+            ],
+        )?;
+        sums.push((format!("file{i}"), sha256(&p)?));
+    }
+    dev::run("sync", &[])?;
+    Ok(sums)
+}
+
 pub(crate) fn sha256(path: &Path) -> Result<String, String> {
     let out = dev::run("sha256sum", &[path.to_str().unwrap()])?;
     Ok(out.split_whitespace().next().unwrap_or("").to_string())
@@ -567,22 +625,7 @@ fn fs_test(fs: &str, mkfs: &[&str], mount_opts: &str, fsck: &[&str]) -> TestResu
     let r = (|| {
         let t = Tracked::new(&e_disk)?;
         // Files with known content, checksummed before the snapshot.
-        let mut sums = Vec::new();
-        for i in 0..4 {
-            let p = mnt.join(format!("file{i}"));
-            dev::run(
-                "dd",
-                &[
-                    "if=/dev/urandom",
-                    &format!("of={}", p.display()),
-                    "bs=1M",
-                    &format!("count={}", i + 1),
-                    "status=none",
-                ],
-            )?;
-            sums.push((format!("file{i}"), sha256(&p)?));
-        }
-        dev::run("sync", &[])?;
+        let sums = random_files(&mnt, 4)?;
         let mut fio = std::process::Command::new("fio")
             .args([
                 "--name=live",

@@ -181,7 +181,8 @@ impl DiffArea {
             let mut data = [0u8; 12];
             data[0..4].copy_from_slice(&dev.major().to_ne_bytes());
             data[4..8].copy_from_slice(&dev.minor().to_ne_bytes());
-            data[8..12].copy_from_slice(&e.to_errno().to_ne_bytes());
+            // Upstream's event carries the errno as a positive number.
+            data[8..12].copy_from_slice(&(-e.to_errno()).to_ne_bytes());
             self.events.push(uapi::event::CORRUPTED, &data);
         }
     }

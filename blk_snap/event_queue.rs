@@ -71,9 +71,7 @@ impl EventQueue {
 
     /// Queues an event; `data` is its payload. May be called from any
     /// context. An extension event is dropped for a snapshot created
-    /// through the upstream interface. The `err_code` of a corrupted event
-    /// is stored as a positive errno, as upstream delivers it, whichever
-    /// sign the caller used.
+    /// through the upstream interface.
     pub(crate) fn push(&self, code: u32, data: &[u8]) {
         if code != uapi::event::CORRUPTED && code != uapi::event::NO_SPACE && !self.extensions {
             return;
@@ -85,13 +83,6 @@ impl EventQueue {
         };
         let n = data.len().min(PAYLOAD);
         event.data[..n].copy_from_slice(&data[..n]);
-        if code == uapi::event::CORRUPTED {
-            // `struct blksnap_event_corrupted`: err_code at byte 8.
-            let mut err = [0u8; 4];
-            err.copy_from_slice(&event.data[8..12]);
-            let err = i32::from_ne_bytes(err).unsigned_abs();
-            event.data[8..12].copy_from_slice(&err.to_ne_bytes());
-        }
         {
             let mut q = self.queue.lock();
             if q.closed {

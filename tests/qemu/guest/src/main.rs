@@ -8,9 +8,11 @@
 //! `N passed, N failed`. The exit status is non-zero if any test failed.
 
 mod backup;
+mod compat;
 mod cut;
 mod dev;
 mod odd;
+mod removal;
 mod snap;
 mod store;
 mod tests;
@@ -152,6 +154,8 @@ fn main() {
         .chain(backup::ALL)
         .chain(odd::ALL)
         .chain(cut::ALL)
+        .chain(compat::ALL)
+        .chain(removal::ALL)
     {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;

@@ -28,6 +28,10 @@ pub const ALL: &[Test] = &[
         "removal_store_on_a_loop_file_over_a_snapshotted_disk",
         loop_store,
     ),
+    (
+        "removal_store_on_a_loop_device_over_a_snapshotted_disk",
+        loop_over_disk_store,
+    ),
 ];
 
 const MIB: u64 = 1 << 20;
@@ -62,8 +66,10 @@ impl Zram {
         })
     }
 
-    /// `hot_remove`; returns the errno it failed with.
+    /// `hot_remove`; returns the errno it failed with. udev's probes open
+    /// the device (EBUSY): they are waited for first.
     fn remove(&mut self) -> Result<(), Errno> {
+        dev::udev_settle();
         match std::fs::write("/sys/class/zram-control/hot_remove", self.n.to_string()) {
             Ok(()) => {
                 self.removed = true;
@@ -298,8 +304,10 @@ fn stacked_store() -> TestResult {
 
 /// A store on a loop device whose backing file lives on a file system on a
 /// snapshotted disk: each chunk the snapshot stores is written to that disk
-/// again, and no holder link shows it to the kernel. The tools see through
-/// the loop device and refuse it before the kernel is asked.
+/// again (at the take, the thaw's superblock write waits for a copy whose
+/// store write waits for the thaw). The tools see through the loop device
+/// and refuse it before they ask the kernel; the kernel follows the loop
+/// device to its backing file and refuses it too.
 fn loop_store() -> TestResult {
     let c = disk("blksnap-c")?;
     let cp = c.to_str().unwrap().to_string();
@@ -337,6 +345,36 @@ fn loop_store() -> TestResult {
             Err(m) if m.contains("in the snapshot") => println!("    blksnapctl: {m}"),
             Err(m) => fail!("the backup failed for another reason: {m}"),
         }
+        // The kernel refuses it too: the whole loop device, ranges of it.
+        let t = Tracked::new(&c)?;
+        let s = Snap::create(&l, 0)?;
+        check_eq!(
+            t.0.snapshot_add(&s.id).map_err(|e| e.errno),
+            Err(Errno::EINVAL),
+            "adding a disk to a snapshot whose store is a loop device over a file on it"
+        );
+        s.destroy()?;
+        let ctl = Control::open().map_err(e)?;
+        let s = Snap {
+            id: ctl.snapshot_create_devices().map_err(e)?,
+            ctl,
+        };
+        s.add(&t.0)?;
+        check_eq!(
+            s.ctl
+                .snapshot_append_storage(
+                    &s.id,
+                    &l,
+                    &[SectorRange {
+                        offset: 0,
+                        count: 8192,
+                    }]
+                )
+                .map_err(|e| e.errno),
+            Err(Errno::EINVAL),
+            "appending ranges of a loop device over a file on a snapshotted disk"
+        );
+        s.destroy()?;
         Ok(())
     })();
     if let Some(l) = lo {
@@ -345,4 +383,25 @@ fn loop_store() -> TestResult {
     let um = dev::run("umount", &[mnt.to_str().unwrap()]);
     r?;
     um.map(|_| ())
+}
+
+/// A loop device whose backing file is a snapshotted disk itself: a store
+/// there is refused like one on the disk.
+fn loop_over_disk_store() -> TestResult {
+    let d = disk("blksnap-d")?;
+    let l = dev::run("losetup", &["--find", "--show", d.to_str().unwrap()])?;
+    let l = PathBuf::from(l.trim());
+    let r = (|| {
+        let t = Tracked::new(&d)?;
+        let s = Snap::create(&l, 0)?;
+        check_eq!(
+            t.0.snapshot_add(&s.id).map_err(|e| e.errno),
+            Err(Errno::EINVAL),
+            "adding a disk to a snapshot whose store is a loop device over that disk"
+        );
+        s.destroy()
+    })();
+    let removed = dev::run("losetup", &["-d", l.to_str().unwrap()]);
+    r?;
+    removed.map(|_| ())
 }

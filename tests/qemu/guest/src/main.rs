@@ -8,6 +8,7 @@
 //! `N passed, N failed`. The exit status is non-zero if any test failed.
 
 mod backup;
+mod conc;
 mod cut;
 mod dev;
 mod odd;
@@ -152,6 +153,7 @@ fn main() {
         .chain(backup::ALL)
         .chain(odd::ALL)
         .chain(cut::ALL)
+        .chain(conc::ALL)
     {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;

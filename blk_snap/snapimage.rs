@@ -3,39 +3,148 @@
 //! Snapshot images: one block device per snapshotted device,
 //! `/dev/blk-snap-imageN`, with the size and block sizes of the original.
 //! Reads and writes are served by the device's difference area, in work
-//! items; writes land in the difference storage, never on the device.
+//! items on the image queue; writes land in the difference storage, never on
+//! the device.
 
-use crate::{diff_area::DiffArea, snapshot::globals};
-use core::sync::atomic::{AtomicU32, Ordering};
+use crate::diff_area::DiffArea;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use kernel::{
-    alloc::flags::GFP_NOIO,
+    alloc::{
+        flags::{GFP_KERNEL, GFP_NOIO},
+        KVec,
+    },
     block::{
         bdev::BlockDevice,
         bio::{InFlightBio, ReqOp},
         disk::{Disk, DiskOperations, DiskParams},
     },
     error::code::*,
+    new_mutex,
     prelude::*,
-    sync::Arc,
+    sync::{Arc, Mutex},
+    ThisModule,
 };
 
-/// What an image needs to serve reads.
+/// Which image numbers are in use.
+///
+/// A number is taken when its snapshot is taken and free again when the
+/// image's data is freed: after its disk was deleted and its last opener
+/// closed it. So a name is never reused while a disk of that name, deleted
+/// or not, may still exist: adding a disk of a name that exists fails.
+#[pin_data]
+pub(crate) struct ImageSlots {
+    #[pin]
+    used: Mutex<KVec<bool>>,
+}
+
+impl ImageSlots {
+    /// No number in use.
+    pub(crate) fn new() -> Result<Arc<Self>> {
+        Arc::pin_init(
+            pin_init!(Self {
+                used <- new_mutex!(KVec::new(), "ImageSlots::used"),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// Takes the lowest free number.
+    pub(crate) fn alloc(self: &Arc<Self>) -> Result<Slot> {
+        let mut used = self.used.lock();
+        let index = match used.iter().position(|u| !u) {
+            Some(i) => {
+                used[i] = true;
+                i
+            }
+            None => {
+                used.push(true, GFP_KERNEL)?;
+                used.len() - 1
+            }
+        };
+        Ok(Slot {
+            slots: self.clone(),
+            index: index as u32,
+            freed: AtomicBool::new(false),
+        })
+    }
+}
+
+/// An image number in use; free again when this is dropped. Whoever holds
+/// it owns the name: every path that gives up an image, or fails to create
+/// one, frees it by dropping this.
+pub(crate) struct Slot {
+    slots: Arc<ImageSlots>,
+    index: u32,
+    freed: AtomicBool,
+}
+
+impl Slot {
+    /// N of `blk-snap-imageN`.
+    pub(crate) fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Frees the number now, once: for a disk that was never added, whose
+    /// name therefore does not exist.
+    fn release(&self) {
+        if !self.freed.swap(true, Ordering::AcqRel) {
+            if let Some(u) = self.slots.used.lock().get_mut(self.index as usize) {
+                *u = false;
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Images whose data is not freed yet; module exit waits for them.
+pub(crate) static LIVE_IMAGES: AtomicU32 = AtomicU32::new(0);
+
+/// Counts an image's data in [`LIVE_IMAGES`] once its disk exists.
+///
+/// The last field of [`ImageData`]: fields are dropped in the order they are
+/// declared, so the count drops after everything else the data owns has
+/// been dropped (the difference area, and with it possibly the snapshot's
+/// storage and copy queue, then the image number). Module exit waits for
+/// the count to reach zero before it frees the module's state and code: no
+/// drop code of the data runs after that except the return into the
+/// block layer's `free_disk` path, which the block layer itself must keep
+/// the module for (it holds the module until the disk is freed).
+struct Live(AtomicBool);
+
+impl Live {
+    /// Counts the data: called once its disk was added. Until then the
+    /// disk cannot be freed, and a disk that is never added is never
+    /// counted, whether or not its data is freed.
+    fn arm(&self) {
+        LIVE_IMAGES.fetch_add(1, Ordering::AcqRel);
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if self.0.load(Ordering::Acquire) {
+            LIVE_IMAGES.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// What an image needs to serve I/O.
 pub(crate) struct ImageData {
     area: Arc<DiffArea>,
+    /// The image's number, in use until this data is freed.
+    slot: Slot,
+    /// Must stay the last field: see [`Live`].
+    live: Live,
 }
 
 /// The image block device's operations.
 pub(crate) struct ImageOps;
-
-/// Images whose memory is not freed yet; module exit waits for them.
-pub(crate) static LIVE_IMAGES: AtomicU32 = AtomicU32::new(0);
-
-impl Drop for ImageData {
-    fn drop(&mut self) {
-        // The disk was freed (`free_disk`): nothing can reach it any more.
-        LIVE_IMAGES.fetch_sub(1, Ordering::Release);
-    }
-}
 
 #[vtable]
 impl DiskOperations for ImageOps {
@@ -43,32 +152,11 @@ impl DiskOperations for ImageOps {
 
     fn submit_bio(data: &Arc<ImageData>, bio: InFlightBio) {
         match bio.op() {
-            ReqOp::Read => {
-                let data = data.clone();
-                let spawned = globals().wq.try_spawn(GFP_NOIO, move || {
-                    let mut bio = bio;
-                    let result = data.area.read_image(&mut bio);
-                    bio.end(result);
-                });
-                if let Err(e) = spawned {
-                    // The closure, and the bio with it, was dropped: its
-                    // drop fails the bio.
-                    pr_err!("image read: {:?}\n", e);
-                }
-            }
+            ReqOp::Read => data.area.queue_image_read(bio),
             // Storage writes are synchronous: a flush has nothing to do.
             ReqOp::Write if bio.sectors() == 0 => bio.end(Ok(())),
             ReqOp::Flush => bio.end(Ok(())),
-            ReqOp::Write => {
-                let data = data.clone();
-                let spawned = globals().wq.try_spawn(GFP_NOIO, move || {
-                    let result = data.area.write_image(&bio);
-                    bio.end(result);
-                });
-                if let Err(e) = spawned {
-                    pr_err!("image write: {:?}\n", e);
-                }
-            }
+            ReqOp::Write => data.area.queue_image_write(bio),
             _ => bio.end(Err(EOPNOTSUPP)),
         }
     }
@@ -81,11 +169,24 @@ pub(crate) struct Image {
 }
 
 impl Image {
-    /// Creates `/dev/blk-snap-image<index>` for the device `orig`.
-    pub(crate) fn new(index: u32, orig: &BlockDevice, area: Arc<DiffArea>) -> Result<Self> {
+    /// Creates `/dev/blk-snap-imageN` for the device `orig`, N being
+    /// `slot`'s number, which the image holds until its data is freed.
+    pub(crate) fn new(
+        slot: Slot,
+        orig: &BlockDevice,
+        area: Arc<DiffArea>,
+        module: &'static ThisModule,
+    ) -> Result<Self> {
+        let index = slot.index();
         let capacity_sectors = area.geometry().capacity_sectors;
-        let data = Arc::new(ImageData { area }, GFP_NOIO)?;
-        LIVE_IMAGES.fetch_add(1, Ordering::Acquire);
+        let data = Arc::new(
+            ImageData {
+                area,
+                slot,
+                live: Live(AtomicBool::new(false)),
+            },
+            GFP_NOIO,
+        )?;
         let disk = Disk::<ImageOps>::new(
             DiskParams {
                 name: format_args!("blk-snap-image{}", index),
@@ -94,9 +195,15 @@ impl Image {
                 physical_block_size: orig.physical_block_size(),
                 read_only: false,
             },
-            data,
-            globals().module,
-        )?;
+            data.clone(),
+            module,
+        )
+        .inspect_err(|_| {
+            // The disk was not added: its name is free now, even if the
+            // data were not freed with the disk.
+            data.slot.release();
+        })?;
+        data.live.arm();
         Ok(Self { disk, index })
     }
 

@@ -7,7 +7,7 @@
 //! the device.
 
 use crate::diff_area::DiffArea;
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::{
     alloc::{
         flags::{GFP_KERNEL, GFP_NOIO},
@@ -16,7 +16,7 @@ use kernel::{
     block::{
         bdev::BlockDevice,
         bio::{InFlightBio, ReqOp},
-        disk::{Disk, DiskOperations, DiskParams},
+        disk::{Disk, DiskCount, DiskOperations, DiskParams},
     },
     error::code::*,
     new_mutex,
@@ -101,46 +101,12 @@ impl Drop for Slot {
     }
 }
 
-/// Images whose data is not freed yet; module exit waits for them.
-pub(crate) static LIVE_IMAGES: AtomicU32 = AtomicU32::new(0);
-
-/// Counts an image's data in [`LIVE_IMAGES`] once its disk exists.
-///
-/// The last field of [`ImageData`]: fields are dropped in the order they are
-/// declared, so the count drops after everything else the data owns has
-/// been dropped (the difference area, and with it possibly the snapshot's
-/// storage and copy queue, then the image number). Module exit waits for
-/// the count to reach zero before it frees the module's state and code: no
-/// drop code of the data runs after that except the return into the
-/// block layer's `free_disk` path, which the block layer itself must keep
-/// the module for (it holds the module until the disk is freed).
-struct Live(AtomicBool);
-
-impl Live {
-    /// Counts the data: called once its disk was added. Until then the
-    /// disk cannot be freed, and a disk that is never added is never
-    /// counted, whether or not its data is freed.
-    fn arm(&self) {
-        LIVE_IMAGES.fetch_add(1, Ordering::AcqRel);
-        self.0.store(true, Ordering::Release);
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        if self.0.load(Ordering::Acquire) {
-            LIVE_IMAGES.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
 /// What an image needs to serve I/O.
 pub(crate) struct ImageData {
     area: Arc<DiffArea>,
-    /// The image's number, in use until this data is freed.
+    /// The image's number, in use until this data is freed: after the
+    /// disk was deleted and its last opener closed it.
     slot: Slot,
-    /// Must stay the last field: see [`Live`].
-    live: Live,
 }
 
 /// The image block device's operations.
@@ -176,17 +142,13 @@ impl Image {
         orig: &BlockDevice,
         area: Arc<DiffArea>,
         module: &'static ThisModule,
+        disks: Pin<&DiskCount>,
     ) -> Result<Self> {
         let index = slot.index();
         let capacity_sectors = area.geometry().capacity_sectors;
-        let data = Arc::new(
-            ImageData {
-                area,
-                slot,
-                live: Live(AtomicBool::new(false)),
-            },
-            GFP_NOIO,
-        )?;
+        let data = Arc::new(ImageData { area, slot }, GFP_NOIO)?;
+        // The module's exit waits for `disks`: an image's data may be freed
+        // after its last opener closed it, long after destroy.
         let disk = Disk::<ImageOps>::new(
             DiskParams {
                 name: format_args!("blk-snap-image{}", index),
@@ -197,13 +159,13 @@ impl Image {
             },
             data.clone(),
             module,
+            disks,
         )
         .inspect_err(|_| {
             // The disk was not added: its name is free now, even if the
             // data were not freed with the disk.
             data.slot.release();
         })?;
-        data.live.arm();
         Ok(Self { disk, index })
     }
 

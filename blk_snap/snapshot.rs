@@ -15,14 +15,14 @@ use crate::{
     diff_storage::DiffStorage,
     event_queue::{Event, EventQueue},
     params,
-    snapimage::{Image, ImageSlots, LIVE_IMAGES},
+    snapimage::{Image, ImageSlots},
     store::storage_cycle,
     tracker::Tracker,
 };
 use core::sync::atomic::{AtomicPtr, Ordering};
 use kernel::{
-    alloc::{flags::GFP_KERNEL, KVec},
-    block::bdev::BlockDevice,
+    alloc::{flags::GFP_KERNEL, KBox, KVec},
+    block::{bdev::BlockDevice, disk::DiskCount},
     error::code::*,
     new_mutex,
     prelude::*,
@@ -57,6 +57,8 @@ pub(crate) struct Globals {
     slots: Arc<ImageSlots>,
     /// Image reads and writes of every snapshot.
     image_wq: Arc<OwnedQueue>,
+    /// The images whose data is not freed yet.
+    disks: Pin<KBox<DiskCount>>,
     module: &'static ThisModule,
 }
 
@@ -105,6 +107,7 @@ pub(crate) fn init_globals(module: &'static ThisModule) -> Result<Arc<Globals>> 
             topology <- new_mutex!((), "Globals::topology"),
             slots: ImageSlots::new()?,
             image_wq,
+            disks: KBox::pin_init(DiskCount::new(), GFP_KERNEL)?,
             module,
         }),
         GFP_KERNEL,
@@ -128,9 +131,7 @@ pub(crate) fn exit_globals(g: Arc<Globals>) {
     // no more. Once the queue is flushed after that, no work item holds a
     // difference area (or any queue) any more, and dropping `g` destroys
     // the image queue here, not in one of its own work items.
-    while LIVE_IMAGES.load(Ordering::Acquire) != 0 {
-        kernel::time::msleep(10);
-    }
+    g.disks.wait_empty();
     g.image_wq.flush();
     drop(g);
 }
@@ -566,7 +567,7 @@ impl Snapshot {
         // The images appear after the thaw: creating them may take time.
         let mut failed = None;
         for ((t, a), slot) in inner.trackers.iter().zip(areas.iter()).zip(slots) {
-            match Image::new(slot, t.bdev(), a.clone(), glob.module) {
+            match Image::new(slot, t.bdev(), a.clone(), glob.module, glob.disks.as_ref()) {
                 Ok(img) => {
                     t.set_image(img.index());
                     pr_info!(
@@ -707,10 +708,13 @@ enum Change<'a> {
     Store(&'a BlockDevice),
 }
 
-/// True if the two devices share sectors: the same device, or a disk and
-/// one of its partitions.
+/// True if storage on `a` would write to `b`: the same device, a disk and
+/// one of its partitions, or `a` stacked over `b` (device-mapper, md).
 fn overlaps(a: &BlockDevice, b: &BlockDevice) -> bool {
-    a.dev() == b.dev() || a.whole().dev() == b.dev() || b.whole().dev() == a.dev()
+    a.dev() == b.dev()
+        || a.whole().dev() == b.dev()
+        || b.whole().dev() == a.dev()
+        || a.is_stacked_on(b)
 }
 
 /// Checks that a storage limit can hold at least one chunk.

@@ -275,7 +275,10 @@ fn storage_cycles_are_found() {
     assert_eq!(find_cycle(3, &graph(3, &[(2, 2)])), Some(2));
     // A chain is fine, and so is a diamond.
     assert_eq!(find_cycle(3, &graph(3, &[(0, 1), (1, 2)])), None);
-    assert_eq!(find_cycle(4, &graph(4, &[(0, 1), (0, 2), (1, 3), (2, 3)])), None);
+    assert_eq!(
+        find_cycle(4, &graph(4, &[(0, 1), (0, 2), (1, 3), (2, 3)])),
+        None
+    );
     // A long cycle.
     let ring: Vec<_> = (0..50).map(|i| (i, (i + 1) % 50)).collect();
     assert!(find_cycle(50, &graph(50, &ring)).is_some());
@@ -325,5 +328,8 @@ fn mem_total_is_read_from_meminfo() {
     assert_eq!(mem_total_kib(&text[..20]), None);
     assert_eq!(mem_total_kib(b"MemFree: 5 kB\n"), None);
     assert_eq!(mem_total_kib(b"MemTotal: x kB\n"), None);
-    assert_eq!(mem_total_kib(b"MemTotal: 99999999999999999999999 kB\n"), None);
+    assert_eq!(
+        mem_total_kib(b"MemTotal: 99999999999999999999999 kB\n"),
+        None
+    );
 }

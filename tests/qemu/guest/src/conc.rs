@@ -141,6 +141,24 @@ impl Drop for Params {
     }
 }
 
+/// Unloads the module. An image that was just destroyed may still be open
+/// for a moment (udev probes new disks), which pins the module: waits for
+/// that, up to 10 s.
+fn unload() -> Result<(), Errno> {
+    let _ = Command::new("udevadm")
+        .args(["settle", "--timeout=10"])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match dev::unload_module() {
+            Err(Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            r => return r,
+        }
+    }
+}
+
 /// A snapshot with an empty storage of device ranges.
 fn devices_snap() -> Result<Snap, String> {
     let ctl = Control::open().map_err(e)?;
@@ -571,8 +589,9 @@ fn image_deep_queue() -> TestResult {
 }
 
 /// A snapshot of c whose store is on d, and a snapshot of d: every copy of
-/// the first writes to d and waits for a copy of the second. Small chunks and
-/// a long copy queue make thousands of those wait at once.
+/// the first writes to d and waits for a copy of the second. Small chunks, a
+/// long copy queue and 512 writes in flight on c (one copy each) make more
+/// copies of the first wait at once than a workqueue runs (256).
 fn storage_chain() -> TestResult {
     let (c, d) = (disk("blksnap-c")?, disk("blksnap-d")?);
     let size = dev::size_sectors(&c)?;
@@ -581,7 +600,7 @@ fn storage_chain() -> TestResult {
     write_pattern(&c, 0, size, sc)?;
     write_pattern(&d, 0, 2 * half, sd)?;
     let _p = Params::set(&[
-        ("chunk_minimum_shift", "12"),
+        ("chunk_minimum_shift", "14"),
         ("chunk_maximum_in_queue", "4096"),
     ])?;
     let (tc, td) = (Tracked::new(&c)?, Tracked::new(&d)?);
@@ -598,11 +617,11 @@ fn storage_chain() -> TestResult {
     let mut fc = Fio::start(&FioJob {
         name: "chain-c",
         dev: &c,
-        iodepth: 256,
+        iodepth: 512,
         bs: "4k-4k",
         offset: 0,
         size: size * SECTOR,
-        io_size: 8 << 20,
+        io_size: 4 << 20,
         seed: 3,
     })?;
     // Not in A's store.
@@ -613,7 +632,7 @@ fn storage_chain() -> TestResult {
         bs: "4k-4k",
         offset: 0,
         size: half * SECTOR,
-        io_size: 4 << 20,
+        io_size: 2 << 20,
         seed: 4,
     })?;
     fio_wait(&mut [&mut fc, &mut fd], start + Duration::from_secs(75))?;
@@ -627,7 +646,7 @@ fn storage_chain() -> TestResult {
     let wc = check_fio_or_pattern(&c, &fc.writes()?, 0, size * SECTOR, sc)?;
     let wd = check_fio_or_pattern(&d, &fd.writes()?, 0, half * SECTOR, sd)?;
     println!(
-        "    {} KiB to c and {} KiB to d in {took:.1} s with 4 KiB chunks; both images exact",
+        "    {} KiB to c and {} KiB to d in {took:.1} s with 16 KiB chunks; both images exact",
         wc >> 10,
         wd >> 10
     );
@@ -704,10 +723,10 @@ impl Drop for Writer {
 /// writes go on meanwhile, and no lockup is logged.
 fn cbtdirty_bounded() -> TestResult {
     let c = disk("blksnap-c")?;
-    dev::unload_module().map_err(|e| format!("unload: {e}"))?;
+    unload().map_err(|e| format!("unload: {e}"))?;
     dev::load_module("tracking_block_minimum_shift=9")?;
     let r = cbtdirty_with_small_blocks(&c);
-    let unloaded = dev::unload_module().map_err(|e| format!("unload after the test: {e}"));
+    let unloaded = unload().map_err(|e| format!("unload after the test: {e}"));
     dev::load_module("")?;
     r.and(unloaded)
 }
@@ -823,16 +842,20 @@ fn cbtdirty_with_small_blocks(c: &Path) -> TestResult {
 }
 
 /// Two threads create, add, take, read and destroy snapshots of c and d,
-/// 200 rounds each; then the module unloads promptly.
+/// 200 rounds each; then the module unloads promptly. The image names are
+/// reused all the time: a name must be free only once its disk is gone.
 fn parallel_take_destroy() -> TestResult {
     const ROUNDS: usize = 200;
+    /// A round takes well under a second; none may take this long.
+    const STALL_SECS: u64 = 30;
     let (c, d) = (disk("blksnap-c")?, disk("blksnap-d")?);
     let failed = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let loops: Vec<_> = [c, d]
         .into_iter()
         .map(|dev| {
-            let failed = failed.clone();
+            let (failed, done) = (failed.clone(), done.clone());
             std::thread::spawn(move || -> Result<usize, String> {
                 let t = Tracked::new(&dev)?;
                 let first = dev::read_direct(&dev, 0, 8)?;
@@ -857,25 +880,37 @@ fn parallel_take_destroy() -> TestResult {
                         failed.store(true, Ordering::Relaxed);
                         fail!("{} round {round}: {err}", dev.display());
                     }
+                    done.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(ROUNDS)
             })
         })
         .collect();
-    let deadline = start + Duration::from_secs(80);
+    let (mut last, mut progress) = (0, Instant::now());
     while !loops.iter().all(|l| l.is_finished()) {
-        if Instant::now() > deadline {
-            fail!("the take/destroy loops did not finish within 80 s (hung?)");
+        let now = done.load(Ordering::Relaxed);
+        if now != last {
+            (last, progress) = (now, Instant::now());
+        }
+        if progress.elapsed() > Duration::from_secs(STALL_SECS) {
+            fail!("no take/destroy round ended in {STALL_SECS} s after {last} rounds (hung?)");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut rounds = 0;
+    let mut errors = Vec::new();
     for l in loops {
-        rounds += l.join().map_err(|_| "a loop panicked".to_string())??;
+        match l.join().map_err(|_| "a loop panicked".to_string())? {
+            Ok(n) => rounds += n,
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        fail!("{}", errors.join("; "));
     }
     let loops_s = start.elapsed().as_secs_f64();
     let t0 = Instant::now();
-    let unloaded = bounded("rmmod", 30, dev::unload_module)?;
+    let unloaded = bounded("rmmod", 30, unload)?;
     check_eq!(unloaded, Ok(()), "rmmod after the loops");
     let unload_s = t0.elapsed().as_secs_f64();
     dev::load_module("")?;

@@ -55,6 +55,7 @@ use kernel::{
     prelude::*,
     rbtree::{RBTree, RBTreeNodeReservation},
     sync::{Arc, CondVar, SpinLock},
+    task::NoIoScope,
     types::ARef,
     workqueue::OwnedQueue,
 };
@@ -355,6 +356,9 @@ impl DiffArea {
 
     /// Copies the original content of chunk `c` to the storage.
     fn copy_chunk(self: Arc<Self>, c: u64) {
+        // Reclaim must not write to a device whose writes may wait for this
+        // copy: no allocation here, nor in the storage's I/O, starts I/O.
+        let _noio = NoIoScope::new();
         let span = self.geometry.chunk_span(c);
         let sectors = span.end - span.start;
         let len = (sectors << 9) as usize;
@@ -584,6 +588,9 @@ impl DiffArea {
     pub(crate) fn queue_image_read(self: &Arc<Self>, bio: InFlightBio) {
         let area = self.clone();
         let spawned = self.image_wq.try_spawn(GFP_NOIO, move || {
+            // Reclaim may be waiting for this read (a file system on the
+            // image): its allocations start no I/O.
+            let _noio = NoIoScope::new();
             let mut bio = bio;
             let result = area.read_image(&mut bio);
             bio.end(result);
@@ -598,9 +605,11 @@ impl DiffArea {
     /// Queues a write to the image.
     pub(crate) fn queue_image_write(self: &Arc<Self>, bio: InFlightBio) {
         let area = self.clone();
-        let spawned = self
-            .image_wq
-            .try_spawn(GFP_NOIO, move || area.write_image(bio));
+        let spawned = self.image_wq.try_spawn(GFP_NOIO, move || {
+            // As for reads.
+            let _noio = NoIoScope::new();
+            area.write_image(bio)
+        });
         if let Err(e) = spawned {
             pr_err!("image write: {:?}\n", e);
         }

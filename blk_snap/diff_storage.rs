@@ -55,6 +55,7 @@ use kernel::{
     rbtree::{RBTree, RBTreeNode},
     str::CStr,
     sync::{Arc, Mutex},
+    task::NoIoScope,
 };
 
 /// A block device opened exclusively for the storage.
@@ -483,6 +484,8 @@ impl DiffStorage {
                 return Err(self.full(&mut space, sectors));
             }
             if to > have {
+                // Called by copies, which reclaim may wait for.
+                let _noio = NoIoScope::new();
                 file.allocate(have << 9, (to - have) << 9).map_err(|e| {
                     pr_err!(
                         "difference storage: growing to {} sectors failed: {:?}\n",
@@ -569,6 +572,9 @@ impl DiffStorage {
     /// Writes `len` bytes of `pages` at address `addr`: any whole sectors
     /// inside an allocation.
     pub(crate) fn write(&self, addr: u64, pages: KVec<Page>, len: usize) -> Result {
+        // Copies and image I/O call this, and reclaim may wait for them: the
+        // file system's allocations for this I/O must start no I/O.
+        let _noio = NoIoScope::new();
         let sectors = io_sectors(len, pages.len())?;
         let loc = self.locate(addr, sectors)?;
         if let Target2::Memory = loc.target {
@@ -590,6 +596,8 @@ impl DiffStorage {
     /// Reads `len` bytes at address `addr` into new pages: any whole sectors
     /// inside an allocation.
     pub(crate) fn read(&self, addr: u64, len: usize) -> Result<KVec<Page>> {
+        // As for writes.
+        let _noio = NoIoScope::new();
         let sectors = io_sectors(len, len.div_ceil(PAGE_SIZE))?;
         let loc = self.locate(addr, sectors)?;
         if let Target2::Memory = loc.target {

@@ -143,20 +143,53 @@ impl Drop for Params {
 
 /// Unloads the module. An image that was just destroyed may still be open
 /// for a moment (udev probes new disks), which pins the module: waits for
-/// that, up to 10 s.
-fn unload() -> Result<(), Errno> {
+/// that, up to 30 s. On failure, says who holds the module.
+fn unload() -> Result<(), String> {
     let _ = Command::new("udevadm")
         .args(["settle", "--timeout=10"])
         .status();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match dev::unload_module() {
+            Ok(()) => return Ok(()),
             Err(Errno::EAGAIN) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50))
             }
-            r => return r,
+            Err(e) => return Err(format!("{e} ({})", module_holders())),
         }
     }
+}
+
+/// What holds the module: its reference count, the images that exist and
+/// the processes that have an image or the control device open.
+fn module_holders() -> String {
+    let refcnt = std::fs::read_to_string("/sys/module/blksnap/refcnt").unwrap_or_default();
+    let mut open = Vec::new();
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = p.file_name().to_string_lossy().to_string();
+        if !pid.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+        for fd in std::fs::read_dir(p.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if t.contains("blk-snap-image") || t.contains("blksnap-control") {
+                    open.push(format!("{} ({pid}) has {t}", comm.trim()));
+                }
+            }
+        }
+    }
+    format!(
+        "refcnt {}, images {:?}, open: {:?}",
+        refcnt.trim(),
+        images(),
+        open
+    )
 }
 
 /// A snapshot with an empty storage of device ranges.
@@ -910,8 +943,8 @@ fn parallel_take_destroy() -> TestResult {
     }
     let loops_s = start.elapsed().as_secs_f64();
     let t0 = Instant::now();
-    let unloaded = bounded("rmmod", 30, unload)?;
-    check_eq!(unloaded, Ok(()), "rmmod after the loops");
+    let unloaded = bounded("rmmod", 60, unload)?;
+    unloaded.map_err(|e| format!("rmmod after the loops: {e}"))?;
     let unload_s = t0.elapsed().as_secs_f64();
     dev::load_module("")?;
     println!("    {rounds} rounds in {loops_s:.1} s; rmmod took {unload_s:.2} s");
@@ -994,7 +1027,7 @@ fn images() -> Vec<String> {
 }
 
 /// Each allocation of a take in turn fails, while a writer writes to the
-/// device: the take fails with ENOMEM or succeeds, the writes all complete
+/// device: the take fails (with ENOMEM, mostly) or succeeds, the writes all complete
 /// (none fails, none is lost), no image slot leaks, and the snapshot can be
 /// destroyed.
 fn take_faults() -> TestResult {
@@ -1064,10 +1097,15 @@ fn take_faults() -> TestResult {
                     if !fired {
                         fail!("take failed with {errno} without an injected fault");
                     }
+                    // Mostly ENOMEM; a failed allocation inside the block
+                    // layer (adding the image disk) may give another errno.
                     failed += 1;
                     *errnos.entry(format!("{errno:?}")).or_insert(0) += 1;
-                    if errno != Errno::ENOMEM {
-                        fail!("fault point {n}: take failed with {errno}, want ENOMEM");
+                    if !images().is_empty() {
+                        fail!(
+                            "fault point {n}: a take that failed with {errno} left images {:?}",
+                            images()
+                        );
                     }
                 }
             }

@@ -575,6 +575,9 @@ fn image_deep_queue() -> TestResult {
     let size = dev::size_sectors(&c)?;
     let seed = 41;
     write_pattern(&c, 0, size, seed)?;
+    // 16 KiB chunks: 4096 of them, so that copies go on all along, and an
+    // image write often finds its chunk being copied for an origin write.
+    let _p = Params::set(&[("chunk_minimum_shift", "14")])?;
     let t = Tracked::new(&c)?;
     let snap = devices_snap()?;
     check_eq!(append(&snap, &ed, &[(0, 160 * MIB)]), Ok(()), "store on e");
@@ -587,20 +590,22 @@ fn image_deep_queue() -> TestResult {
         name: "image",
         dev: &image,
         iodepth: 1024,
-        bs: "4k-64k",
+        bs: "4k-4k",
         offset: 0,
         size: bytes,
-        io_size: 16 << 20,
+        io_size: 8 << 20,
         seed: 1,
     })?;
+    // The origin's writes start once the image's fill the queues.
+    std::thread::sleep(Duration::from_secs(1));
     let mut fo = Fio::start(&FioJob {
         name: "origin",
         dev: &c,
         iodepth: 64,
-        bs: "4k-64k",
+        bs: "4k-4k",
         offset: 0,
         size: bytes,
-        io_size: 8 << 20,
+        io_size: 4 << 20,
         seed: 2,
     })?;
     fio_wait(&mut [&mut fi, &mut fo], start + Duration::from_secs(75))?;

@@ -1070,7 +1070,7 @@ fn take_faults() -> TestResult {
         })
     };
     let faults = Faults::setup()?;
-    let (mut failed, mut ok_anyway, mut points) = (0, 0, 0);
+    let (mut failed, mut ok_anyway, mut corrupted, mut points) = (0, 0, 0, 0);
     let mut errnos = std::collections::BTreeMap::new();
     let result = (|| -> TestResult {
         for n in 1..=MAX_POINTS {
@@ -1086,11 +1086,17 @@ fn take_faults() -> TestResult {
             match r {
                 Ok(()) => {
                     let info = t.0.snapshot_info().map_err(e)?;
+                    // The writes held during the take go on in the taking
+                    // thread: a copy-on-write that finds no memory there
+                    // marks the snapshot corrupted (ENOMEM); the write goes
+                    // on to the device all the same.
+                    let code = info.error_code;
                     check_eq!(
-                        (info.error_code, info.image.as_str()),
-                        (0, "blk-snap-image0"),
-                        "state after a take that succeeded (fault point {n})"
+                        (code == 0 || code == -12, info.image.as_str()),
+                        (true, "blk-snap-image0"),
+                        "state after a take that succeeded (fault point {n}, error {code})"
                     );
+                    corrupted += u32::from(code != 0);
                     if !fired {
                         // Past the last fault point of a take.
                         s.destroy()?;
@@ -1174,7 +1180,8 @@ fn take_faults() -> TestResult {
     }
     println!(
         "    {points} fault points: {failed} takes failed ({errnos:?}), {ok_anyway} succeeded \
-         anyway; {} writes, all on the device",
+         anyway ({corrupted} of them corrupted by a failed copy-on-write); {} writes, all on \
+         the device",
         count.load(Ordering::Relaxed)
     );
     Ok(())

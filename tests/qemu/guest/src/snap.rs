@@ -160,8 +160,13 @@ impl Snap {
     }
 
     pub(crate) fn destroy(self) -> TestResult {
-        let r = self.ctl.snapshot_destroy(&self.id).map_err(e);
-        std::mem::forget(self);
+        // Not destroyed again by `drop`, but the control device is closed:
+        // an open one pins the module.
+        let this = std::mem::ManuallyDrop::new(self);
+        let r = this.ctl.snapshot_destroy(&this.id).map_err(e);
+        // SAFETY: `this` is never used or dropped again, so `ctl` is read
+        // out of it exactly once.
+        drop(unsafe { std::ptr::read(&this.ctl) });
         r
     }
 }

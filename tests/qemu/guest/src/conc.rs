@@ -306,9 +306,28 @@ impl Drop for Fio {
     }
 }
 
-/// Waits for every fio until `deadline`; fails if one failed or is still
-/// running then (it is killed).
-fn fio_wait(fios: &mut [&mut Fio], deadline: Instant) -> TestResult {
+/// Writes completed on `devs` so far (`/sys/class/block/*/stat`).
+fn writes_done(devs: &[&Path]) -> u64 {
+    devs.iter()
+        .filter_map(|d| {
+            let name = d.file_name()?.to_string_lossy().to_string();
+            let stat = std::fs::read_to_string(format!("/sys/class/block/{name}/stat")).ok()?;
+            stat.split_whitespace().nth(4)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// How long the writes on the watched devices may make no progress before
+/// fio counts as hung. A slow machine (TCG on a loaded host) only slows
+/// them down.
+const STALL_SECS: u64 = 30;
+
+/// Waits for every fio; fails if one failed, or if no write completed on
+/// `watch` for [`STALL_SECS`] (hung), or after `limit` in all (they are
+/// killed).
+fn fio_wait(fios: &mut [&mut Fio], watch: &[&Path], limit: Duration) -> TestResult {
+    let start = Instant::now();
+    let (mut done, mut progress) = (writes_done(watch), Instant::now());
     loop {
         let mut running = false;
         for f in fios.iter_mut() {
@@ -327,15 +346,26 @@ fn fio_wait(fios: &mut [&mut Fio], deadline: Instant) -> TestResult {
         if !running {
             return Ok(());
         }
-        if Instant::now() > deadline {
+        let now = writes_done(watch);
+        if now != done {
+            (done, progress) = (now, Instant::now());
+        }
+        let stalled = progress.elapsed() > Duration::from_secs(STALL_SECS);
+        if stalled || start.elapsed() > limit {
             let names: Vec<&str> = fios
                 .iter()
                 .filter(|f| f.child.is_some())
                 .map(|f| f.name.as_str())
                 .collect();
             fail!(
-                "fio {} still running at the deadline (hung?)",
-                names.join(", ")
+                "fio {} still running after {:.0} s, {} (hung?)",
+                names.join(", "),
+                start.elapsed().as_secs_f64(),
+                if stalled {
+                    format!("no write completed for {STALL_SECS} s")
+                } else {
+                    format!("{done} writes completed")
+                }
             );
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -608,7 +638,12 @@ fn image_deep_queue() -> TestResult {
         io_size: 4 << 20,
         seed: 2,
     })?;
-    fio_wait(&mut [&mut fi, &mut fo], start + Duration::from_secs(75))?;
+    // Image writes land on e, the store.
+    fio_wait(
+        &mut [&mut fi, &mut fo],
+        &[&image, &c, &ed],
+        Duration::from_secs(240),
+    )?;
     let took = start.elapsed().as_secs_f64();
     let wi = check_fio_or_pattern(&image, &fi.writes()?, 0, bytes, seed)?;
     let wo = check_fio_or_pattern(&c, &fo.writes()?, 0, bytes, seed)?;
@@ -673,7 +708,7 @@ fn storage_chain() -> TestResult {
         io_size: 2 << 20,
         seed: 4,
     })?;
-    fio_wait(&mut [&mut fc, &mut fd], start + Duration::from_secs(75))?;
+    fio_wait(&mut [&mut fc, &mut fd], &[&c, &d], Duration::from_secs(240))?;
     let took = start.elapsed().as_secs_f64();
     check_eq!(tc.0.snapshot_info().map_err(e)?.error_code, 0, "error of A");
     check_eq!(td.0.snapshot_info().map_err(e)?.error_code, 0, "error of B");

@@ -50,7 +50,9 @@ module! {
 struct BlkSnap {
     control: Option<Pin<KBox<MiscDeviceRegistration<ctl::Control>>>>,
     filter: Option<Pin<KBox<filter::Registration<tracker::TrackerFilter>>>>,
-    globals: Option<Pin<KBox<snapshot::Globals>>>,
+    /// The module-wide state. The module owns it; the entry points reach it
+    /// through `snapshot::globals`, only while they hold the module.
+    globals: Option<kernel::sync::Arc<snapshot::Globals>>,
 }
 
 impl kernel::Module for BlkSnap {

@@ -10,7 +10,7 @@
 //! new size and a new generation, like upstream: user space sees the new
 //! generation and knows that its earlier change numbers are void.
 
-use crate::cbt::{CbtError, CbtGeometry, CbtParams, CbtState};
+use crate::cbt::{merge_ranges, CbtError, CbtGeometry, CbtParams, CbtState};
 use core::ops::Range;
 use kernel::{
     alloc::{flags::GFP_KERNEL, KVVec, KVec},
@@ -18,6 +18,7 @@ use kernel::{
     new_spinlock,
     prelude::*,
     sync::SpinLock,
+    time::{ktime_ms_delta, msleep, Ktime},
     uaccess::UserSliceWriter,
     uuid::Uuid,
 };
@@ -61,6 +62,14 @@ pub(crate) struct Reset {
 
 /// Bytes copied to user space per lock hold when reading a map.
 const COPY_CHUNK: usize = 16 * 1024;
+
+/// Blocks marked per hold of the lock by [`CbtMap::mark_dirty`]: a write to
+/// the device waits for at most this many byte updates (microseconds).
+const MARK_BATCH: usize = 4096;
+
+/// How long [`CbtMap::mark_dirty`] works before it sleeps a moment: the
+/// kernel may not preempt it, and other tasks must run.
+const MARK_SLICE_MS: i64 = 10;
 
 fn geometry_for(capacity_sectors: u64, params: &CbtParams) -> Result<CbtGeometry> {
     CbtGeometry::new(capacity_sectors, params).map_err(|e| {
@@ -117,19 +126,36 @@ impl CbtMap {
     }
 
     /// Marks block ranges dirty in both maps. Ranges checked against an
-    /// older geometry are clipped to the map.
-    pub(crate) fn mark_dirty(&self, ranges: &KVec<Range<usize>>) {
-        let mut maps = self.maps.lock();
-        let Maps {
-            state,
-            active,
-            read,
-            ..
-        } = &mut *maps;
-        let n = active.len();
-        for blocks in ranges.iter() {
-            let blocks = blocks.start.min(n)..blocks.end.min(n);
-            state.mark_dirty(active, read, blocks);
+    /// older geometry are clipped to the map. Sleeps.
+    ///
+    /// The ranges are merged first, so however often they overlap, each
+    /// block is marked once; the lock that the write path takes is held for
+    /// [`MARK_BATCH`] blocks at a time, and the work pauses every
+    /// [`MARK_SLICE_MS`]. Reorders `ranges`.
+    pub(crate) fn mark_dirty(&self, ranges: &mut [Range<usize>]) {
+        let n = merge_ranges(ranges);
+        let mut since = Ktime::ktime_get();
+        for blocks in ranges[..n].iter() {
+            let mut pos = blocks.start;
+            while pos < blocks.end {
+                let end = blocks.end.min(pos.saturating_add(MARK_BATCH));
+                {
+                    let mut maps = self.maps.lock();
+                    let Maps {
+                        state,
+                        active,
+                        read,
+                        ..
+                    } = &mut *maps;
+                    let len = active.len();
+                    state.mark_dirty(active, read, pos.min(len)..end.min(len));
+                }
+                pos = end;
+                if ktime_ms_delta(Ktime::ktime_get(), since) >= MARK_SLICE_MS {
+                    msleep(1);
+                    since = Ktime::ktime_get();
+                }
+            }
         }
     }
 

@@ -14,8 +14,23 @@
 //! chunk, and writes to the chunk are held until it finished, so that the
 //! device cannot change under it.
 //!
-//! Nothing here sleeps in the submit path: chunks are copied by work items on
-//! the module's workqueue, and held writes are resubmitted from there.
+//! Writes to the image go to the storage: a chunk is copied there first if
+//! it was not yet. An image write whose chunk is being copied, or written by
+//! another image write, is parked on the chunk and queued again when the
+//! chunk is ready; no worker sleeps waiting for another work item.
+//!
+//! Nothing here sleeps in the submit path. Two kinds of work items do the
+//! rest, on two kinds of queues:
+//!
+//! - chunk copies, on the snapshot's own copy queue. A copy waits only for
+//!   I/O: a read of the device (which no filter holds) and a write to the
+//!   storage, which a snapshot of the storage's device may hold until *its*
+//!   copy is done, on *its* own queue. Snapshots whose storages form a cycle
+//!   are refused ([`crate::snapshot`]), so such waits always end at a device
+//!   of no snapshot, and copies of one snapshot never wait behind copies
+//!   that wait for them.
+//! - image reads and writes, on the module's image queue. They wait only for
+//!   I/O and for nothing the image queue runs.
 
 use crate::{
     chunk::ChunkGeometry,
@@ -29,13 +44,18 @@ use core::ops::Range;
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use kernel::{
     alloc::{flags::GFP_NOIO, KVec},
-    block::{bdev::BlockDevice, bio::InFlightBio, filter::Admitted},
+    block::{
+        bdev::BlockDevice,
+        bio::{BioList, InFlightBio},
+        filter::Admitted,
+    },
     error::code::*,
-    new_condvar, new_mutex, new_spinlock,
+    new_condvar, new_spinlock,
     page::Page,
     prelude::*,
     rbtree::{RBTree, RBTreeNodeReservation},
-    sync::{Arc, CondVar, Mutex, SpinLock},
+    sync::{Arc, CondVar, SpinLock},
+    task::NoIoScope,
     types::ARef,
     workqueue::OwnedQueue,
 };
@@ -58,9 +78,23 @@ struct Chunk {
     content: Content,
     /// Image reads of this chunk from the device in progress.
     readers: u32,
+    /// An image write is changing the chunk in the storage.
+    image_busy: bool,
+    /// Image writes waiting for the chunk: queued again when its copy ends
+    /// or the image write that changes it is done.
+    parked: BioList,
 }
 
 impl Chunk {
+    fn new(content: Content, readers: u32) -> Self {
+        Self {
+            content,
+            readers,
+            image_busy: false,
+            parked: BioList::new(),
+        }
+    }
+
     /// True if writes to the chunk may go to the device.
     fn writable(&self) -> bool {
         matches!(self.content, Content::Stored(_) | Content::Failed) && self.readers == 0
@@ -79,8 +113,22 @@ struct State {
     next_held: u64,
     /// Chunk copies queued or running.
     copies: u32,
+    /// Image writes parked on chunks.
+    parked: u32,
     /// Set when the snapshot goes away: nothing is held any more.
     shut_down: bool,
+}
+
+impl State {
+    /// Moves the image writes parked on chunk `c` to `into`.
+    fn take_parked(&mut self, c: u64, into: &mut BioList) {
+        if let Some(ch) = self.chunks.get_mut(&c) {
+            while let Some(bio) = ch.parked.pop() {
+                into.push(bio);
+                self.parked = self.parked.saturating_sub(1);
+            }
+        }
+    }
 }
 
 /// Copy-on-write state of one device of a snapshot.
@@ -91,7 +139,10 @@ pub(crate) struct DiffArea {
     tracker: Arc<Tracker>,
     store: Arc<DiffStorage>,
     events: Arc<EventQueue>,
-    wq: Arc<OwnedQueue>,
+    /// The snapshot's chunk copies.
+    copy_wq: Arc<OwnedQueue>,
+    /// Image reads and writes.
+    image_wq: Arc<OwnedQueue>,
     max_copies: u32,
     /// 0, or the negative errno that made the snapshot of this device unusable.
     error: AtomicI32,
@@ -100,12 +151,9 @@ pub(crate) struct DiffArea {
     #[pin]
     state: SpinLock<State>,
     /// Signalled when copies finish, for writers waiting for room and for
-    /// image writes waiting for a chunk.
+    /// the end of the snapshot waiting for the last copy.
     #[pin]
     room: CondVar,
-    /// Serializes writes to the image (read-modify-write of the storage).
-    #[pin]
-    image_writes: Mutex<()>,
 }
 
 /// Where to read a piece of the image from.
@@ -115,13 +163,15 @@ enum Source {
 }
 
 impl DiffArea {
-    /// Creates the difference area of `orig`.
+    /// Creates the difference area of `orig`. Copies run on `copy_wq`,
+    /// the snapshot's; image I/O on `image_wq`.
     pub(crate) fn new(
         tracker: Arc<Tracker>,
         geometry: ChunkGeometry,
         store: Arc<DiffStorage>,
         events: Arc<EventQueue>,
-        wq: Arc<OwnedQueue>,
+        copy_wq: Arc<OwnedQueue>,
+        image_wq: Arc<OwnedQueue>,
         max_copies: u32,
     ) -> Result<Arc<Self>> {
         Arc::pin_init(
@@ -131,7 +181,8 @@ impl DiffArea {
                 tracker,
                 store,
                 events,
-                wq,
+                copy_wq,
+                image_wq,
                 max_copies: max_copies.max(1),
                 error: AtomicI32::new(0),
                 stored: AtomicU32::new(0),
@@ -140,10 +191,10 @@ impl DiffArea {
                     held: RBTree::new(),
                     next_held: 0,
                     copies: 0,
+                    parked: 0,
                     shut_down: false,
                 }, "DiffArea::state"),
                 room <- new_condvar!("DiffArea::room"),
-                image_writes <- new_mutex!((), "DiffArea::image_writes"),
             }),
             GFP_NOIO,
         )
@@ -252,15 +303,9 @@ impl DiffArea {
                     }
                     None => {
                         // A reservation per chunk was made above.
-                        let node = nodes.pop().map(|r| {
-                            r.into_node(
-                                c,
-                                Chunk {
-                                    content: Content::Copying,
-                                    readers: 0,
-                                },
-                            )
-                        });
+                        let node = nodes
+                            .pop()
+                            .map(|r| r.into_node(c, Chunk::new(Content::Copying, 0)));
                         if let Some(node) = node {
                             state.chunks.insert(node);
                             let _ = to_copy.push(c, GFP_NOIO);
@@ -290,7 +335,7 @@ impl DiffArea {
         for &c in chunks {
             let area = self.clone();
             if self
-                .wq
+                .copy_wq
                 .try_spawn(GFP_NOIO, move || area.copy_chunk(c))
                 .is_err()
             {
@@ -311,6 +356,9 @@ impl DiffArea {
 
     /// Copies the original content of chunk `c` to the storage.
     fn copy_chunk(self: Arc<Self>, c: u64) {
+        // Reclaim must not write to a device whose writes may wait for this
+        // copy: no allocation here, nor in the storage's I/O, starts I/O.
+        let _noio = NoIoScope::new();
         let span = self.geometry.chunk_span(c);
         let sectors = span.end - span.start;
         let len = (sectors << 9) as usize;
@@ -341,18 +389,30 @@ impl DiffArea {
         self.chunk_done(c, content);
     }
 
-    /// Records the end of the copy of chunk `c` and releases the writes
-    /// that no longer need to wait.
-    fn chunk_done(&self, c: u64, content: Content) {
+    /// Waits until no copy is queued or running. After [`Self::shut_down`]
+    /// none starts any more: then no copy of this area outlives this call.
+    pub(crate) fn wait_copies(&self) {
+        let mut state = self.state.lock();
+        while state.copies != 0 {
+            self.room.wait(&mut state);
+        }
+    }
+
+    /// Records the end of the copy of chunk `c`, releases the writes that
+    /// no longer need to wait and queues the image writes parked on it.
+    fn chunk_done(self: &Arc<Self>, c: u64, content: Content) {
+        let mut parked = BioList::new();
         {
             let mut state = self.state.lock();
             if let Some(chunk) = state.chunks.get_mut(&c) {
                 chunk.content = content;
             }
+            state.take_parked(c, &mut parked);
             state.copies = state.copies.saturating_sub(1);
         }
         self.room.notify_all();
         self.release_writable();
+        self.unpark(parked);
     }
 
     /// Resubmits the held writes whose chunks are all writable, in the order
@@ -389,12 +449,22 @@ impl DiffArea {
         }
     }
 
-    /// Stops copy-on-write for good: releases every held write. Called when
-    /// the snapshot is destroyed or the device goes away.
+    /// Stops copy-on-write for good: releases every held write and fails
+    /// the parked image writes. Called when the snapshot is destroyed or the
+    /// device goes away.
     pub(crate) fn shut_down(&self) {
+        let mut failed = BioList::new();
         let mut held = {
             let mut state = self.state.lock();
             state.shut_down = true;
+            if state.parked != 0 {
+                state.parked = 0;
+                for chunk in state.chunks.values_mut() {
+                    while let Some(bio) = chunk.parked.pop() {
+                        failed.push(bio);
+                    }
+                }
+            }
             core::mem::take(&mut state.held)
         };
         self.room.notify_all();
@@ -402,6 +472,9 @@ impl DiffArea {
             if let Some(w) = held.remove(&key) {
                 w.bio.submit();
             }
+        }
+        while let Some(bio) = failed.pop() {
+            bio.end(Err(EIO));
         }
     }
 
@@ -429,13 +502,9 @@ impl DiffArea {
             },
             None => {
                 let r = reservation.take().ok_or(ENOMEM)?;
-                state.chunks.insert(r.into_node(
-                    chunk,
-                    Chunk {
-                        content: Content::Origin,
-                        readers: 1,
-                    },
-                ));
+                state
+                    .chunks
+                    .insert(r.into_node(chunk, Chunk::new(Content::Origin, 1)));
                 Ok(Source::Origin)
             }
         }
@@ -503,66 +572,202 @@ impl DiffArea {
     }
 }
 
+/// What an image write found when it looked at its chunks.
+enum WriteCheck {
+    /// Every chunk is in the storage and no other image write changes it:
+    /// they are marked busy; their addresses in the storage, in order.
+    Go(InFlightBio, KVec<u64>),
+    /// Parked on a chunk that is being copied or written.
+    Parked,
+    /// A chunk was lost, memory is short, or the snapshot is gone.
+    Fail(InFlightBio, Error),
+}
+
 impl DiffArea {
-    /// Makes sure chunk `c` is in the storage, copying it from the device
-    /// if nobody did yet, and returns its address. Sleeps.
-    fn stored_chunk(self: &Arc<Self>, c: u64) -> Result<u64> {
-        enum Next {
-            Done(Result<u64>),
-            Wait,
-            Copy,
-        }
-        loop {
-            let mut reservation = Some(RBTreeNodeReservation::new(GFP_NOIO)?);
-            let mut state = self.state.lock();
-            let next = match state.chunks.get_mut(&c) {
-                Some(ch) => match ch.content {
-                    Content::Stored(at) => Next::Done(Ok(at)),
-                    Content::Failed => Next::Done(Err(EIO)),
-                    Content::Copying => Next::Wait,
-                    Content::Origin => {
-                        ch.content = Content::Copying;
-                        Next::Copy
-                    }
-                },
-                None => {
-                    let r = reservation.take().ok_or(ENOMEM)?;
-                    state.chunks.insert(r.into_node(
-                        c,
-                        Chunk {
-                            content: Content::Copying,
-                            readers: 0,
-                        },
-                    ));
-                    Next::Copy
-                }
-            };
-            match next {
-                Next::Done(r) => return r,
-                Next::Wait => self.room.wait(&mut state),
-                Next::Copy => {
-                    state.copies += 1;
-                    drop(state);
-                    self.clone().copy_chunk(c);
-                }
-            }
+    /// Queues a read of the image.
+    pub(crate) fn queue_image_read(self: &Arc<Self>, bio: InFlightBio) {
+        let area = self.clone();
+        let spawned = self.image_wq.try_spawn(GFP_NOIO, move || {
+            // Reclaim may be waiting for this read (a file system on the
+            // image): its allocations start no I/O.
+            let _noio = NoIoScope::new();
+            let mut bio = bio;
+            let result = area.read_image(&mut bio);
+            bio.end(result);
+        });
+        if let Err(e) = spawned {
+            // The closure, and the bio with it, was dropped: its drop fails
+            // the bio.
+            pr_err!("image read: {:?}\n", e);
         }
     }
 
-    /// Serves a write to the snapshot image: the data goes to the storage,
-    /// after the chunk was copied there from the device if needed, and never
-    /// to the device. The blocks are marked changed in the CBT, so that the
-    /// next backup reads them again. Sleeps.
-    pub(crate) fn write_image(self: &Arc<Self>, bio: &InFlightBio) -> Result {
-        if self.error() != 0 {
-            return Err(EIO);
+    /// Queues a write to the image.
+    pub(crate) fn queue_image_write(self: &Arc<Self>, bio: InFlightBio) {
+        let area = self.clone();
+        let spawned = self.image_wq.try_spawn(GFP_NOIO, move || {
+            // As for reads.
+            let _noio = NoIoScope::new();
+            area.write_image(bio)
+        });
+        if let Err(e) = spawned {
+            pr_err!("image write: {:?}\n", e);
         }
-        let _serial = self.image_writes.lock();
+    }
+
+    /// Queues the image writes of `parked` again.
+    fn unpark(self: &Arc<Self>, mut parked: BioList) {
+        while let Some(bio) = parked.pop() {
+            self.queue_image_write(bio);
+        }
+    }
+
+    /// Looks at the chunks an image write touches. If all are in the
+    /// storage and no other image write changes them, marks them busy.
+    /// Otherwise parks the write on the first one that is not ready, after
+    /// starting the copies of those still on the device only.
+    fn check_image_write(self: &Arc<Self>, bio: InFlightBio) -> WriteCheck {
+        let chunks = self
+            .geometry
+            .chunks_touched(bio.sector(), u64::from(bio.sectors()));
+        let n = chunks.clone().count();
+        // Tree nodes for chunks not in the tree yet, reserved outside the
+        // lock.
+        let mut nodes = match KVec::with_capacity(n, GFP_NOIO) {
+            Ok(v) => v,
+            Err(_) => return WriteCheck::Fail(bio, ENOMEM),
+        };
+        for _ in 0..n {
+            match RBTreeNodeReservation::new(GFP_NOIO) {
+                // Cannot fail: the capacity is there.
+                Ok(r) => drop(nodes.push(r, GFP_NOIO)),
+                Err(_) => return WriteCheck::Fail(bio, ENOMEM),
+            }
+        }
+        let (mut addrs, mut to_copy) = match (
+            KVec::with_capacity(n, GFP_NOIO),
+            KVec::with_capacity(n, GFP_NOIO),
+        ) {
+            (Ok(a), Ok(c)) => (a, c),
+            _ => return WriteCheck::Fail(bio, ENOMEM),
+        };
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        if state.shut_down {
+            return WriteCheck::Fail(bio, EIO);
+        }
+        let mut blocked = None;
+        for c in chunks.clone() {
+            match state.chunks.get(&c) {
+                Some(ch) => match ch.content {
+                    Content::Failed => return WriteCheck::Fail(bio, EIO),
+                    Content::Stored(at) if !ch.image_busy => {
+                        // Cannot fail: the capacity is there.
+                        let _ = addrs.push(at, GFP_NOIO);
+                    }
+                    _ => {
+                        blocked.get_or_insert(c);
+                    }
+                },
+                None => {
+                    blocked.get_or_insert(c);
+                }
+            }
+        }
+        let Some(first) = blocked else {
+            for c in chunks {
+                if let Some(ch) = state.chunks.get_mut(&c) {
+                    ch.image_busy = true;
+                }
+            }
+            return WriteCheck::Go(bio, addrs);
+        };
+        // Start the copies of the chunks that are still only on the device.
+        for c in chunks {
+            match state.chunks.get_mut(&c) {
+                Some(ch) => {
+                    if ch.content == Content::Origin {
+                        ch.content = Content::Copying;
+                        let _ = to_copy.push(c, GFP_NOIO);
+                    }
+                }
+                None => {
+                    if let Some(r) = nodes.pop() {
+                        state
+                            .chunks
+                            .insert(r.into_node(c, Chunk::new(Content::Copying, 0)));
+                        let _ = to_copy.push(c, GFP_NOIO);
+                    }
+                }
+            }
+        }
+        state.copies += to_copy.len() as u32;
+        match state.chunks.get_mut(&first) {
+            Some(ch) => {
+                ch.parked.push(bio);
+                state.parked += 1;
+            }
+            // Inserted above; reservations were made for every chunk.
+            None => {
+                drop(guard);
+                self.start_copies(&to_copy);
+                return WriteCheck::Fail(bio, ENOMEM);
+            }
+        }
+        drop(guard);
+        self.start_copies(&to_copy);
+        WriteCheck::Parked
+    }
+
+    /// Serves a write to the snapshot image, in a work item: the data goes
+    /// to the storage, after the chunk was copied there from the device if
+    /// needed, and never to the device. The blocks are marked changed in the
+    /// CBT, so that the next backup reads them again.
+    ///
+    /// A write whose chunk is not ready does not wait: it is parked on the
+    /// chunk and queued again when the chunk's copy, or the other image
+    /// write to it, is done.
+    fn write_image(self: &Arc<Self>, bio: InFlightBio) {
+        if self.error() != 0 {
+            bio.end(Err(EIO));
+            return;
+        }
+        let (bio, addrs) = match self.check_image_write(bio) {
+            WriteCheck::Go(bio, addrs) => (bio, addrs),
+            WriteCheck::Fail(bio, e) => {
+                bio.end(Err(e));
+                return;
+            }
+            WriteCheck::Parked => return,
+        };
+        let result = self.write_pieces(&bio, &addrs);
+        // The chunks are free for other image writes again.
+        let mut parked = BioList::new();
+        {
+            let mut state = self.state.lock();
+            for c in self
+                .geometry
+                .chunks_touched(bio.sector(), u64::from(bio.sectors()))
+            {
+                if let Some(ch) = state.chunks.get_mut(&c) {
+                    ch.image_busy = false;
+                }
+                state.take_parked(c, &mut parked);
+            }
+        }
+        bio.end(result);
+        self.unpark(parked);
+    }
+
+    /// Writes the pieces of `bio` to the chunks in the storage, at
+    /// `addrs`, one per chunk in order.
+    fn write_pieces(&self, bio: &InFlightBio, addrs: &[u64]) -> Result {
         let mut offset = 0usize;
+        let mut at = addrs.iter();
         for piece in self.geometry.pieces(bio.sector(), u64::from(bio.sectors())) {
             let span = self.geometry.chunk_span(piece.chunk);
             let chunk_len = span.end - span.start;
-            let at = self.stored_chunk(piece.chunk)?;
+            let at = *at.next().ok_or(EIO)?;
             // Read-modify-write whole 4 KiB blocks of the stored chunk.
             let rel = piece.sector - span.start;
             let first = rel & !7;
@@ -598,6 +803,18 @@ fn write_slice_to_pages(pages: &[Page], pos: usize, data: &[u8]) -> Result {
 
 /// Copies `len` bytes of `pages` into `bio` at byte `offset`.
 fn copy_pages_to_bio(bio: &mut InFlightBio, offset: usize, pages: &[Page], len: usize) -> Result {
+    read_pages(pages, len, |done, bytes| {
+        bio.copy_from_slice(offset + done, bytes)
+    })
+}
+
+/// Hands the first `len` bytes of `pages` to `out`, a page at a time, with
+/// the offset of each piece.
+pub(crate) fn read_pages(
+    pages: &[Page],
+    len: usize,
+    mut out: impl FnMut(usize, &[u8]) -> Result,
+) -> Result {
     let mut buf = KVec::from_elem(0u8, kernel::page::PAGE_SIZE, GFP_NOIO)?;
     let mut done = 0;
     for page in pages {
@@ -607,7 +824,7 @@ fn copy_pages_to_bio(bio: &mut InFlightBio, offset: usize, pages: &[Page], len: 
         let n = (len - done).min(kernel::page::PAGE_SIZE);
         // SAFETY: `buf` is valid for `n` bytes; the page holds at least `n`.
         unsafe { page.read_raw(buf.as_mut_ptr(), 0, n)? };
-        bio.copy_from_slice(offset + done, &buf[..n])?;
+        out(done, &buf[..n])?;
         done += n;
     }
     Ok(())

@@ -36,8 +36,8 @@ use crate::{
     event_queue::EventQueue,
     io, params,
     store::{
-        align_down, align_up, free_from, io_window, place, store_alignment, usable_range, Cursor,
-        Extent, RangeError,
+        align_down, align_up, free_from, io_window, mem_total_kib, memory_limit_max, place,
+        store_alignment, usable_range, Cursor, Extent, RangeError,
     },
     uapi,
 };
@@ -55,6 +55,7 @@ use kernel::{
     rbtree::{RBTree, RBTreeNode},
     str::CStr,
     sync::{Arc, Mutex},
+    task::NoIoScope,
 };
 
 /// A block device opened exclusively for the storage.
@@ -233,8 +234,19 @@ impl DiffStorage {
         )
     }
 
-    /// A storage in memory of up to `limit` sectors.
+    /// A storage in memory of up to `limit` sectors, at most half of the
+    /// RAM ([`memory_limit_max`]): the pages are taken as chunks are stored,
+    /// and cannot be swapped.
     pub(crate) fn memory(limit: u64, events: Arc<EventQueue>) -> Result<Arc<Self>> {
+        let ram = total_ram_sectors()?;
+        if limit > memory_limit_max(ram) {
+            pr_err!(
+                "a memory storage of {} MiB is more than half of the RAM ({} MiB)\n",
+                limit >> 11,
+                ram >> 11
+            );
+            return Err(EINVAL);
+        }
         let range = Range {
             target: Target::Memory,
         };
@@ -472,6 +484,8 @@ impl DiffStorage {
                 return Err(self.full(&mut space, sectors));
             }
             if to > have {
+                // Called by copies, which reclaim may wait for.
+                let _noio = NoIoScope::new();
                 file.allocate(have << 9, (to - have) << 9).map_err(|e| {
                     pr_err!(
                         "difference storage: growing to {} sectors failed: {:?}\n",
@@ -558,6 +572,9 @@ impl DiffStorage {
     /// Writes `len` bytes of `pages` at address `addr`: any whole sectors
     /// inside an allocation.
     pub(crate) fn write(&self, addr: u64, pages: KVec<Page>, len: usize) -> Result {
+        // Copies and image I/O call this, and reclaim may wait for them: the
+        // file system's allocations for this I/O must start no I/O.
+        let _noio = NoIoScope::new();
         let sectors = io_sectors(len, pages.len())?;
         let loc = self.locate(addr, sectors)?;
         if let Target2::Memory = loc.target {
@@ -579,6 +596,8 @@ impl DiffStorage {
     /// Reads `len` bytes at address `addr` into new pages: any whole sectors
     /// inside an allocation.
     pub(crate) fn read(&self, addr: u64, len: usize) -> Result<KVec<Page>> {
+        // As for writes.
+        let _noio = NoIoScope::new();
         let sectors = io_sectors(len, len.div_ceil(PAGE_SIZE))?;
         let loc = self.locate(addr, sectors)?;
         if let Target2::Memory = loc.target {
@@ -727,6 +746,31 @@ enum Target2 {
     File,
     Memory,
     Device(Arc<Device>, u64),
+}
+
+/// The machine's RAM in sectors: the `MemTotal` that /proc/meminfo
+/// reports, which is `totalram_pages()`. (Read from there because the
+/// kernel crate has no binding of `totalram_pages()` yet.)
+fn total_ram_sectors() -> Result<u64> {
+    let unknown = |e| {
+        pr_err!(
+            "the size of the RAM is unknown (/proc/meminfo: {:?}): no memory storage\n",
+            e
+        );
+        e
+    };
+    let f = File::open(kernel::c_str!("/proc/meminfo"), O_LARGEFILE, 0).map_err(unknown)?;
+    // The first line is MemTotal.
+    let len = 512;
+    let mut pages = io::alloc_pages(len)?;
+    f.read_pages_at(0, &mut pages, len).map_err(unknown)?;
+    let mut text = KVec::with_capacity(len, GFP_KERNEL)?;
+    crate::diff_area::read_pages(&pages, len, |_, bytes| {
+        text.extend_from_slice(bytes, GFP_KERNEL)?;
+        Ok(())
+    })?;
+    let kib = mem_total_kib(&text).ok_or(EINVAL).map_err(unknown)?;
+    Ok(kib.saturating_mul(2))
 }
 
 /// A vector of one element.

@@ -3,24 +3,110 @@
 //! Snapshot images: one block device per snapshotted device,
 //! `/dev/blk-snap-imageN`, with the size and block sizes of the original.
 //! Reads and writes are served by the device's difference area, in work
-//! items; writes land in the difference storage, never on the device.
+//! items on the image queue; writes land in the difference storage, never on
+//! the device.
 
-use crate::{diff_area::DiffArea, snapshot::globals};
+use crate::diff_area::DiffArea;
+use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::{
-    alloc::flags::GFP_NOIO,
+    alloc::{
+        flags::{GFP_KERNEL, GFP_NOIO},
+        KVec,
+    },
     block::{
         bdev::BlockDevice,
         bio::{InFlightBio, ReqOp},
-        disk::{Disk, DiskOperations, DiskParams},
+        disk::{Disk, DiskCount, DiskOperations, DiskParams},
     },
     error::code::*,
+    new_mutex,
     prelude::*,
-    sync::Arc,
+    sync::{Arc, Mutex},
+    ThisModule,
 };
 
-/// What an image needs to serve reads.
+/// Which image numbers are in use.
+///
+/// A number is taken when its snapshot is taken and free again when the
+/// image's data is freed: after its disk was deleted and its last opener
+/// closed it. So a name is never reused while a disk of that name, deleted
+/// or not, may still exist: adding a disk of a name that exists fails.
+#[pin_data]
+pub(crate) struct ImageSlots {
+    #[pin]
+    used: Mutex<KVec<bool>>,
+}
+
+impl ImageSlots {
+    /// No number in use.
+    pub(crate) fn new() -> Result<Arc<Self>> {
+        Arc::pin_init(
+            pin_init!(Self {
+                used <- new_mutex!(KVec::new(), "ImageSlots::used"),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// Takes the lowest free number.
+    pub(crate) fn alloc(self: &Arc<Self>) -> Result<Slot> {
+        let mut used = self.used.lock();
+        let index = match used.iter().position(|u| !u) {
+            Some(i) => {
+                used[i] = true;
+                i
+            }
+            None => {
+                used.push(true, GFP_KERNEL)?;
+                used.len() - 1
+            }
+        };
+        Ok(Slot {
+            slots: self.clone(),
+            index: index as u32,
+            freed: AtomicBool::new(false),
+        })
+    }
+}
+
+/// An image number in use; free again when this is dropped. Whoever holds
+/// it owns the name: every path that gives up an image, or fails to create
+/// one, frees it by dropping this.
+pub(crate) struct Slot {
+    slots: Arc<ImageSlots>,
+    index: u32,
+    freed: AtomicBool,
+}
+
+impl Slot {
+    /// N of `blk-snap-imageN`.
+    pub(crate) fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Frees the number now, once: for a disk that was never added, whose
+    /// name therefore does not exist.
+    fn release(&self) {
+        if !self.freed.swap(true, Ordering::AcqRel) {
+            if let Some(u) = self.slots.used.lock().get_mut(self.index as usize) {
+                *u = false;
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// What an image needs to serve I/O.
 pub(crate) struct ImageData {
     area: Arc<DiffArea>,
+    /// The image's number, in use until this data is freed: after the
+    /// disk was deleted and its last opener closed it.
+    slot: Slot,
 }
 
 /// The image block device's operations.
@@ -32,32 +118,11 @@ impl DiskOperations for ImageOps {
 
     fn submit_bio(data: &Arc<ImageData>, bio: InFlightBio) {
         match bio.op() {
-            ReqOp::Read => {
-                let data = data.clone();
-                let spawned = globals().wq.try_spawn(GFP_NOIO, move || {
-                    let mut bio = bio;
-                    let result = data.area.read_image(&mut bio);
-                    bio.end(result);
-                });
-                if let Err(e) = spawned {
-                    // The closure, and the bio with it, was dropped: its
-                    // drop fails the bio.
-                    pr_err!("image read: {:?}\n", e);
-                }
-            }
+            ReqOp::Read => data.area.queue_image_read(bio),
             // Storage writes are synchronous: a flush has nothing to do.
             ReqOp::Write if bio.sectors() == 0 => bio.end(Ok(())),
             ReqOp::Flush => bio.end(Ok(())),
-            ReqOp::Write => {
-                let data = data.clone();
-                let spawned = globals().wq.try_spawn(GFP_NOIO, move || {
-                    let result = data.area.write_image(&bio);
-                    bio.end(result);
-                });
-                if let Err(e) = spawned {
-                    pr_err!("image write: {:?}\n", e);
-                }
-            }
+            ReqOp::Write => data.area.queue_image_write(bio),
             _ => bio.end(Err(EOPNOTSUPP)),
         }
     }
@@ -70,12 +135,20 @@ pub(crate) struct Image {
 }
 
 impl Image {
-    /// Creates `/dev/blk-snap-image<index>` for the device `orig`.
-    pub(crate) fn new(index: u32, orig: &BlockDevice, area: Arc<DiffArea>) -> Result<Self> {
+    /// Creates `/dev/blk-snap-imageN` for the device `orig`, N being
+    /// `slot`'s number, which the image holds until its data is freed.
+    pub(crate) fn new(
+        slot: Slot,
+        orig: &BlockDevice,
+        area: Arc<DiffArea>,
+        module: &'static ThisModule,
+        disks: Pin<&DiskCount>,
+    ) -> Result<Self> {
+        let index = slot.index();
         let capacity_sectors = area.geometry().capacity_sectors;
-        let data = Arc::new(ImageData { area }, GFP_NOIO)?;
-        // The module's exit waits for this count: an image's data may be
-        // freed after its last opener closed it, long after destroy.
+        let data = Arc::new(ImageData { area, slot }, GFP_NOIO)?;
+        // The module's exit waits for `disks`: an image's data may be freed
+        // after its last opener closed it, long after destroy.
         let disk = Disk::<ImageOps>::new(
             DiskParams {
                 name: format_args!("blk-snap-image{}", index),
@@ -84,10 +157,15 @@ impl Image {
                 physical_block_size: orig.physical_block_size(),
                 read_only: false,
             },
-            data,
-            globals().module,
-            globals().disks(),
-        )?;
+            data.clone(),
+            module,
+            disks,
+        )
+        .inspect_err(|_| {
+            // The disk was not added: its name is free now, even if the
+            // data were not freed with the disk.
+            data.slot.release();
+        })?;
         Ok(Self { disk, index })
     }
 

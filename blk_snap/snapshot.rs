@@ -15,7 +15,8 @@ use crate::{
     diff_storage::DiffStorage,
     event_queue::{Event, EventQueue},
     params,
-    snapimage::Image,
+    snapimage::{Image, ImageSlots},
+    store::storage_cycle,
     tracker::Tracker,
 };
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -26,10 +27,11 @@ use kernel::{
     new_mutex,
     prelude::*,
     str::CStr,
-    sync::{Arc, Mutex},
+    sync::{Arc, ArcBorrow, Mutex},
     time::{ktime_ms_delta, msecs_to_jiffies, Ktime},
+    types::ARef,
     uuid::Uuid,
-    workqueue::OwnedQueue,
+    workqueue::{flags as wq_flags, OwnedQueue},
     ThisModule,
 };
 
@@ -37,55 +39,74 @@ use kernel::{
 /// its devices before it gives up with `ETIMEDOUT`.
 const DRAIN_TIMEOUT_MS: u32 = 30_000;
 
-/// Module-wide state.
+/// Module-wide state, owned by the module (`BlkSnap`) through an [`Arc`].
+///
+/// The objects that outlive a call into the module hold what they need of it
+/// themselves, as `Arc`s: an image its difference area (and through it the
+/// queues) and its number's [`ImageSlots`], a snapshot its copy queue. Module
+/// exit therefore waits for those objects, not for references to this.
 #[pin_data]
 pub(crate) struct Globals {
     #[pin]
     snapshots: Mutex<KVec<Arc<Snapshot>>>,
-    /// Which image indexes are in use.
+    /// Held while a device joins a snapshot or storage is appended: the
+    /// storage cycle check and the change it allows are one step.
     #[pin]
-    image_slots: Mutex<KVec<bool>>,
-    /// Copy-on-write and image I/O.
-    pub(crate) wq: Arc<OwnedQueue>,
+    topology: Mutex<()>,
+    /// The image numbers in use.
+    slots: Arc<ImageSlots>,
+    /// Image reads and writes of every snapshot.
+    image_wq: Arc<OwnedQueue>,
     /// The images whose data is not freed yet.
     disks: Pin<KBox<DiskCount>>,
-    pub(crate) module: &'static ThisModule,
+    module: &'static ThisModule,
 }
 
+/// Where the module's [`Globals`] are, for the entry points that have no
+/// other way to them (the control device's ioctls and the filter's
+/// commands). Null outside `init_globals`..`exit_globals`.
 static GLOBALS: AtomicPtr<Globals> = AtomicPtr::new(core::ptr::null_mut());
 
-/// The module-wide state. Valid while the module is loaded: everything that
-/// calls this runs with the module pinned (an open control device, an
-/// attached filter, an open image) or during init and exit.
-pub(crate) fn globals() -> &'static Globals {
+/// The module-wide state, as a new reference.
+///
+/// Called only by entry points that run with the module pinned (an open
+/// control device, an attached filter), which module exit cannot overlap.
+/// What they keep beyond the call they keep through `Arc`s of their own.
+pub(crate) fn globals() -> Result<Arc<Globals>> {
     let p = GLOBALS.load(Ordering::Acquire);
-    // SAFETY: `init_globals` stores a pointer to a pinned allocation that
-    // `exit_globals` frees only after clearing it, when no caller is left.
-    unsafe { &*p }
-}
-
-impl Globals {
-    /// The count of the images whose data is not freed yet.
-    pub(crate) fn disks(&self) -> Pin<&DiskCount> {
-        self.disks.as_ref()
+    if p.is_null() {
+        return Err(ENODEV);
     }
+    // SAFETY: `p` is the address of the value of the `Arc<Globals>` that the
+    // module owns (what `Arc::into_raw` would return for it, see
+    // `init_globals`), so it may be borrowed as an `ArcBorrow`, and the
+    // borrow ends within this call. That `Arc` is dropped only by
+    // `exit_globals`, after it cleared `GLOBALS`; module exit runs only once
+    // no entry point holds the module, and the callers of this function all
+    // run inside one, so none can still be between the load above and the
+    // increment of the count below when the `Arc` is dropped.
+    let g = unsafe { ArcBorrow::<Globals>::from_raw(p) };
+    Ok(g.into())
 }
 
-/// Sets up the module-wide state; owned by the returned box.
-pub(crate) fn init_globals(module: &'static ThisModule) -> Result<Pin<KBox<Globals>>> {
-    let wq = Arc::new(
+/// Sets up the module-wide state, owned by the returned `Arc`.
+pub(crate) fn init_globals(module: &'static ThisModule) -> Result<Arc<Globals>> {
+    // Image I/O may be what memory reclaim waits for (a file system on an
+    // image): it needs a rescuer.
+    let image_wq = Arc::new(
         OwnedQueue::new(
-            kernel::c_str!("blksnap"),
-            kernel::workqueue::flags::UNBOUND | kernel::workqueue::flags::MEM_RECLAIM,
+            kernel::c_str!("blksnap-image"),
+            wq_flags::UNBOUND | wq_flags::MEM_RECLAIM,
             0,
         )?,
         GFP_KERNEL,
     )?;
-    let g = KBox::pin_init(
+    let g = Arc::pin_init(
         try_pin_init!(Globals {
             snapshots <- new_mutex!(KVec::new(), "Globals::snapshots"),
-            image_slots <- new_mutex!(KVec::new(), "Globals::image_slots"),
-            wq,
+            topology <- new_mutex!((), "Globals::topology"),
+            slots: ImageSlots::new()?,
+            image_wq,
             disks: KBox::pin_init(DiskCount::new(), GFP_KERNEL)?,
             module,
         }),
@@ -96,16 +117,22 @@ pub(crate) fn init_globals(module: &'static ThisModule) -> Result<Pin<KBox<Globa
 }
 
 /// Tears down the module-wide state: destroys the remaining snapshots and
-/// waits for the images that are still open to be freed.
-pub(crate) fn exit_globals(g: Pin<KBox<Globals>>) {
+/// waits for the images that are still open to be freed. Runs when nothing
+/// holds the module any more, so no entry point can call [`globals`].
+pub(crate) fn exit_globals(g: Arc<Globals>) {
+    GLOBALS.store(core::ptr::null_mut(), Ordering::Release);
     let all = core::mem::take(&mut *g.snapshots.lock());
     for s in all.iter() {
+        // Waits for the snapshot's copies.
         s.destroy();
     }
     drop(all);
-    g.wq.flush();
+    // Image I/O can be queued until the last image's data is freed; then
+    // no more. Once the queue is flushed after that, no work item holds a
+    // difference area (or any queue) any more, and dropping `g` destroys
+    // the image queue here, not in one of its own work items.
     g.disks.wait_empty();
-    GLOBALS.store(core::ptr::null_mut(), Ordering::Release);
+    g.image_wq.flush();
     drop(g);
 }
 
@@ -123,6 +150,13 @@ pub(crate) struct Snapshot {
     store: Arc<DiffStorage>,
     events: Arc<EventQueue>,
     limit: u64,
+    /// The copies of this snapshot's chunks, and only those: a copy may wait
+    /// for a copy of another snapshot (whose device holds this one's
+    /// storage), which then runs on that snapshot's queue. Destroy waits for
+    /// the last copy, so the queue is never dropped by one of its own work
+    /// items. Reclaim may write to a snapshotted device and wait for a copy:
+    /// it has a rescuer.
+    copy_wq: Arc<OwnedQueue>,
     #[pin]
     inner: Mutex<Inner>,
 }
@@ -168,13 +202,23 @@ impl Snapshot {
     }
 
     fn register(store: Arc<DiffStorage>, events: Arc<EventQueue>, limit: u64) -> Result<Uuid> {
+        let g = globals()?;
         let id = Uuid::new_random();
+        let copy_wq = Arc::new(
+            OwnedQueue::new(
+                kernel::c_str!("blksnap-copy"),
+                wq_flags::UNBOUND | wq_flags::MEM_RECLAIM,
+                0,
+            )?,
+            GFP_KERNEL,
+        )?;
         let s = Arc::pin_init(
             try_pin_init!(Self {
                 id,
                 store,
                 events,
                 limit,
+                copy_wq,
                 inner <- new_mutex!(Inner {
                     trackers: KVec::new(),
                     images: KVec::new(),
@@ -184,31 +228,117 @@ impl Snapshot {
             }),
             GFP_KERNEL,
         )?;
-        globals().snapshots.lock().push(s, GFP_KERNEL)?;
+        g.snapshots.lock().push(s, GFP_KERNEL)?;
         Ok(id)
     }
 
     /// `IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE`.
     pub(crate) fn append_storage(&self, path: &CStr, ranges: &[(u64, u64)]) -> Result {
-        let inner = self.inner.lock();
-        if inner.destroyed {
+        let g = globals()?;
+        let _topology = g.topology.lock();
+        if self.inner.lock().destroyed {
             return Err(ESRCH);
         }
-        // The new ranges must not be on a device of this snapshot.
         let dev = kernel::fs::file::File::open(path, 0, 0)?;
         if let Some(bdev) = dev.bdev() {
-            if let Some(t) = inner.trackers.iter().find(|t| overlaps(bdev, t.bdev())) {
-                pr_err!(
-                    "snapshot {}: storage on {} would be on snapshotted {}\n",
-                    self.id,
-                    path,
-                    t.bdev().name()
-                );
-                return Err(EINVAL);
-            }
+            // The new ranges must not be on a device of this snapshot, nor
+            // of one whose storage leads back to this one.
+            self.check_storage_cycle(&g, Change::Store(bdev))?;
         }
         drop(dev);
         self.store.append(path, ranges)
+    }
+
+    /// Refuses `change` to this snapshot with `EINVAL` if the storages would
+    /// then form a cycle: the storage of a snapshot on a device of a second
+    /// one, whose storage is on a device of a third one... whose storage is
+    /// on a device of the first (or of itself). Each copy of a chunk there
+    /// writes to a chunk of the next snapshot that nobody wrote to before,
+    /// which must be copied in turn, for ever, and copies of the snapshots
+    /// would wait for one another.
+    ///
+    /// The caller holds `Globals::topology` until the change is made.
+    fn check_storage_cycle(&self, g: &Globals, change: Change<'_>) -> Result {
+        // The snapshots with devices: only those can be on a cycle, and
+        // there are at most as many as tracked devices.
+        let all = {
+            let list = g.snapshots.lock();
+            let mut all = KVec::with_capacity(list.len(), GFP_KERNEL)?;
+            for s in list.iter() {
+                all.push(s.clone(), GFP_KERNEL)?;
+            }
+            all
+        };
+        let mut nodes: KVec<(Arc<Snapshot>, KVec<ARef<BlockDevice>>)> = KVec::new();
+        let mut this = None;
+        for s in all.iter() {
+            let devs = s.devices()?;
+            let me = core::ptr::eq(&**s, self);
+            if devs.is_empty() && !(me && matches!(change, Change::Device(_))) {
+                continue;
+            }
+            if me {
+                this = Some(nodes.len());
+            }
+            nodes.push((s.clone(), devs), GFP_KERNEL)?;
+        }
+        let Some(this) = this else {
+            // This snapshot has no device and gets none: no edge leads to
+            // it, so it is on no cycle.
+            return Ok(());
+        };
+        let n = nodes.len();
+        // The edges, computed once: "the storage of i is on a device of j".
+        let mut edges = KVec::from_elem(false, n * n, GFP_KERNEL)?;
+        for i in 0..n {
+            for j in 0..n {
+                let (si, _) = &nodes[i];
+                let (_, dj) = &nodes[j];
+                let mut on = dj.iter().any(|d| si.store.is_on(d));
+                match change {
+                    Change::Device(bdev) if j == this => on |= si.store.is_on(bdev),
+                    Change::Store(bdev) if i == this => on |= dj.iter().any(|d| overlaps(bdev, d)),
+                    _ => {}
+                }
+                edges[i * n + j] = on;
+            }
+        }
+        let mut color = KVec::from_elem(0u8, n, GFP_KERNEL)?;
+        let mut stack = KVec::from_elem((0usize, 0usize), n, GFP_KERNEL)?;
+        let Some(v) = storage_cycle(n, |i, j| edges[i * n + j], &mut color, &mut stack) else {
+            return Ok(());
+        };
+        let what = match change {
+            Change::Device(bdev) => ("adding", bdev),
+            Change::Store(bdev) => ("storage on", bdev),
+        };
+        if edges[this * n + this] {
+            pr_err!(
+                "snapshot {}: {} {} would put its storage on its own devices (a storage cycle)\n",
+                self.id,
+                what.0,
+                what.1.name()
+            );
+        } else {
+            pr_err!(
+                "snapshot {}: {} {} would close a storage cycle through snapshot {}: the storage of each is on a device of the next\n",
+                self.id,
+                what.0,
+                what.1.name(),
+                nodes[v].0.id
+            );
+        }
+        Err(EINVAL)
+    }
+
+    /// The devices of the snapshot, while it is not destroyed.
+    fn devices(&self) -> Result<KVec<ARef<BlockDevice>>> {
+        let inner = self.inner.lock();
+        let mut devs = KVec::with_capacity(inner.trackers.len(), GFP_KERNEL)?;
+        for t in inner.trackers.iter() {
+            devs.push(t.bdev_ref(), GFP_KERNEL)?;
+        }
+        Ok(devs)
     }
 
     /// `IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT`: the next event.
@@ -218,7 +348,7 @@ impl Snapshot {
 
     /// Finds a snapshot by id.
     pub(crate) fn find(id: &Uuid) -> Result<Arc<Self>> {
-        globals()
+        globals()?
             .snapshots
             .lock()
             .iter()
@@ -232,7 +362,8 @@ impl Snapshot {
 
     /// The ids of all snapshots.
     pub(crate) fn collect() -> Result<KVec<Uuid>> {
-        let list = globals().snapshots.lock();
+        let g = globals()?;
+        let list = g.snapshots.lock();
         let mut ids = KVec::with_capacity(list.len(), GFP_KERNEL)?;
         for s in list.iter() {
             ids.push(s.id, GFP_KERNEL)?;
@@ -242,27 +373,40 @@ impl Snapshot {
 
     /// `SNAPSHOTADD`: adds a tracked device.
     pub(crate) fn add(self: &Arc<Self>, tracker: &Arc<Tracker>) -> Result {
+        let g = globals()?;
+        let _topology = g.topology.lock();
+        {
+            let inner = self.inner.lock();
+            if inner.destroyed {
+                return Err(ESRCH);
+            }
+            if inner.taken {
+                pr_err!(
+                    "snapshot {} is taken already: cannot add {}\n",
+                    self.id,
+                    tracker.dev()
+                );
+                return Err(EBUSY);
+            }
+        }
+        if self.store.is_on(tracker.bdev()) {
+            pr_err!(
+                "the difference storage of snapshot {} is on {}: it cannot be snapshotted\n",
+                self.id,
+                tracker.bdev().name()
+            );
+            return Err(EINVAL);
+        }
+        // A snapshot whose storage is on this device must not have its
+        // storage on a device that leads back here.
+        self.check_storage_cycle(&g, Change::Device(tracker.bdev()))?;
+        // Nothing changed the snapshot meanwhile but a destroy or a take.
         let mut inner = self.inner.lock();
         if inner.destroyed {
             return Err(ESRCH);
         }
         if inner.taken {
-            pr_err!(
-                "snapshot {} is taken already: cannot add {}\n",
-                self.id,
-                tracker.dev()
-            );
             return Err(EBUSY);
-        }
-        {
-            if self.store.is_on(tracker.bdev()) {
-                pr_err!(
-                    "the difference storage of snapshot {} is on {}: it cannot be snapshotted\n",
-                    self.id,
-                    tracker.bdev().name()
-                );
-                return Err(EINVAL);
-            }
         }
         tracker.join(self.id)?;
         if let Err(e) = inner.trackers.push(tracker.clone(), GFP_KERNEL) {
@@ -286,7 +430,13 @@ impl Snapshot {
     /// completed before the cut is in the snapshot and none that was held is;
     /// then the CBT maps switch and copy-on-write starts on every device,
     /// the held writes go on, and the file systems thaw.
+    ///
+    /// Everything that can fail is done before the switch, except creating
+    /// the images. A take that fails after the switch leaves the snapshot
+    /// taken but unusable ([`Self::abandon`]); the writes held during the
+    /// take go on to the device in every case.
     pub(crate) fn take(self: &Arc<Self>) -> Result {
+        let glob = globals()?;
         let mut inner = self.inner.lock();
         if inner.destroyed {
             return Err(ESRCH);
@@ -329,7 +479,8 @@ impl Snapshot {
                 g,
                 self.store.clone(),
                 self.events.clone(),
-                globals().wq.clone(),
+                self.copy_wq.clone(),
+                glob.image_wq.clone(),
                 params::chunk_maximum_in_queue.get(),
             )?;
             areas.push(area, GFP_KERNEL)?;
@@ -340,18 +491,13 @@ impl Snapshot {
                 freeze.push(part, GFP_KERNEL)?;
             }
         }
+        // Image numbers: each is free again when its `Slot` is dropped,
+        // whichever way this returns.
         let mut slots = KVec::with_capacity(n, GFP_KERNEL)?;
         for _ in 0..n {
-            match alloc_image_slot() {
-                Ok(s) => slots.push(s, GFP_KERNEL)?,
-                Err(e) => {
-                    for s in slots.iter() {
-                        free_image_slot(*s);
-                    }
-                    return Err(e);
-                }
-            }
+            slots.push(glob.slots.alloc()?, GFP_KERNEL)?;
         }
+        let mut images = KVec::with_capacity(n, GFP_KERNEL)?;
 
         let start = Ktime::ktime_get();
         let mut frozen = 0;
@@ -397,29 +543,16 @@ impl Snapshot {
             }
         }
         let window_ms = ktime_ms_delta(Ktime::ktime_get(), start);
-        if let Err(e) = drained {
-            // Nothing switched: the snapshot stays untaken and may be taken
-            // again.
-            for s in slots.iter() {
-                free_image_slot(*s);
-            }
-            return Err(e);
-        }
+        // If the writes in flight did not drain, nothing switched: the
+        // snapshot stays untaken and may be taken again.
+        drained?;
         if let Err(e) = switched {
-            // A device went away during the take. The snapshot cannot be
-            // used: it stays taken without images until it is destroyed.
             pr_err!(
                 "snapshot {}: a device went away while it was taken: {:?}\n",
                 self.id,
                 e
             );
-            for s in slots.iter() {
-                free_image_slot(*s);
-            }
-            inner.taken = true;
-            for t in inner.trackers.iter() {
-                let _ = t.leave(&self.id);
-            }
+            self.abandon(&mut inner);
             return Err(e);
         }
         pr_info!(
@@ -432,11 +565,11 @@ impl Snapshot {
         );
 
         // The images appear after the thaw: creating them may take time.
-        let mut images = KVec::with_capacity(n, GFP_KERNEL)?;
-        for ((t, a), slot) in inner.trackers.iter().zip(areas.iter()).zip(slots.iter()) {
-            match Image::new(*slot, t.bdev(), a.clone()) {
+        let mut failed = None;
+        for ((t, a), slot) in inner.trackers.iter().zip(areas.iter()).zip(slots) {
+            match Image::new(slot, t.bdev(), a.clone(), glob.module, glob.disks.as_ref()) {
                 Ok(img) => {
-                    t.set_image(*slot);
+                    t.set_image(img.index());
                     pr_info!(
                         "snapshot {}: {} is the image of {}\n",
                         self.id,
@@ -453,14 +586,34 @@ impl Snapshot {
                         t.bdev().name(),
                         e
                     );
-                    a.set_error(e);
-                    free_image_slot(*slot);
+                    failed = Some(e);
+                    break;
                 }
             }
         }
         inner.images = images;
+        if let Some(e) = failed {
+            self.abandon(&mut inner);
+            return Err(e);
+        }
         inner.taken = true;
         Ok(())
+    }
+
+    /// Gives up a snapshot whose take failed after the switch: it cannot be
+    /// used, and stays taken without images until it is destroyed (a second
+    /// take fails with `EALREADY`). Its images go, copy-on-write stops and
+    /// every write it holds goes on to the device; the devices are free to
+    /// join another snapshot.
+    fn abandon(&self, inner: &mut Inner) {
+        inner.taken = true;
+        // The numbers are free once the images' data is.
+        drop(core::mem::take(&mut inner.images));
+        for t in inner.trackers.iter() {
+            if let Some(a) = t.leave(&self.id) {
+                a.wait_copies();
+            }
+        }
     }
 
     /// Waits until no write that passed before the hold is in flight on
@@ -488,7 +641,8 @@ impl Snapshot {
     /// and releases everything.
     pub(crate) fn remove(id: &Uuid) -> Result {
         let s = {
-            let mut list = globals().snapshots.lock();
+            let g = globals()?;
+            let mut list = g.snapshots.lock();
             let pos = list.iter().position(|s| s.id == *id).ok_or_else(|| {
                 pr_err!("no snapshot {}\n", id);
                 ESRCH
@@ -507,7 +661,9 @@ impl Snapshot {
         }
         inner.destroyed = true;
         self.events.close();
-        // No new image I/O first; reads in flight finish on their own.
+        // No new image I/O first; reads in flight finish on their own. An
+        // image's number stays in use until its data is freed, after the
+        // disk is deleted here and its last opener closed it.
         for img in core::mem::take(&mut inner.images) {
             if img.openers() != 0 {
                 pr_warn!(
@@ -516,11 +672,13 @@ impl Snapshot {
                     img.name()
                 );
             }
-            free_image_slot(img.index());
             drop(img);
         }
         for t in core::mem::take(&mut inner.trackers) {
             if let Some(a) = t.leave(&self.id) {
+                // Shut down: no copy starts any more. Those queued or
+                // running end soon (a copy only waits for I/O).
+                a.wait_copies();
                 pr_info!(
                     "snapshot {}: {} chunks of {} were copied\n",
                     self.id,
@@ -529,6 +687,8 @@ impl Snapshot {
                 );
             }
         }
+        // Nothing is queued now; the last work items may still be ending.
+        self.copy_wq.flush();
         let (used, available) = self.store.usage();
         pr_info!(
             "snapshot {} destroyed; its storage held {} of {} MiB\n",
@@ -537,6 +697,15 @@ impl Snapshot {
             available >> 11
         );
     }
+}
+
+/// A change to a snapshot that may close a storage cycle.
+#[derive(Clone, Copy)]
+enum Change<'a> {
+    /// A device joins the snapshot.
+    Device(&'a BlockDevice),
+    /// Storage on this device is appended to the snapshot's.
+    Store(&'a BlockDevice),
 }
 
 /// True if storage on `a` would write to `b`: the same device, a disk and
@@ -573,20 +742,4 @@ fn chunk_geometry(sectors: u64, block_size: u32, cp: &ChunkParams) -> Result<Chu
         );
         EINVAL
     })
-}
-
-fn alloc_image_slot() -> Result<u32> {
-    let mut slots = globals().image_slots.lock();
-    if let Some(i) = slots.iter().position(|used| !used) {
-        slots[i] = true;
-        return Ok(i as u32);
-    }
-    slots.push(true, GFP_KERNEL)?;
-    Ok(slots.len() as u32 - 1)
-}
-
-fn free_image_slot(i: u32) {
-    if let Some(s) = globals().image_slots.lock().get_mut(i as usize) {
-        *s = false;
-    }
 }

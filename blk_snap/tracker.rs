@@ -15,7 +15,7 @@ use crate::{
 };
 use core::mem::size_of;
 use kernel::{
-    alloc::{flags::GFP_KERNEL, flags::GFP_NOIO, KVec},
+    alloc::{flags::GFP_KERNEL, KVec},
     block::{
         bdev::{BlockDevice, DevT},
         bio::{flags, submitter_may_wait, BioList, InFlightBio},
@@ -249,13 +249,10 @@ impl Tracker {
     }
 
     /// Marks sectors changed in both CBT maps, as if user space had asked
-    /// with `CBTDIRTY`: for writes to the snapshot image.
+    /// with `CBTDIRTY`: for writes to the snapshot image. Sleeps.
     pub(crate) fn mark_changed(&self, sector: u64, count: u64) {
         if let Ok(blocks) = self.cbt.check_range(sector, count) {
-            let mut ranges = KVec::new();
-            if ranges.push(blocks, GFP_NOIO).is_ok() {
-                self.cbt.mark_dirty(&ranges);
-            }
+            self.cbt.mark_dirty(&mut [blocks]);
         }
     }
 
@@ -381,9 +378,12 @@ impl Tracker {
         let len = arg.count as usize * size_of::<uapi::BlksnapSectors>();
         let mut reader = UserSlice::new(arg.dirty_sectors as usize, len).reader();
         let mut ranges = KVec::with_capacity(arg.count as usize, GFP_KERNEL)?;
+        // Every range is checked before any is marked. Overlapping ranges
+        // cost nothing: `mark_dirty` merges them.
+        let geometry = self.cbt.geometry();
         for _ in 0..arg.count {
             let r: uapi::BlksnapSectors = reader.read()?;
-            let blocks = self.cbt.check_range(r.offset, r.count).map_err(|_| {
+            let blocks = geometry.check_range(r.offset, r.count).map_err(|_| {
                 pr_err!(
                     "{}: CBTDIRTY range of {} sectors at {} is empty or outside the device\n",
                     self.dev,
@@ -394,7 +394,7 @@ impl Tracker {
             })?;
             ranges.push(blocks, GFP_KERNEL)?;
         }
-        self.cbt.mark_dirty(&ranges);
+        self.cbt.mark_dirty(&mut ranges);
         Ok(0)
     }
 

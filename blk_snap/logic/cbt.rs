@@ -145,6 +145,30 @@ impl CbtGeometry {
     }
 }
 
+/// Sorts `ranges` and merges those that overlap or touch, in place: the
+/// first of the returned count of ranges cover the same blocks as all of
+/// them did, in order and apart. So marking them is one pass over the map
+/// at most, however often the ranges given overlapped. Empty ranges go.
+pub fn merge_ranges(ranges: &mut [Range<usize>]) -> usize {
+    ranges.sort_unstable_by_key(|r| r.start);
+    let mut out = 0;
+    for i in 0..ranges.len() {
+        let r = ranges[i].clone();
+        if r.is_empty() {
+            continue;
+        }
+        if out > 0 && r.start <= ranges[out - 1].end {
+            if r.end > ranges[out - 1].end {
+                ranges[out - 1].end = r.end;
+            }
+        } else {
+            ranges[out] = r;
+            out += 1;
+        }
+    }
+    out
+}
+
 /// Raises every block of `blocks` in `map` to at least `number`.
 pub fn mark(map: &mut [u8], blocks: Range<usize>, number: u8) {
     for b in &mut map[blocks] {

@@ -254,3 +254,88 @@ pub fn usable_range(
     }
     Ok(first..last)
 }
+
+/// Finds a cycle in the graph of "the storage of snapshot `i` is on a
+/// device of snapshot `j`" (`edge(i, j)`) over `n` snapshots, and returns a
+/// snapshot on it.
+///
+/// Copies of a snapshot write to its storage; if that is on a device of
+/// another snapshot, the write waits there for the other snapshot's copy.
+/// Along a path of such waits every copy ends, as long as the path ends at a
+/// device of no snapshot; around a cycle, each copy triggers another one for
+/// ever (every storage write lands on a chunk never written before), or the
+/// copies wait for one another.
+///
+/// `color` and `stack` are scratch space of at least `n` elements each (no
+/// allocation here); the search is iterative and takes O(n^2) calls of
+/// `edge`.
+pub fn storage_cycle(
+    n: usize,
+    edge: impl Fn(usize, usize) -> bool,
+    color: &mut [u8],
+    stack: &mut [(usize, usize)],
+) -> Option<usize> {
+    const WHITE: u8 = 0;
+    const GREY: u8 = 1;
+    const BLACK: u8 = 2;
+    let color = &mut color[..n];
+    color.fill(WHITE);
+    for root in 0..n {
+        if color[root] != WHITE {
+            continue;
+        }
+        // Depth-first: each stack entry is a snapshot and the next one to
+        // look at from it.
+        let mut depth = 0;
+        stack[depth] = (root, 0);
+        color[root] = GREY;
+        depth += 1;
+        while depth > 0 {
+            let (v, next) = stack[depth - 1];
+            if next == n {
+                color[v] = BLACK;
+                depth -= 1;
+                continue;
+            }
+            stack[depth - 1].1 = next + 1;
+            if !edge(v, next) {
+                continue;
+            }
+            match color[next] {
+                GREY => return Some(next),
+                WHITE => {
+                    color[next] = GREY;
+                    stack[depth] = (next, 0);
+                    depth += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
+/// The largest limit, in sectors, of a storage in memory on a machine with
+/// `ram_sectors` of RAM: half of it. The pages are taken from the kernel as
+/// chunks are stored, without swap; a limit above this would let a
+/// snapshot take the memory that the machine needs to run.
+pub fn memory_limit_max(ram_sectors: u64) -> u64 {
+    ram_sectors / 2
+}
+
+/// The `MemTotal` of /proc/meminfo text, in KiB.
+pub fn mem_total_kib(text: &[u8]) -> Option<u64> {
+    let key = b"MemTotal:";
+    let start = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let rest = &text[start..];
+    let rest = &rest[rest.iter().position(|b| *b != b' ')?..];
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || !rest[digits..].starts_with(b" kB") {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &d in &rest[..digits] {
+        v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some(v)
+}

@@ -176,3 +176,41 @@ fn dirty_marks_both_maps() {
     mark(&mut active, 0..8, 1);
     assert_eq!(active, [1, 1, 1, 1, 1, 2, 1, 1]);
 }
+
+#[test]
+fn merge_ranges_examples() {
+    let mut r = vec![5..7, 0..2, 1..3, 3..4, 9..9, 6..10];
+    let n = merge_ranges(&mut r);
+    assert_eq!(&r[..n], &[0..4, 5..10]);
+    let mut r: Vec<std::ops::Range<usize>> = vec![0..100; 65536];
+    assert_eq!(merge_ranges(&mut r), 1);
+    assert_eq!(r[0], 0..100);
+    let mut r: Vec<std::ops::Range<usize>> = vec![];
+    assert_eq!(merge_ranges(&mut r), 0);
+}
+
+proptest! {
+    #[test]
+    fn merged_ranges_mark_the_same_blocks(
+        ranges in proptest::collection::vec((0usize..300, 0usize..40), 0..60),
+        number in 1u8..=255,
+    ) {
+        let mut ranges: Vec<std::ops::Range<usize>> =
+            ranges.into_iter().map(|(s, l)| s..(s + l).min(300)).collect();
+        let mut want = vec![0u8; 300];
+        for r in &ranges {
+            mark(&mut want, r.clone(), number);
+        }
+        let n = merge_ranges(&mut ranges);
+        let mut got = vec![0u8; 300];
+        for (i, r) in ranges[..n].iter().enumerate() {
+            prop_assert!(!r.is_empty());
+            if i > 0 {
+                // In order and apart.
+                prop_assert!(ranges[i - 1].end < r.start);
+            }
+            mark(&mut got, r.clone(), number);
+        }
+        prop_assert_eq!(got, want);
+    }
+}

@@ -237,3 +237,99 @@ proptest! {
         }
     }
 }
+
+/// Brute force: a cycle exists iff some snapshot reaches itself.
+fn reaches_itself(n: usize, edges: &[Vec<bool>]) -> bool {
+    // Transitive closure.
+    let mut r = edges.to_vec();
+    for k in 0..n {
+        for i in 0..n {
+            for j in 0..n {
+                if r[i][k] && r[k][j] {
+                    r[i][j] = true;
+                }
+            }
+        }
+    }
+    (0..n).any(|i| r[i][i])
+}
+
+fn find_cycle(n: usize, edges: &[Vec<bool>]) -> Option<usize> {
+    let mut color = vec![0u8; n];
+    let mut stack = vec![(0usize, 0usize); n];
+    storage_cycle(n, |i, j| edges[i][j], &mut color, &mut stack)
+}
+
+#[test]
+fn storage_cycles_are_found() {
+    let graph = |n: usize, list: &[(usize, usize)]| {
+        let mut e = vec![vec![false; n]; n];
+        for &(i, j) in list {
+            e[i][j] = true;
+        }
+        e
+    };
+    // A's store on B's device, B's on A's.
+    assert!(find_cycle(2, &graph(2, &[(0, 1), (1, 0)])).is_some());
+    // A snapshot on its own device.
+    assert_eq!(find_cycle(3, &graph(3, &[(2, 2)])), Some(2));
+    // A chain is fine, and so is a diamond.
+    assert_eq!(find_cycle(3, &graph(3, &[(0, 1), (1, 2)])), None);
+    assert_eq!(
+        find_cycle(4, &graph(4, &[(0, 1), (0, 2), (1, 3), (2, 3)])),
+        None
+    );
+    // A long cycle.
+    let ring: Vec<_> = (0..50).map(|i| (i, (i + 1) % 50)).collect();
+    assert!(find_cycle(50, &graph(50, &ring)).is_some());
+    assert_eq!(find_cycle(0, &[]), None);
+}
+
+#[test]
+fn memory_limit_is_half_of_the_ram() {
+    assert_eq!(memory_limit_max(4 << 21), 2 << 21);
+    assert_eq!(memory_limit_max(0), 0);
+    assert_eq!(memory_limit_max(u64::MAX), u64::MAX / 2);
+}
+
+proptest! {
+    #[test]
+    fn storage_cycle_matches_brute_force(n in 0usize..8, bits in any::<u64>()) {
+        let edges: Vec<Vec<bool>> = (0..n)
+            .map(|i| (0..n).map(|j| bits >> ((i * 8 + j) % 64) & 1 == 1 && (i * 3 + j) % 4 != 0).collect())
+            .collect();
+        let found = find_cycle(n, &edges);
+        prop_assert_eq!(found.is_some(), reaches_itself(n, &edges));
+        if let Some(v) = found {
+            // The snapshot found is on a cycle: it reaches itself.
+            let mut seen = vec![false; n];
+            let mut todo = vec![v];
+            let mut back = false;
+            while let Some(x) = todo.pop() {
+                for y in 0..n {
+                    if edges[x][y] {
+                        back |= y == v;
+                        if !seen[y] {
+                            seen[y] = true;
+                            todo.push(y);
+                        }
+                    }
+                }
+            }
+            prop_assert!(back);
+        }
+    }
+}
+
+#[test]
+fn mem_total_is_read_from_meminfo() {
+    let text = b"MemTotal:        2013816 kB\nMemFree:         1500000 kB\n";
+    assert_eq!(mem_total_kib(text), Some(2013816));
+    assert_eq!(mem_total_kib(&text[..20]), None);
+    assert_eq!(mem_total_kib(b"MemFree: 5 kB\n"), None);
+    assert_eq!(mem_total_kib(b"MemTotal: x kB\n"), None);
+    assert_eq!(
+        mem_total_kib(b"MemTotal: 99999999999999999999999 kB\n"),
+        None
+    );
+}

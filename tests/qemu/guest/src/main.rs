@@ -9,6 +9,7 @@
 
 mod backup;
 mod compat;
+mod conc;
 mod cut;
 mod dev;
 mod odd;
@@ -156,6 +157,7 @@ fn main() {
         .chain(cut::ALL)
         .chain(compat::ALL)
         .chain(removal::ALL)
+        .chain(conc::ALL)
     {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;

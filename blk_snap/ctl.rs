@@ -19,6 +19,8 @@ use kernel::{
 unsafe impl AsBytes for uapi::BlksnapVersion {}
 // SAFETY: Integers only; any bit pattern is valid.
 unsafe impl FromBytes for uapi::BlksnapSnapshotCollect {}
+// SAFETY: Integers only, packed: no padding, any bit pattern is valid.
+unsafe impl FromBytes for uapi::compat::BlksnapSnapshotCollect {}
 // SAFETY: Integers only; any bit pattern is valid.
 unsafe impl FromBytes for uapi::BlksnapSnapshotCreate {}
 // SAFETY: 16 bytes.
@@ -33,12 +35,34 @@ unsafe impl FromBytes for uapi::BlksnapSnapshotAppendStorage {}
 /// The control device's operations.
 pub(crate) struct Control;
 
+/// How the caller lays out its structures.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// As this kernel.
+    Native,
+    /// As a 32-bit x86 process: a `__u64` is only 4-byte aligned.
+    Compat,
+}
+
 #[vtable]
 impl MiscDevice for Control {
     type Ptr = ();
 
     fn open() -> Result<()> {
         Ok(())
+    }
+
+    /// A 32-bit process on a 64-bit kernel: only `SNAPSHOT_COLLECT` is laid
+    /// out differently (and so has another number); the others are the same.
+    fn compat_ioctl(device: (), cmd: u32, arg: usize) -> Result<isize> {
+        if cmd == uapi::compat::IOCTL_BLKSNAP_SNAPSHOT_COLLECT {
+            if !capable(Capability::SYS_ADMIN) {
+                pr_err!("control ioctl {:#x} needs CAP_SYS_ADMIN\n", cmd);
+                return Err(EPERM);
+            }
+            return collect(arg, Layout::Compat);
+        }
+        Self::ioctl(device, cmd, arg)
     }
 
     fn ioctl(_device: (), cmd: u32, arg: usize) -> Result<isize> {
@@ -62,7 +86,7 @@ impl MiscDevice for Control {
                 Snapshot::find(&read_id(arg)?)?.take()?;
                 Ok(0)
             }
-            uapi::IOCTL_BLKSNAP_SNAPSHOT_COLLECT => collect(arg),
+            uapi::IOCTL_BLKSNAP_SNAPSHOT_COLLECT => collect(arg, Layout::Native),
             uapi::IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT => wait_event(arg),
             uapi::IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE => create_storage(arg),
             uapi::IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE => append_storage(arg),
@@ -106,10 +130,24 @@ fn create(arg: usize) -> Result<isize> {
 /// `count` was. Otherwise fills `ids` in creation order and sets `count` to
 /// the number written; with a `count` too small for all snapshots, copies
 /// nothing, sets `count` to the number needed and fails with `ENODATA`.
-fn collect(arg: usize) -> Result<isize> {
-    let (mut reader, mut writer) =
-        UserSlice::new(arg, size_of::<uapi::BlksnapSnapshotCollect>()).reader_writer();
-    let req: uapi::BlksnapSnapshotCollect = reader.read()?;
+fn collect(arg: usize, layout: Layout) -> Result<isize> {
+    let req = match layout {
+        Layout::Native => UserSlice::new(arg, size_of::<uapi::BlksnapSnapshotCollect>())
+            .reader()
+            .read::<uapi::BlksnapSnapshotCollect>()?,
+        Layout::Compat => {
+            let c: uapi::compat::BlksnapSnapshotCollect =
+                UserSlice::new(arg, size_of::<uapi::compat::BlksnapSnapshotCollect>())
+                    .reader()
+                    .read()?;
+            uapi::BlksnapSnapshotCollect {
+                count: c.count,
+                ids: c.ids,
+            }
+        }
+    };
+    // `count` comes first in both layouts.
+    let mut writer = UserSlice::new(arg, size_of::<u32>()).writer();
     let ids = Snapshot::collect()?;
     let n = ids.len() as u32;
     writer.write(&n)?;

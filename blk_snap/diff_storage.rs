@@ -288,10 +288,15 @@ impl DiffStorage {
         self.home.as_deref()
     }
 
-    /// True if the storage lives on `bdev` or shares sectors with it.
+    /// True if the storage lives on `bdev`, shares sectors with it, or is on
+    /// a device stacked over it.
     pub(crate) fn is_on(&self, bdev: &BlockDevice) -> bool {
+        // Sharing sectors, or stacked over it (device-mapper, md).
         let overlaps = |a: &BlockDevice| {
-            a.dev() == bdev.dev() || a.whole().dev() == bdev.dev() || bdev.whole().dev() == a.dev()
+            a.dev() == bdev.dev()
+                || a.whole().dev() == bdev.dev()
+                || bdev.whole().dev() == a.dev()
+                || a.is_stacked_on(bdev)
         };
         if self.home().is_some_and(overlaps) {
             return true;

@@ -6,7 +6,6 @@
 //! items; writes land in the difference storage, never on the device.
 
 use crate::{diff_area::DiffArea, snapshot::globals};
-use core::sync::atomic::{AtomicU32, Ordering};
 use kernel::{
     alloc::flags::GFP_NOIO,
     block::{
@@ -26,16 +25,6 @@ pub(crate) struct ImageData {
 
 /// The image block device's operations.
 pub(crate) struct ImageOps;
-
-/// Images whose memory is not freed yet; module exit waits for them.
-pub(crate) static LIVE_IMAGES: AtomicU32 = AtomicU32::new(0);
-
-impl Drop for ImageData {
-    fn drop(&mut self) {
-        // The disk was freed (`free_disk`): nothing can reach it any more.
-        LIVE_IMAGES.fetch_sub(1, Ordering::Release);
-    }
-}
 
 #[vtable]
 impl DiskOperations for ImageOps {
@@ -85,7 +74,8 @@ impl Image {
     pub(crate) fn new(index: u32, orig: &BlockDevice, area: Arc<DiffArea>) -> Result<Self> {
         let capacity_sectors = area.geometry().capacity_sectors;
         let data = Arc::new(ImageData { area }, GFP_NOIO)?;
-        LIVE_IMAGES.fetch_add(1, Ordering::Acquire);
+        // The module's exit waits for this count: an image's data may be
+        // freed after its last opener closed it, long after destroy.
         let disk = Disk::<ImageOps>::new(
             DiskParams {
                 name: format_args!("blk-snap-image{}", index),
@@ -96,6 +86,7 @@ impl Image {
             },
             data,
             globals().module,
+            globals().disks(),
         )?;
         Ok(Self { disk, index })
     }

@@ -15,13 +15,13 @@ use crate::{
     diff_storage::DiffStorage,
     event_queue::{Event, EventQueue},
     params,
-    snapimage::{Image, LIVE_IMAGES},
+    snapimage::Image,
     tracker::Tracker,
 };
 use core::sync::atomic::{AtomicPtr, Ordering};
 use kernel::{
     alloc::{flags::GFP_KERNEL, KBox, KVec},
-    block::bdev::BlockDevice,
+    block::{bdev::BlockDevice, disk::DiskCount},
     error::code::*,
     new_mutex,
     prelude::*,
@@ -47,6 +47,8 @@ pub(crate) struct Globals {
     image_slots: Mutex<KVec<bool>>,
     /// Copy-on-write and image I/O.
     pub(crate) wq: Arc<OwnedQueue>,
+    /// The images whose data is not freed yet.
+    disks: Pin<KBox<DiskCount>>,
     pub(crate) module: &'static ThisModule,
 }
 
@@ -60,6 +62,13 @@ pub(crate) fn globals() -> &'static Globals {
     // SAFETY: `init_globals` stores a pointer to a pinned allocation that
     // `exit_globals` frees only after clearing it, when no caller is left.
     unsafe { &*p }
+}
+
+impl Globals {
+    /// The count of the images whose data is not freed yet.
+    pub(crate) fn disks(&self) -> Pin<&DiskCount> {
+        self.disks.as_ref()
+    }
 }
 
 /// Sets up the module-wide state; owned by the returned box.
@@ -77,6 +86,7 @@ pub(crate) fn init_globals(module: &'static ThisModule) -> Result<Pin<KBox<Globa
             snapshots <- new_mutex!(KVec::new(), "Globals::snapshots"),
             image_slots <- new_mutex!(KVec::new(), "Globals::image_slots"),
             wq,
+            disks: KBox::pin_init(DiskCount::new(), GFP_KERNEL)?,
             module,
         }),
         GFP_KERNEL,
@@ -94,9 +104,7 @@ pub(crate) fn exit_globals(g: Pin<KBox<Globals>>) {
     }
     drop(all);
     g.wq.flush();
-    while LIVE_IMAGES.load(Ordering::Acquire) != 0 {
-        kernel::time::msleep(10);
-    }
+    g.disks.wait_empty();
     GLOBALS.store(core::ptr::null_mut(), Ordering::Release);
     drop(g);
 }
@@ -531,10 +539,13 @@ impl Snapshot {
     }
 }
 
-/// True if the two devices share sectors: the same device, or a disk and
-/// one of its partitions.
+/// True if storage on `a` would write to `b`: the same device, a disk and
+/// one of its partitions, or `a` stacked over `b` (device-mapper, md).
 fn overlaps(a: &BlockDevice, b: &BlockDevice) -> bool {
-    a.dev() == b.dev() || a.whole().dev() == b.dev() || b.whole().dev() == a.dev()
+    a.dev() == b.dev()
+        || a.whole().dev() == b.dev()
+        || b.whole().dev() == a.dev()
+        || a.is_stacked_on(b)
 }
 
 /// Checks that a storage limit can hold at least one chunk.

@@ -28,7 +28,7 @@ use kernel::{
     str::CStr,
     sync::{Arc, SpinLock},
     types::{ARef, AsBytes, FromBytes},
-    uaccess::UserSlice,
+    uaccess::{in_compat_syscall, UserSlice},
     uuid::Uuid,
 };
 
@@ -36,6 +36,8 @@ use kernel::{
 unsafe impl FromBytes for uapi::BlksnapCbtmap {}
 // SAFETY: As above; the padding after `count` is never interpreted.
 unsafe impl FromBytes for uapi::BlksnapCbtdirty {}
+// SAFETY: Integers only, packed: no padding, any bit pattern is valid.
+unsafe impl FromBytes for uapi::compat::BlksnapCbtdirty {}
 // SAFETY: As above.
 unsafe impl FromBytes for uapi::BlksnapSectors {}
 // SAFETY: As above.
@@ -305,7 +307,13 @@ impl Tracker {
     }
 
     fn cbtinfo(&self, opt: UserSlice, optlen: &mut u32) -> Result<i32> {
-        let size = size_of::<uapi::BlksnapCbtinfo>();
+        // A 32-bit process's structure has no tail padding; the fields are
+        // where they are in ours.
+        let size = if in_compat_syscall() {
+            uapi::compat::CBTINFO_SIZE
+        } else {
+            size_of::<uapi::BlksnapCbtinfo>()
+        };
         check_len(*optlen, size, "CBTINFO")?;
         let info = self.cbt.info();
         let out = uapi::BlksnapCbtinfo {
@@ -317,7 +325,7 @@ impl Tracker {
             },
             changes_number: info.state.previous,
         };
-        opt.writer().write_slice(&out.to_ne_bytes())?;
+        opt.writer().write_slice(&out.to_ne_bytes()[..size])?;
         *optlen = size as u32;
         Ok(0)
     }
@@ -346,8 +354,21 @@ impl Tracker {
     }
 
     fn cbtdirty(&self, opt: UserSlice, optlen: u32) -> Result<i32> {
-        check_len(optlen, size_of::<uapi::BlksnapCbtdirty>(), "CBTDIRTY")?;
-        let arg: uapi::BlksnapCbtdirty = opt.reader().read()?;
+        let arg = if in_compat_syscall() {
+            check_len(
+                optlen,
+                size_of::<uapi::compat::BlksnapCbtdirty>(),
+                "CBTDIRTY",
+            )?;
+            let c: uapi::compat::BlksnapCbtdirty = opt.reader().read()?;
+            uapi::BlksnapCbtdirty {
+                count: c.count,
+                dirty_sectors: c.dirty_sectors,
+            }
+        } else {
+            check_len(optlen, size_of::<uapi::BlksnapCbtdirty>(), "CBTDIRTY")?;
+            opt.reader().read::<uapi::BlksnapCbtdirty>()?
+        };
         if arg.count == 0 || arg.count > uapi::CBTDIRTY_MAX_COUNT {
             pr_err!(
                 "{}: CBTDIRTY count {} is not in 1..={}\n",

@@ -386,3 +386,54 @@ impl BlksnapCbtinfo {
         b
     }
 }
+
+/// Layouts of 32-bit x86 processes on a 64-bit kernel (`CONFIG_COMPAT`),
+/// where a `__u64` is only 4-byte aligned: the structures with a `__u64`
+/// after a lone `__u32` are 4 bytes shorter, and with them the request
+/// numbers that encode their size.
+pub mod compat {
+    use super::*;
+
+    /// `struct blksnap_snapshot_collect` of a 32-bit process.
+    #[repr(C, packed(4))]
+    #[derive(Clone, Copy, Default, Debug)]
+    pub struct BlksnapSnapshotCollect {
+        /// As in the native structure.
+        pub count: u32,
+        /// As in the native structure.
+        pub ids: u64,
+    }
+
+    /// `struct blksnap_cbtdirty` of a 32-bit process.
+    #[repr(C, packed(4))]
+    #[derive(Clone, Copy, Default, Debug)]
+    pub struct BlksnapCbtdirty {
+        /// As in the native structure.
+        pub count: u32,
+        /// As in the native structure.
+        pub dirty_sectors: u64,
+    }
+
+    /// `struct blkfilter_attach` of a 32-bit process.
+    #[repr(C, packed(4))]
+    #[derive(Clone, Copy, Default, Debug)]
+    pub struct BlkfilterAttach {
+        /// As in the native structure.
+        pub name: [u8; BLKFILTER_NAME_LENGTH],
+        /// As in the native structure.
+        pub opt: u64,
+        /// As in the native structure.
+        pub optlen: u32,
+    }
+
+    /// Size of `struct blksnap_cbtinfo` for a 32-bit process: the same
+    /// fields without the tail padding.
+    pub const CBTINFO_SIZE: usize = 36;
+
+    /// `IOCTL_BLKSNAP_SNAPSHOT_COLLECT` of a 32-bit process.
+    pub const IOCTL_BLKSNAP_SNAPSHOT_COLLECT: u32 =
+        ior::<BlksnapSnapshotCollect>(BLKSNAP, nr::SNAPSHOT_COLLECT);
+
+    /// `BLKFILTER_ATTACH` of a 32-bit process.
+    pub const BLKFILTER_ATTACH: u32 = iowr::<BlkfilterAttach>(0x12, 142);
+}

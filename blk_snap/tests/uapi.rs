@@ -292,3 +292,48 @@ fn cbtinfo_bytes_match_memory_layout() {
     assert_eq!(&bytes[..33], &raw[..33]);
     assert!(bytes[33..].iter().all(|&b| b == 0), "padding is zeroed");
 }
+
+/// The layouts a 32-bit x86 process uses (`uapi::compat`) are those of the C
+/// header compiled with `-m32`, where the module's compat handlers expect
+/// them. Skipped (with a note) where the C compiler cannot build for i386.
+#[test]
+fn compat_layouts_match_the_32bit_c_header() {
+    let out = std::env::temp_dir().join(format!("blksnap-layout32-{}", std::process::id()));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let built = Command::new(&cc)
+        .args(["-m32", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(repo().join("include/uapi"))
+        .arg(repo().join("tests/uapi/layout.c"))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !built {
+        eprintln!("note: no 32-bit C compiler (gcc-multilib); compat layouts not checked");
+        return;
+    }
+    let printed = Command::new(&out).output().expect("run the 32-bit layout");
+    std::fs::remove_file(&out).ok();
+    let c = String::from_utf8(printed.stdout).unwrap();
+    use blk_snap_logic::uapi::compat;
+    let mut rust = String::new();
+    size!(rust, "blkfilter_attach", compat::BlkfilterAttach);
+    size!(rust, "blksnap_cbtdirty", compat::BlksnapCbtdirty);
+    size!(
+        rust,
+        "blksnap_snapshot_collect",
+        compat::BlksnapSnapshotCollect
+    );
+    rust += &format!("sizeof blksnap_cbtinfo {}\n", compat::CBTINFO_SIZE);
+    rust += &format!("ioctl BLKFILTER_ATTACH {:#x}\n", compat::BLKFILTER_ATTACH);
+    rust += &format!(
+        "ioctl IOCTL_BLKSNAP_SNAPSHOT_COLLECT {:#x}\n",
+        compat::IOCTL_BLKSNAP_SNAPSHOT_COLLECT
+    );
+    for line in rust.lines() {
+        assert!(
+            c.lines().any(|l| l == line),
+            "32-bit C layout lacks `{line}`"
+        );
+    }
+}

@@ -466,6 +466,13 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
     parsed.unwrap_or(default)
 }
 
+/// The seed of a randomized test: `name` from the environment (a replay),
+/// else a fresh one in `make soak` (each soak run explores new sequences),
+/// else `fixed`: `make test` runs the same sequence every time.
+pub fn seed(name: &str, fixed: u64) -> u64 {
+    env_u64(name, if soak() { fresh_seed() } else { fixed })
+}
+
 /// A seed from the clock and the process id, for runs that are not replays.
 pub fn fresh_seed() -> u64 {
     let t = std::time::SystemTime::now()

@@ -224,9 +224,9 @@ fn main() {
         .chain(backup::ALL)
         .chain(odd::ALL)
         .chain(cut::ALL)
-        .chain(fuzz::ALL)
         .chain(stress::ALL)
         .chain(faults::ALL)
+        .chain(fuzz::ALL)
     {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;

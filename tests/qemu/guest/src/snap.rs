@@ -160,8 +160,13 @@ impl Snap {
     }
 
     pub(crate) fn destroy(self) -> TestResult {
-        let r = self.ctl.snapshot_destroy(&self.id).map_err(e);
-        std::mem::forget(self);
+        let this = std::mem::ManuallyDrop::new(self);
+        let r = this.ctl.snapshot_destroy(&this.id).map_err(e);
+        // Not `forget(self)`: that leaked the control file, and every open
+        // control file pins the module (rmmod then fails with EAGAIN).
+        // SAFETY: `this` is never dropped or used again: the control file
+        // is moved out of it once, and closed.
+        drop(unsafe { std::ptr::read(&this.ctl) });
         r
     }
 }

@@ -12,7 +12,7 @@ MODE=$1 RESULTS=$2 REPO=$3
 shift 3
 KO=$REPO/blk_snap/blksnap.ko
 BIN=$REPO/target/release
-export PATH=$BIN:$PATH BLKSNAP_KO=$KO
+export PATH=$BIN:$PATH BLKSNAP_KO=$KO BLKSNAP_RESULTS=$RESULTS
 # BLKSNAP_FUZZ_* and friends from the host (see run.sh).
 [ -f "$RESULTS/guest-env" ] && . "$RESULTS/guest-env"
 

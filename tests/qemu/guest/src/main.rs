@@ -263,6 +263,14 @@ fn main() {
             Err(reason) => {
                 failed += 1;
                 println!("FAIL {name}: {reason}");
+                // The whole kernel log of the test, for the triage: the
+                // console shows only its end (and a fuzzing test quiets it).
+                if let Ok(dir) = std::env::var("BLKSNAP_RESULTS") {
+                    let file = format!("{dir}/kmsg-{name}.log");
+                    if std::fs::write(&file, new.join("\n") + "\n").is_ok() {
+                        println!("    kernel log of the test: {file}");
+                    }
+                }
                 for l in new.iter().rev().take(40).rev() {
                     println!("    | {l}");
                 }

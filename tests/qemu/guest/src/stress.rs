@@ -966,8 +966,24 @@ fn destroy_under_cow_writes() -> TestResult {
     let ctl = Control::open().map_err(e)?;
     let mut rng = Rng(seed);
     let (mut writes, mut waited_destroys) = (0u64, 0u64);
+    let mut busy = 0u64;
     for round in 0..rounds {
-        let id = ctl.snapshot_create(&store, 0).map_err(e)?;
+        // The storage of the snapshot destroyed before may still be held
+        // for a moment (the writers and the queued copies let go of its
+        // area after the destroy returned): EBUSY for at most 10 s.
+        let wait = Instant::now();
+        let id = loop {
+            match ctl.snapshot_create(&store, 0) {
+                Ok(id) => break id,
+                Err(err)
+                    if err.errno == Errno::EBUSY && wait.elapsed() < Duration::from_secs(10) =>
+                {
+                    busy += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(err) => fail!("round {round}: {err}"),
+            }
+        };
         t.snapshot_add(&id).map_err(e)?;
         ctl.snapshot_take(&id).map_err(e)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -983,9 +999,8 @@ fn destroy_under_cow_writes() -> TestResult {
                 let mut at = w * region;
                 while !stop.load(Ordering::Relaxed) && at + WRITE <= (w + 1) * region {
                     crate::snap::pattern(buf.as_mut_slice(), at, wseed & 0xffff);
-                    f.write_all_at(buf.as_slice(), at * 512).map_err(|err| {
-                        format!("an origin write at sector {at} failed: {err}")
-                    })?;
+                    f.write_all_at(buf.as_slice(), at * 512)
+                        .map_err(|err| format!("an origin write at sector {at} failed: {err}"))?;
                     let mut sh = shadow.lock().unwrap();
                     for s in at..at + WRITE {
                         sh[s as usize] = wseed & 0xffff;
@@ -1014,7 +1029,7 @@ fn destroy_under_cow_writes() -> TestResult {
         crate::kmsg_poll();
     }
     println!(
-        "    {writes} writes to new chunks, {waited_destroys} of {rounds} destroys while no write completed"
+        "    {writes} writes to new chunks, {waited_destroys} of {rounds} destroys while no write completed; the storage device was still busy after the destroy {busy} times (retried every 10 ms)"
     );
     // The other two links of the cycle: a detach (blkfilter_mutex, then an
     // SRCU grace period) and a partition table re-read that drops a tracked

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The stress test: for a fixed time (60 s; `BLKSNAP_STRESS_SECONDS`, 600 in
+//! The stress test: for a fixed time (30 s; `BLKSNAP_STRESS_SECONDS`, 600 in
 //! `make soak`), on disks c and d, a loop device and the two partitions of
 //! disk b at once: writers, snapshots created, filled, taken and destroyed
 //! concurrently with every kind of storage (a file that grows in small
@@ -746,7 +746,7 @@ impl Drop for Detach {
 }
 
 fn stress_body() -> TestResult {
-    let secs = dev::env_u64("BLKSNAP_STRESS_SECONDS", if dev::soak() { 600 } else { 60 });
+    let secs = dev::env_u64("BLKSNAP_STRESS_SECONDS", if dev::soak() { 600 } else { 30 });
     let seed = dev::seed("BLKSNAP_STRESS_SEED", 0x57e5_5eed);
     println!("    {secs} s, seed {seed:#x} (replay: BLKSNAP_STRESS_SEED={seed:#x} BLKSNAP_STRESS_SECONDS={secs})");
     let _step = dev::ModuleParam::set("diff_storage_minimum", &MIB_SECTORS.to_string())?;
@@ -949,7 +949,7 @@ fn destroy_under_cow_writes() -> TestResult {
     const WRITERS: u64 = 4;
     const WRITE: u64 = 128;
     const CHUNK: u64 = 512;
-    let rounds = dev::env_u64("BLKSNAP_STRESS_ROUNDS", if dev::soak() { 200 } else { 30 });
+    let rounds = dev::env_u64("BLKSNAP_STRESS_ROUNDS", if dev::soak() { 200 } else { 15 });
     let seed = dev::seed("BLKSNAP_STRESS_SEED", 0xde57_5eed);
     println!("    {rounds} rounds, seed {seed:#x} (replay: BLKSNAP_STRESS_SEED={seed:#x})");
     let origin = disk("blksnap-c")?;

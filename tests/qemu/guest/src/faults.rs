@@ -608,7 +608,7 @@ fn ioctl_paths_body() -> TestResult {
         set(k, "times", "1000000")?;
     }
     let soak = dev::soak();
-    let max_points = dev::env_u64("BLKSNAP_FAULTS_POINTS", if soak { 100_000 } else { 40 });
+    let max_points = dev::env_u64("BLKSNAP_FAULTS_POINTS", if soak { 100_000 } else { 20 });
     let mut table = Table::default();
     let origin = std::cell::RefCell::new(Origin::new("faults-origin")?);
     let t = Tracker::open(origin.borrow().path()).map_err(e)?;
@@ -830,7 +830,7 @@ fn async_paths_body() -> TestResult {
     let _off = AttrsOff;
     setup_attrs(text)?;
     let soak = dev::soak();
-    let rounds = dev::env_u64("BLKSNAP_FAULTS_ROUNDS", if soak { 40 } else { 4 });
+    let rounds = dev::env_u64("BLKSNAP_FAULTS_ROUNDS", if soak { 40 } else { 2 });
     let seed = dev::seed("BLKSNAP_FAULTS_SEED", 0xfa17_5eed);
     println!("    {rounds} rounds per fault kind and phase, seed {seed:#x} (replay: BLKSNAP_FAULTS_SEED={seed:#x} BLKSNAP_FAULTS_ROUNDS={rounds})");
     let mut rng = Rng(seed);

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The stress test: for a fixed time (30 s; `BLKSNAP_STRESS_SECONDS`, 600 in
+//! The stress test: for a fixed time (20 s; `BLKSNAP_STRESS_SECONDS`, 600 in
 //! `make soak`), on disks c and d, a loop device and the two partitions of
 //! disk b at once: writers, snapshots created, filled, taken and destroyed
 //! concurrently with every kind of storage (a file that grows in small
@@ -746,7 +746,7 @@ impl Drop for Detach {
 }
 
 fn stress_body() -> TestResult {
-    let secs = dev::env_u64("BLKSNAP_STRESS_SECONDS", if dev::soak() { 600 } else { 30 });
+    let secs = dev::env_u64("BLKSNAP_STRESS_SECONDS", if dev::soak() { 600 } else { 20 });
     let seed = dev::seed("BLKSNAP_STRESS_SEED", 0x57e5_5eed);
     println!("    {secs} s, seed {seed:#x} (replay: BLKSNAP_STRESS_SEED={seed:#x} BLKSNAP_STRESS_SECONDS={secs})");
     let _step = dev::ModuleParam::set("diff_storage_minimum", &MIB_SECTORS.to_string())?;

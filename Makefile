@@ -53,6 +53,9 @@ module: kernel
 
 tools: deps
 	cargo build --release --workspace --bins
+	@mkdir -p target/compat32
+	gcc -m32 -static -O2 -Wall -Wextra -Werror -I include/uapi \
+		-o target/compat32/client32 tests/compat32/client.c
 
 host-test: deps
 	cargo test --workspace --release

@@ -11,6 +11,7 @@ APT_PACKAGES=(
 	qemu-system-x86 udev
 	flex bison bc cpio kmod rsync python3 libelf-dev libssl-dev dwarves
 	e2fsprogs xfsprogs util-linux fdisk fio
+	gcc-multilib
 )
 
 missing=()

@@ -375,6 +375,7 @@ impl Drop for SnapshotGuard<'_> {
 /// Makes a backup of `opts.devices`.
 pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     std::fs::create_dir_all(opts.dir).map_err(|e| format!("{}: {e}", opts.dir.display()))?;
+    crate::stack::check_store(opts.store, opts.devices)?;
     let ctl = Control::open().map_err(|e| e.to_string())?;
     let mut devices = Vec::new();
     for path in opts.devices {

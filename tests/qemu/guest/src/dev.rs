@@ -202,6 +202,12 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
+/// Waits until udev has handled the events queued so far (it opens devices
+/// to probe them). Without a running udev this returns at once.
+pub fn udev_settle() {
+    let _ = run("udevadm", &["settle", "--timeout=10"]);
+}
+
 /// Path of the module file, from the environment set by guest.sh.
 pub fn module_path() -> Result<PathBuf, String> {
     std::env::var_os("BLKSNAP_KO")
@@ -361,8 +367,12 @@ impl LoopDev {
     /// Detaches the backing file and deletes the loop disk (`del_gendisk`).
     pub fn remove(&mut self) -> Result<(), String> {
         let f = File::open(&self.path).map_err(|e| e.to_string())?;
-        // SAFETY: LOOP_CLR_FD takes no argument.
-        unsafe { loop_clr_fd(f.as_raw_fd()) }.map_err(|e| format!("LOOP_CLR_FD: {e}"))?;
+        // SAFETY: LOOP_CLR_FD takes no argument. ENXIO: cleared already (a
+        // clear deferred while the device was open took effect since).
+        match unsafe { loop_clr_fd(f.as_raw_fd()) } {
+            Ok(_) | Err(nix::errno::Errno::ENXIO) => {}
+            Err(e) => return Err(format!("LOOP_CLR_FD: {e}")),
+        }
         drop(f);
         let n: i64 = self
             .path

@@ -8,11 +8,13 @@
 //! `N passed, N failed`. The exit status is non-zero if any test failed.
 
 mod backup;
+mod compat;
 mod cut;
 mod dev;
 mod faults;
 mod fuzz;
 mod odd;
+mod removal;
 mod snap;
 mod store;
 mod stress;
@@ -224,6 +226,8 @@ fn main() {
         .chain(backup::ALL)
         .chain(odd::ALL)
         .chain(cut::ALL)
+        .chain(compat::ALL)
+        .chain(removal::ALL)
         .chain(stress::ALL)
         .chain(faults::ALL)
         .chain(fuzz::ALL)

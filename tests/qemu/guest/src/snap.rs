@@ -159,15 +159,10 @@ impl Snap {
         self.ctl.snapshot_take(&self.id).map_err(e)
     }
 
+    /// Destroys the snapshot. The drop that follows closes the control file
+    /// (its second destroy fails quietly with ESRCH).
     pub(crate) fn destroy(self) -> TestResult {
-        let this = std::mem::ManuallyDrop::new(self);
-        let r = this.ctl.snapshot_destroy(&this.id).map_err(e);
-        // Not `forget(self)`: that leaked the control file, and every open
-        // control file pins the module (rmmod then fails with EAGAIN).
-        // SAFETY: `this` is never dropped or used again: the control file
-        // is moved out of it once, and closed.
-        drop(unsafe { std::ptr::read(&this.ctl) });
-        r
+        self.ctl.snapshot_destroy(&self.id).map_err(e)
     }
 }
 

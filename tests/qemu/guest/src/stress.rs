@@ -1066,7 +1066,7 @@ fn reread_partitions(disk: &Path) -> TestResult {
     unsafe { blkrrpart(std::os::fd::AsRawFd::as_raw_fd(&f)) }
         .map_err(|err| format!("BLKRRPART {}: {err}", disk.display()))?;
     drop(f);
-    let _ = dev::run("udevadm", &["settle", "-t", "10"]);
+    dev::udev_settle();
     let p1 = dev::partition(disk, 1);
     for _ in 0..100 {
         if p1.exists() {

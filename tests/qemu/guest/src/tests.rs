@@ -832,6 +832,10 @@ fn partition_removal_while_attached() -> TestResult {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // udev rereads the partition table when a writer of the whole disk
+    // closes it (sfdisk here); that drops and re-adds the partitions, so let
+    // it finish before attaching.
+    dev::udev_settle();
     {
         let t = Tracker::open(&p1).map_err(e)?;
         t.attach().map_err(e)?;
@@ -840,7 +844,23 @@ fn partition_removal_while_attached() -> TestResult {
         check_map(&map, &[0usize].into(), 1, "partition map")?;
     }
     check_eq!(refcnt()?, 1, "module references while attached");
-    dev::run("delpart", &[lo.path.to_str().unwrap(), "1"])?;
+    // udev probes the partition after the write closed it; delpart fails
+    // with EBUSY while anyone has it open.
+    dev::udev_settle();
+    check_eq!(
+        dev::sysfs_attr(&p1, "filter")?,
+        "blksnap",
+        "filter attribute before delpart"
+    );
+    let mut tries = 0;
+    while let Err(err) = dev::run("delpart", &[lo.path.to_str().unwrap(), "1"]) {
+        tries += 1;
+        if tries == 20 || !err.contains("busy") {
+            fail!("{err}");
+        }
+        dev::udev_settle();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     check_eq!(
         refcnt()?,
         0,

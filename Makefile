@@ -17,7 +17,7 @@ KOUT = $(shell cat $(BLKSNAP_CACHE)/kbuild-output 2>/dev/null)
 # Kbuild reads these from the environment when building the module.
 unexport KBUILD_OUTPUT
 
-.PHONY: all run test bench deps kernel module tools host-test vm-test check clean
+.PHONY: all run test soak bench deps kernel module tools host-test vm-test check clean
 
 all: module tools
 
@@ -32,6 +32,11 @@ test: all
 	echo "== style (checkpatch --strict, rustfmt, clippy)"; scripts/check.sh || rc=1; \
 	if [ $$rc = 0 ]; then echo "== all tests passed"; else echo "== TESTS FAILED"; fi; \
 	exit $$rc
+
+# Not part of `make test`: the fuzzer (1,000,000 calls), the stress test
+# (10 minutes) and the fault injection runs, longer (see README.md).
+soak: all
+	tests/qemu/run.sh soak
 
 # A benchmark, not a test: throughput ratios to the raw device, one VM run.
 bench: all

@@ -89,6 +89,19 @@ pub(crate) fn globals() -> Result<Arc<Globals>> {
     Ok(g.into())
 }
 
+/// Drops `value` in a work item of the module's image queue rather than in
+/// the caller's context (which may hold locks its drop must not take).
+/// Without memory for the work item, or while the module goes away, it is
+/// dropped here after all, with a log line.
+pub(crate) fn drop_later<T: Send + 'static>(flags: kernel::alloc::Flags, value: T) {
+    let Ok(g) = globals() else {
+        return;
+    };
+    if g.image_wq.try_spawn(flags, move || drop(value)).is_err() {
+        pr_err!("out of memory: a deferred release runs in place\n");
+    }
+}
+
 /// Sets up the module-wide state, owned by the returned `Arc`.
 pub(crate) fn init_globals(module: &'static ThisModule) -> Result<Arc<Globals>> {
     // Image I/O may be what memory reclaim waits for (a file system on an

@@ -15,7 +15,7 @@ use crate::{
 };
 use core::mem::size_of;
 use kernel::{
-    alloc::{flags::GFP_KERNEL, KVec},
+    alloc::{flags::GFP_ATOMIC, flags::GFP_KERNEL, flags::GFP_NOIO, KVec},
     block::{
         bdev::{BlockDevice, DevT},
         bio::{flags, submitter_may_wait, BioList, InFlightBio},
@@ -246,6 +246,9 @@ impl Tracker {
             self.cbt.mark_write(sector, u64::from(bio.sectors()));
             self.pass(sector, bio, area.as_ref(), false);
         }
+        if let Some(a) = area {
+            put_area(a);
+        }
     }
 
     /// Marks sectors changed in both CBT maps, as if user space had asked
@@ -278,6 +281,9 @@ impl Tracker {
         self.cbt.mark_write(sector, u64::from(bio.sectors()));
         let nowait = bio.has_flags(flags::NOWAIT);
         self.pass(sector, bio, area.as_ref(), !nowait && submitter_may_wait());
+        if let Some(a) = area {
+            put_area(a);
+        }
     }
 
     /// Lets an admitted write pass, through copy-on-write if `area` is on.
@@ -428,6 +434,27 @@ impl Tracker {
     }
 }
 
+/// Lets go of a reference to a difference area that the write path or a
+/// detach holds. If it is the last one (the snapshot was destroyed
+/// meanwhile), the area is freed in a worker, not here: freeing it closes
+/// the storage, and closing a storage device takes its disk's `open_mutex`.
+/// The write path runs inside the filter's SRCU read section, which a
+/// detach waits for while it holds `blkfilter_mutex`, and a detach runs
+/// under `blkfilter_mutex`; a partition table re-read holds `open_mutex`
+/// and takes `blkfilter_mutex` to detach the filters of the partitions it
+/// drops: either order closes a deadlock cycle.
+fn put_area(area: Arc<DiffArea>) {
+    let Some(last) = area.into_unique_or_drop() else {
+        return;
+    };
+    let flags = if submitter_may_wait() {
+        GFP_NOIO
+    } else {
+        GFP_ATOMIC
+    };
+    crate::snapshot::drop_later(flags, last);
+}
+
 fn check_len(optlen: u32, needed: usize, what: &str) -> Result {
     if (optlen as usize) < needed {
         pr_err!(
@@ -484,6 +511,7 @@ impl Filter for TrackerFilter {
         if let Some(a) = area {
             a.set_error(ENODEV);
             a.shut_down();
+            put_area(a);
         }
         while let Some(bio) = held.pop() {
             tracker.passage.admit(bio).submit();

@@ -2,19 +2,26 @@
 # SPDX-License-Identifier: GPL-2.0
 #
 # Runs inside the QEMU guest (see run.sh): loads the module, then runs the
-# guest tests (MODE=test) or the demo (MODE=demo), checks for memory leaks
-# and unloads the module.
+# guest tests (MODE=test), the long fuzzer, stress and fault injection runs
+# (MODE=soak) or the demo (MODE=demo), checks for memory leaks and unloads
+# the module.
 #
-# usage: guest.sh test|demo|bench RESULTS REPO [test name filters...]
+# usage: guest.sh test|soak|demo|bench RESULTS REPO [test name filters...]
 set -u
 MODE=$1 RESULTS=$2 REPO=$3
 shift 3
 KO=$REPO/blk_snap/blksnap.ko
 BIN=$REPO/target/release
-export PATH=$BIN:$PATH BLKSNAP_KO=$KO
+export PATH=$BIN:$PATH BLKSNAP_KO=$KO BLKSNAP_RESULTS=$RESULTS
+# BLKSNAP_FUZZ_* and friends from the host (see run.sh).
+[ -f "$RESULTS/guest-env" ] && . "$RESULTS/guest-env"
 
 echo "guest: $(uname -r), $(nproc) CPUs"
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
+# A task blocked for 20 s is reported (and fails the test it happens in):
+# a hang shows within the test that caused it.
+echo 20 >/proc/sys/kernel/hung_task_timeout_secs
+echo -1 >/proc/sys/kernel/hung_task_warnings
 # A plain tmpfs for difference storages and scratch files. Not on /tmp: the
 # repository may be there.
 export BLKSNAP_SCRATCH=/run/blksnap
@@ -27,6 +34,14 @@ insmod "$KO" || { echo "guest-exit 1"; exit 1; }
 
 case $MODE in
 test)
+	blksnap-guest-tests "$@"
+	rc=$?
+	;;
+soak)
+	export BLKSNAP_SOAK=1
+	if [ $# = 0 ]; then
+		set -- fuzz_ioctls stress_ faults_
+	fi
 	blksnap-guest-tests "$@"
 	rc=$?
 	;;
@@ -44,8 +59,22 @@ esac
 # the kmemleak scan, and it means a reference leaked. /sys/module, not lsmod:
 # a crashing lsmod once made this step skip the unload silently.
 if [ -e /sys/module/blksnap ]; then
-	out=$(rmmod blksnap 2>&1)
-	status=$?
+	# rmmod may never return (the module's exit waits for something that
+	# never comes): give it a minute, then report it and go on.
+	rmmod blksnap >"$RESULTS/rmmod.out" 2>&1 &
+	pid=$!
+	for _ in $(seq 60); do
+		kill -0 $pid 2>/dev/null || break
+		sleep 1
+	done
+	if kill -0 $pid 2>/dev/null; then
+		out="rmmod did not return within 60 s, in: $(awk '{print $2}' /proc/$pid/stack 2>/dev/null | head -8 | tr '\n' ' ')"
+		status=124
+	else
+		wait $pid
+		status=$?
+		out=$(cat "$RESULTS/rmmod.out")
+	fi
 	if [ $status = 0 ] && [ ! -e /sys/module/blksnap ]; then
 		echo "ok module_unloaded"
 	else
@@ -56,7 +85,7 @@ if [ -e /sys/module/blksnap ]; then
 else
 	echo "ok module_unloaded (was not loaded at the end)"
 fi
-if [ -w $KMEMLEAK ]; then
+if [ -w $KMEMLEAK ] && [ ! -e /sys/module/blksnap ]; then
 	# Objects must be a few seconds old to be reported.
 	sleep 6
 	echo scan >$KMEMLEAK

@@ -14,23 +14,36 @@
 #     issue a sacrificial one first).
 # Then runs tests/qemu/guest.sh MODE in the guest.
 #
-# usage: run.sh test|demo|bench [test name filters...]
+# usage: run.sh test|soak|demo|bench [test name filters...]
 #
 # For `test`, prints one line per test and a final "N passed, N failed"; the
 # run fails if a guest test fails, or if the guest's kernel log shows a BUG,
-# WARNING, KASAN, lockdep or Oops report or kmemleak finds a leak.
+# WARNING, KASAN, lockdep, Oops, soft lockup, hung task or RCU stall report
+# or kmemleak finds a leak. `soak` runs only the fuzzer, stress and fault
+# injection tests, longer (see README.md), with the same checks.
+#
+# The variables BLKSNAP_FUZZ_* (SEED, CALLS, THREADS, SECONDS),
+# BLKSNAP_STRESS_SECONDS and BLKSNAP_FAULTS_* set in the environment reach
+# the guest tests, e.g. to replay a fuzzer run:
+#   BLKSNAP_FUZZ_SEED=0x1234 tests/qemu/run.sh test fuzz_ioctls
 set -euo pipefail
 
-MODE=${1:?usage: run.sh test|demo [filters...]}
+MODE=${1:?usage: run.sh test|soak|demo|bench [filters...]}
 shift
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${BLKSNAP_CACHE:-$HOME/.cache/blk-snap}
 KOUT=${KBUILD_OUTPUT:-$(cat "$CACHE/kbuild-output")}
 RESULTS=${RESULTS:-$REPO/results/$MODE}
-TIMEOUT=${QEMU_TIMEOUT:-1800}
+if [ "$MODE" = soak ]; then
+	TIMEOUT=${QEMU_TIMEOUT:-7200}
+else
+	TIMEOUT=${QEMU_TIMEOUT:-1800}
+fi
 
 rm -rf "$RESULTS"
 mkdir -p "$RESULTS"
+# Settings for the guest tests: guest.sh reads them from this file.
+export -p | grep -E '^declare -x BLKSNAP_(FUZZ|STRESS|FAULTS)_[A-Z]+=' >"$RESULTS/guest-env" || true
 truncate -s 256M "$RESULTS/disk-a.img"
 truncate -s 256M "$RESULTS/disk-b.img"
 truncate -s 64M "$RESULTS/disk-c.img"
@@ -68,7 +81,7 @@ vng_status=${PIPESTATUS[0]}
 set -e
 echo "qemu: guest finished in $(($(date +%s) - start)) s (exit status $vng_status)"
 
-if [ "$MODE" != test ]; then
+if [ "$MODE" != test ] && [ "$MODE" != soak ]; then
 	# demo and bench: the guest must finish cleanly and unload the module
 	# (guest.sh prints "FAIL module_unloaded: ..." otherwise).
 	if grep -q '^FAIL module_unloaded' "$RESULTS/console.log"; then
@@ -104,8 +117,9 @@ else
 	report debug_kernel "no KASAN/lockdep banner in the guest log"
 fi
 
-splats=$(grep -E 'BUG:|WARNING:|KASAN:|Oops|possible circular locking|possible recursive locking|inconsistent lock state|INFO: task .* blocked|Kernel panic|general protection fault|UBSAN:' \
-	"$RESULTS/console.log" | grep -v '^FAIL ' | grep -v '^    |' || true)
+# The kernel command line (hung_task_panic=0) is no report.
+splats=$(grep -E 'BUG:|WARNING:|KASAN:|Oops|possible circular locking|possible recursive locking|inconsistent lock state|INFO: task .* blocked|Kernel panic|general protection fault|UBSAN:|soft lockup|hung_task|blocked for more than|rcu_sched self-detected stall|self-detected stall|rcu: INFO' \
+	"$RESULTS/console.log" | grep -v '^FAIL ' | grep -v '^    |' | grep -vi 'command line:' || true)
 if [ -z "$splats" ]; then
 	report kernel_log_clean ok
 else

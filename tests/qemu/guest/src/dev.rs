@@ -229,6 +229,103 @@ pub fn unload_module() -> Result<(), nix::errno::Errno> {
     nix::kmod::delete_module(c"blksnap", nix::kmod::DeleteModuleFlags::O_NONBLOCK)
 }
 
+/// Unloads the module, failing if that does not end within `secs`
+/// seconds (the module's exit may wait forever for something that leaked;
+/// the stuck thread is left behind). While the module is in use (EAGAIN:
+/// references that are released asynchronously, like the last reference
+/// of a deleted image disk), it tries again every 100 ms. Returns how long
+/// the module stayed in use and its largest reference count meanwhile.
+pub fn unload_module_within(secs: u64) -> Result<(std::time::Duration, u32), String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = std::time::Instant::now();
+    let limit = std::time::Duration::from_secs(secs);
+    std::thread::spawn(move || {
+        let mut refs = 0;
+        loop {
+            match unload_module() {
+                Err(nix::errno::Errno::EAGAIN) if start.elapsed() < limit => {
+                    let r = std::fs::read_to_string("/sys/module/blksnap/refcnt")
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok())
+                        .unwrap_or(0);
+                    refs = refs.max(r);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                r => {
+                    let _ = tx.send(r.map(|()| (start.elapsed(), refs)));
+                    return;
+                }
+            }
+        }
+    });
+    match rx.recv_timeout(limit + std::time::Duration::from_secs(5)) {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(format!(
+            "rmmod blksnap: {e} (tried for {} s; refcnt {})",
+            start.elapsed().as_secs(),
+            std::fs::read_to_string("/sys/module/blksnap/refcnt")
+                .unwrap_or_default()
+                .trim()
+        )),
+        Err(_) => Err(format!(
+            "rmmod blksnap did not return within {secs} s; {}",
+            blocked_threads()
+        )),
+    }
+}
+
+/// Unloads the module (see [`unload_module_within`]) and loads it again;
+/// prints how long it stayed in use.
+pub fn reload_module(what: &str) -> Result<(), String> {
+    let (waited, refs) = unload_module_within(30)?;
+    load_module("")?;
+    if refs == 0 {
+        println!("    rmmod and insmod after {what}: ok");
+    } else {
+        println!(
+            "    rmmod and insmod after {what}: ok, after the module stayed in use for {} ms (refcnt up to {refs})",
+            waited.as_millis()
+        );
+    }
+    Ok(())
+}
+
+/// The kernel stacks of this process's threads that sleep uninterruptibly
+/// (state D), for the report of a hang.
+pub fn blocked_threads() -> String {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for t in dir.flatten() {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            if state != Some("D") {
+                continue;
+            }
+            let stack = std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+            let frames: Vec<&str> = stack
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .take(12)
+                .collect();
+            out.push(format!(
+                "thread {} in D state: {}",
+                t.file_name().to_string_lossy(),
+                frames.join(" < ")
+            ));
+        }
+    }
+    if out.is_empty() {
+        "no thread of the test in D state".into()
+    } else {
+        out.join("; ")
+    }
+}
+
 /// Returns true if the module is loaded.
 pub fn module_loaded() -> bool {
     Path::new("/sys/module/blksnap").exists()
@@ -309,4 +406,92 @@ impl Drop for LoopDev {
         }
         let _ = std::fs::remove_file(&self.backing);
     }
+}
+
+/// Sets a module parameter of blksnap (`/sys/module/blksnap/parameters/`);
+/// the old value comes back on drop.
+pub struct ModuleParam {
+    path: PathBuf,
+    old: String,
+}
+
+impl ModuleParam {
+    /// Sets parameter `name` to `value`.
+    pub fn set(name: &str, value: &str) -> Result<Self, String> {
+        let path = Path::new("/sys/module/blksnap/parameters").join(name);
+        let old = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .trim()
+            .to_string();
+        std::fs::write(&path, value).map_err(|e| format!("{} = {value}: {e}", path.display()))?;
+        Ok(Self { path, old })
+    }
+}
+
+impl Drop for ModuleParam {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.old);
+    }
+}
+
+/// Lowers the console log level (`/proc/sys/kernel/printk`) while it lives,
+/// so that a test that makes the kernel log a lot is not slowed down by the
+/// serial console; the records still reach /dev/kmsg, where the harness
+/// checks them. The old level comes back on drop.
+pub struct QuietConsole(String);
+
+impl QuietConsole {
+    /// Shows only messages more severe than `level` on the console.
+    pub fn new(level: u32) -> Result<Self, String> {
+        let p = "/proc/sys/kernel/printk";
+        let old = std::fs::read_to_string(p).map_err(|e| format!("{p}: {e}"))?;
+        let first = old.split_whitespace().next().unwrap_or("7").to_string();
+        std::fs::write(p, level.to_string()).map_err(|e| format!("{p}: {e}"))?;
+        Ok(Self(first))
+    }
+}
+
+impl Drop for QuietConsole {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/printk", &self.0);
+    }
+}
+
+/// True in `make soak` (guest.sh sets `BLKSNAP_SOAK=1`): the fuzzer, the
+/// stress and the fault tests run longer.
+pub fn soak() -> bool {
+    std::env::var("BLKSNAP_SOAK").is_ok_and(|v| v == "1")
+}
+
+/// A number from the environment (decimal or 0x hex), or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    let Ok(v) = std::env::var(name) else {
+        return default;
+    };
+    let v = v.trim();
+    let parsed = match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    };
+    parsed.unwrap_or(default)
+}
+
+/// The seed of a randomized test: `name` from the environment (a replay),
+/// else a fresh one in `make soak` (each soak run explores new sequences),
+/// else `fixed`: `make test` runs the same sequence every time.
+pub fn seed(name: &str, fixed: u64) -> u64 {
+    env_u64(name, if soak() { fresh_seed() } else { fixed })
+}
+
+/// A seed from the clock and the process id, for runs that are not replays.
+pub fn fresh_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let mut x = t ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x | 1
 }

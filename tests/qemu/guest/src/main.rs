@@ -12,10 +12,13 @@ mod compat;
 mod conc;
 mod cut;
 mod dev;
+mod faults;
+mod fuzz;
 mod odd;
 mod removal;
 mod snap;
 mod store;
+mod stress;
 mod tests;
 mod upstream;
 
@@ -55,6 +58,11 @@ const SPLATS: &[&str] = &[
     "UBSAN:",
     "general protection fault",
     "unreferenced object",
+    "soft lockup",
+    "hung_task",
+    "blocked for more than",
+    "self-detected stall",
+    "rcu: INFO",
 ];
 
 /// Reads the kernel log from /dev/kmsg, record by record. Records carry a
@@ -142,11 +150,75 @@ impl Kmsg {
     }
 }
 
+/// The kernel log reader of the run, and the records read since the last
+/// test ended.
+static KMSG: std::sync::Mutex<Option<(Result<Kmsg, String>, KmsgRead)>> =
+    std::sync::Mutex::new(None);
+
+/// Reads the kernel log records logged since the last read and keeps them
+/// for the check at the end of the running test. A test that makes the
+/// kernel log much (the fuzzer) calls it now and then, so that the ring
+/// buffer cannot wrap before the records are checked. Of long logs, the
+/// lines that match a splat pattern and the last 1000 are kept.
+pub fn kmsg_poll() {
+    let mut guard = KMSG.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((Ok(k), pending)) = guard.as_mut() else {
+        return;
+    };
+    let new = k.read_new();
+    pending.lost += new.lost;
+    if new.error.is_some() {
+        pending.error = new.error;
+    }
+    pending.lines.extend(new.lines);
+    if pending.lines.len() > 20_000 {
+        let n = pending.lines.len();
+        let mut i = 0;
+        pending.lines.retain(|l| {
+            i += 1;
+            i > n - 1000 || SPLATS.iter().any(|s| l.contains(s))
+        });
+    }
+}
+
+/// The records logged since the previous call.
+fn kmsg_take() -> KmsgRead {
+    kmsg_poll();
+    let mut guard = KMSG.lock().unwrap_or_else(|e| e.into_inner());
+    match guard.as_mut() {
+        Some((Ok(_), pending)) => std::mem::replace(
+            pending,
+            KmsgRead {
+                lines: Vec::new(),
+                lost: 0,
+                error: None,
+            },
+        ),
+        Some((Err(err), _)) => KmsgRead {
+            lines: Vec::new(),
+            lost: 0,
+            error: Some(err.clone()),
+        },
+        None => KmsgRead {
+            lines: Vec::new(),
+            lost: 0,
+            error: Some("/dev/kmsg not open".into()),
+        },
+    }
+}
+
 fn main() {
     let filter: Vec<String> = std::env::args().skip(1).collect();
     let mut passed = 0;
     let mut failed = 0;
-    let mut kmsg = Kmsg::open();
+    *KMSG.lock().unwrap() = Some((
+        Kmsg::open(),
+        KmsgRead {
+            lines: Vec::new(),
+            lost: 0,
+            error: None,
+        },
+    ));
     for (name, test) in tests::ALL
         .iter()
         .chain(snap::ALL)
@@ -158,6 +230,9 @@ fn main() {
         .chain(compat::ALL)
         .chain(removal::ALL)
         .chain(conc::ALL)
+        .chain(stress::ALL)
+        .chain(faults::ALL)
+        .chain(fuzz::ALL)
     {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
@@ -167,14 +242,7 @@ fn main() {
         let mut result = test();
         // The kernel log of the test: every record logged since the last
         // one the previous test saw.
-        let log = match kmsg.as_mut() {
-            Ok(k) => k.read_new(),
-            Err(err) => KmsgRead {
-                lines: Vec::new(),
-                lost: 0,
-                error: Some(err.clone()),
-            },
-        };
+        let log = kmsg_take();
         let new = &log.lines[..];
         if let Some(line) = new.iter().find(|l| SPLATS.iter().any(|s| l.contains(s))) {
             result = Err(format!("kernel log: {line}"));
@@ -201,6 +269,14 @@ fn main() {
             Err(reason) => {
                 failed += 1;
                 println!("FAIL {name}: {reason}");
+                // The whole kernel log of the test, for the triage: the
+                // console shows only its end (and a fuzzing test quiets it).
+                if let Ok(dir) = std::env::var("BLKSNAP_RESULTS") {
+                    let file = format!("{dir}/kmsg-{name}.log");
+                    if std::fs::write(&file, new.join("\n") + "\n").is_ok() {
+                        println!("    kernel log of the test: {file}");
+                    }
+                }
                 for l in new.iter().rev().take(40).rev() {
                     println!("    | {l}");
                 }

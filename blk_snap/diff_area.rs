@@ -117,6 +117,9 @@ struct State {
     parked: u32,
     /// Set when the snapshot goes away: nothing is held any more.
     shut_down: bool,
+    /// The snapshot's chunk copies; let go of once the last copy ended (see
+    /// [`DiffArea::wait_copies`]).
+    copy_wq: Option<Arc<OwnedQueue>>,
 }
 
 impl State {
@@ -139,8 +142,6 @@ pub(crate) struct DiffArea {
     tracker: Arc<Tracker>,
     store: Arc<DiffStorage>,
     events: Arc<EventQueue>,
-    /// The snapshot's chunk copies.
-    copy_wq: Arc<OwnedQueue>,
     /// Image reads and writes.
     image_wq: Arc<OwnedQueue>,
     max_copies: u32,
@@ -181,7 +182,6 @@ impl DiffArea {
                 tracker,
                 store,
                 events,
-                copy_wq,
                 image_wq,
                 max_copies: max_copies.max(1),
                 error: AtomicI32::new(0),
@@ -193,6 +193,7 @@ impl DiffArea {
                     copies: 0,
                     parked: 0,
                     shut_down: false,
+                    copy_wq: Some(copy_wq),
                 }, "DiffArea::state"),
                 room <- new_condvar!("DiffArea::room"),
             }),
@@ -332,13 +333,17 @@ impl DiffArea {
 
     /// Queues the copy of each chunk in `chunks`.
     fn start_copies(self: &Arc<Self>, chunks: &[u64]) {
+        if chunks.is_empty() {
+            return;
+        }
+        let queue = self.state.lock().copy_wq.clone();
         for &c in chunks {
             let area = self.clone();
-            if self
-                .copy_wq
-                .try_spawn(GFP_NOIO, move || area.copy_chunk(c))
-                .is_err()
-            {
+            let spawned = match &queue {
+                Some(q) => q.try_spawn(GFP_NOIO, move || area.copy_chunk(c)).is_ok(),
+                None => false,
+            };
+            if !spawned {
                 self.set_error(ENOMEM);
                 self.chunk_done(c, Content::Failed);
             }
@@ -391,11 +396,18 @@ impl DiffArea {
 
     /// Waits until no copy is queued or running. After [`Self::shut_down`]
     /// none starts any more: then no copy of this area outlives this call.
+    ///
+    /// Then lets go of the snapshot's copy queue: the last reference to this
+    /// area may be dropped in a work item (a copy's, or a deferred release),
+    /// and a work item must not destroy a work queue.
     pub(crate) fn wait_copies(&self) {
         let mut state = self.state.lock();
         while state.copies != 0 {
             self.room.wait(&mut state);
         }
+        let queue = state.copy_wq.take();
+        drop(state);
+        drop(queue);
     }
 
     /// Records the end of the copy of chunk `c`, releases the writes that

@@ -77,14 +77,15 @@ pub(crate) fn globals() -> Result<Arc<Globals>> {
     if p.is_null() {
         return Err(ENODEV);
     }
-    // SAFETY: `p` is the address of the value of the `Arc<Globals>` that the
-    // module owns (what `Arc::into_raw` would return for it, see
-    // `init_globals`), so it may be borrowed as an `ArcBorrow`, and the
-    // borrow ends within this call. That `Arc` is dropped only by
-    // `exit_globals`, after it cleared `GLOBALS`; module exit runs only once
-    // no entry point holds the module, and the callers of this function all
-    // run inside one, so none can still be between the load above and the
-    // increment of the count below when the `Arc` is dropped.
+    // `p` is the address of the value of the `Arc<Globals>` that the module
+    // owns (what `Arc::into_raw` would return for it, see `init_globals`).
+    // That `Arc` is dropped only by `exit_globals`, after it cleared
+    // `GLOBALS`; module exit runs only once no entry point holds the module,
+    // and the callers of this function all run inside one, so none can still
+    // be between the load above and the increment of the count below when
+    // the `Arc` is dropped.
+    // SAFETY: `p` comes from the live `Arc<Globals>` (see above), so it may
+    // be borrowed as an `ArcBorrow`; the borrow ends within this call.
     let g = unsafe { ArcBorrow::<Globals>::from_raw(p) };
     Ok(g.into())
 }

@@ -371,7 +371,13 @@ fn reads_during_destroy() -> TestResult {
             Ok(())
         }));
     }
+    // Let reads succeed first: 1.5 s, or longer on a loaded host, until
+    // 4 have succeeded (at most 60 s).
     std::thread::sleep(Duration::from_millis(1500));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while log.lock().unwrap().iter().filter(|r| r.2).count() < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let destroy_start = t0.elapsed().as_millis();
     destroying.store(true, Ordering::Relaxed);
     snap.destroy()?;

@@ -429,10 +429,12 @@ impl DiffStorage {
                 GFP_KERNEL,
             )?;
         }
+        // Each append re-arms the event, as the UAPI says: an agent that
+        // appended too little hears again at the next allocation below the
+        // mark, instead of waiting for an event that never comes while the
+        // storage overflows.
         let free = self.free(space);
-        if free >= low_mark() {
-            space.low_signalled = false;
-        }
+        space.low_signalled = false;
         pr_info!(
             "storage: appended {} ranges of {}, {} MiB free\n",
             ranges.len(),

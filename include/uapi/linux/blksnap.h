@@ -387,8 +387,10 @@ struct blksnap_snapshot_append_storage {
 
 /*
  * Event extension: the free space of the difference storage dropped below
- * half of the diff_storage_minimum module parameter. Raised once; appending
- * storage re-arms it. Payload: &struct blksnap_event_low_free_space. Only
+ * half of the diff_storage_minimum module parameter. Raised once; each
+ * append of storage re-arms it, so that the next allocation that leaves less
+ * than that free raises it again. Payload: &struct
+ * blksnap_event_low_free_space. Only
  * for snapshots created with &IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE.
  */
 #define blksnap_event_code_low_free_space 64

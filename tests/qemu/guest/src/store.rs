@@ -159,20 +159,32 @@ fn devices_grow_on_event() -> TestResult {
     let watcher = std::thread::spawn(move || -> Result<Vec<Event>, String> {
         let ctl = Control::open().map_err(e)?;
         let mut seen = Vec::new();
+        // First too little (128 KiB leaves less than 4 MiB free): the
+        // append re-arms the event, which comes again; then the rest of
+        // 64 MiB.
+        let mut appended = 8 * MIB_SECTORS;
         loop {
             match ctl.snapshot_wait_event(&id, 20_000) {
                 Ok(Some(ev @ Event::LowFreeSpace { .. })) => {
+                    let count = if appended == 8 * MIB_SECTORS {
+                        256
+                    } else {
+                        64 * MIB_SECTORS - appended
+                    };
                     ctl.snapshot_append_storage(
                         &id,
                         &d,
                         &[SectorRange {
-                            offset: 8 * MIB_SECTORS,
-                            count: 56 * MIB_SECTORS,
+                            offset: appended,
+                            count,
                         }],
                     )
                     .map_err(e)?;
+                    appended += count;
                     seen.push(ev);
-                    return Ok(seen);
+                    if appended == 64 * MIB_SECTORS {
+                        return Ok(seen);
+                    }
                 }
                 Ok(Some(ev)) => seen.push(ev),
                 Ok(None) => {
@@ -203,7 +215,10 @@ fn devices_grow_on_event() -> TestResult {
     {
         fail!("events after the append: {rest:?}");
     }
-    println!("    watcher saw {seen:?} and appended 56 MiB");
+    if seen.len() != 2 {
+        fail!("want two low_free_space events, one per append: {seen:?}");
+    }
+    println!("    watcher saw {seen:?} and appended 128 KiB, then the rest of 64 MiB");
     check_device(&image, |_| 51)?;
     check_device(&c, |s| if s < 24 * MIB_SECTORS { 52 } else { 51 })?;
     snap.destroy()

@@ -655,11 +655,11 @@ fn hold_and_check(
                     store_disk,
                     &[SectorRange {
                         offset: appended,
-                        count: 8 * MIB_SECTORS,
+                        count: 16 * MIB_SECTORS,
                     }],
                 )
                 .map_err(e)?;
-                appended += 8 * MIB_SECTORS;
+                appended += 16 * MIB_SECTORS;
                 st.stats.appends.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Some(Event::Corrupted {
@@ -749,7 +749,10 @@ fn stress_body() -> TestResult {
     let secs = dev::env_u64("BLKSNAP_STRESS_SECONDS", if dev::soak() { 600 } else { 20 });
     let seed = dev::seed("BLKSNAP_STRESS_SEED", 0x57e5_5eed);
     println!("    {secs} s, seed {seed:#x} (replay: BLKSNAP_STRESS_SEED={seed:#x} BLKSNAP_STRESS_SECONDS={secs})");
-    let _step = dev::ModuleParam::set("diff_storage_minimum", &MIB_SECTORS.to_string())?;
+    // Files grow in steps of 16 MiB; a ranges store hears low_free_space
+    // with 8 MiB (32 chunks) still free, room for the writes that come
+    // before its append of 16 MiB lands.
+    let _step = dev::ModuleParam::set("diff_storage_minimum", &(16 * MIB_SECTORS).to_string())?;
     let _quiet = dev::QuietConsole::new(4)?;
     let dir = dev::scratch().join("stress");
     let _ = std::fs::remove_dir_all(&dir);

@@ -350,6 +350,13 @@ impl DiffArea {
         }
     }
 
+    /// Whether more copies are queued than writers are let to add to:
+    /// [`Self::throttle`] would wait.
+    pub(crate) fn congested(&self) -> bool {
+        let state = self.state.lock();
+        state.copies > self.max_copies && !state.shut_down
+    }
+
     /// Waits, if the caller may, while too many copies are queued: writers
     /// then go at the pace of the storage.
     pub(crate) fn throttle(&self) {

@@ -259,6 +259,17 @@ impl Tracker {
         }
     }
 
+    /// Whether the copies of the snapshot on the device lag so far behind
+    /// that a writer that may wait would be throttled.
+    fn congested(&self) -> bool {
+        let Some(area) = self.cow.lock().area.clone() else {
+            return false;
+        };
+        let congested = area.congested();
+        put_area(area);
+        congested
+    }
+
     /// Records the image index of the device.
     pub(crate) fn set_image(&self, index: u32) {
         self.cow.lock().image = Some(index);
@@ -268,6 +279,16 @@ impl Tracker {
     /// snapshot is being taken; otherwise it is admitted, marked in the CBT
     /// map, and passes on through copy-on-write if a snapshot is on.
     fn write(&self, sector: u64, bio: InFlightBio) {
+        let nowait = bio.has_flags(flags::NOWAIT);
+        if nowait && self.congested() {
+            // A REQ_NOWAIT write never waits, neither in the submitter nor
+            // for a copy queued behind a backlog: it fails with EAGAIN
+            // (bio_wouldblock_error), and its submitter retries where it
+            // may wait (io_uring from a worker, for instance). It did not
+            // happen: no CBT mark.
+            bio.end(Err(EAGAIN));
+            return;
+        }
         let (bio, area) = {
             let mut cow = self.cow.lock();
             if cow.holding {
@@ -279,7 +300,6 @@ impl Tracker {
         // Marked after it was admitted: a snapshot taken from now on waits
         // for the write, so the mark belongs to the snapshot it is in.
         self.cbt.mark_write(sector, u64::from(bio.sectors()));
-        let nowait = bio.has_flags(flags::NOWAIT);
         self.pass(sector, bio, area.as_ref(), !nowait && submitter_may_wait());
         if let Some(a) = area {
             put_area(a);

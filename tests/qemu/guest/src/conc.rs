@@ -42,6 +42,10 @@ pub const ALL: &[Test] = &[
         parallel_take_destroy,
     ),
     ("conc_take_error_paths_under_faults", take_faults),
+    (
+        "conc_nowait_write_behind_a_copy_backlog_fails_with_eagain",
+        nowait_backlog,
+    ),
 ];
 
 /// Sectors in a MiB.
@@ -470,6 +474,125 @@ fn check_fio_or_pattern(
 }
 
 // ---------------------------------------------------------------- tests
+
+/// A REQ_NOWAIT write never waits (defect 2): while the copies of a
+/// snapshot lag behind (its store on the write-throttled disk `blksnap-g`,
+/// at most one copy queued before writers wait), a `pwritev2(RWF_NOWAIT)`
+/// O_DIRECT write to a chunk not yet copied fails at once with EAGAIN and
+/// changes nothing; the writes that may wait land, and the image keeps the
+/// old data.
+fn nowait_backlog() -> TestResult {
+    const CHUNK: u64 = 512; // sectors: the 256 KiB chunks of a 64 MiB disk
+    let c = disk("blksnap-c")?;
+    let g = disk("blksnap-g")?;
+    let t = Tracked::new(&c)?;
+    write_pattern(&c, 0, 64 * MIB, 101)?;
+    let _queue = dev::ModuleParam::set("chunk_maximum_in_queue", "1")?;
+    let ctl = Control::open().map_err(e)?;
+    let snap = Snap {
+        id: ctl.snapshot_create_devices().map_err(e)?,
+        ctl,
+    };
+    snap.ctl
+        .snapshot_append_storage(
+            &snap.id,
+            &g,
+            &[SectorRange {
+                offset: 0,
+                count: 32 * MIB,
+            }],
+        )
+        .map_err(e)?;
+    snap.add(&t.0)?;
+    snap.take()?;
+    let image = t.image()?;
+    // Three writes that may wait, to chunks 1, 2 and 3: three copies of
+    // 256 KiB to a disk that takes 64 KiB/s (the first passes at once).
+    let writers: Vec<_> = (1..=3u64)
+        .map(|i| {
+            let c = c.clone();
+            std::thread::spawn(move || write_pattern(&c, i * CHUNK, 8, 102))
+        })
+        .collect();
+    // Until more than one copy is queued.
+    std::thread::sleep(Duration::from_millis(1500));
+    let f = dev::open_direct(&c, true)?;
+    let mut buf = AlignedBuf::new(4096, 0);
+    pattern(buf.as_mut_slice(), 10 * CHUNK, 103);
+    let addr = buf.as_mut_slice().as_mut_ptr() as usize;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fd = f.as_raw_fd();
+    let at = Instant::now();
+    std::thread::spawn(move || {
+        let iov = nix::libc::iovec {
+            iov_base: addr as *mut nix::libc::c_void,
+            iov_len: 4096,
+        };
+        // SAFETY: `iov` points into `buf`, which outlives the call (the
+        // test waits for this thread's answer, or fails and leaks it), and
+        // `fd` stays open as long.
+        let r = unsafe {
+            nix::libc::pwritev2(
+                fd,
+                &iov,
+                1,
+                (10 * CHUNK * SECTOR) as nix::libc::off_t,
+                nix::libc::RWF_NOWAIT,
+            )
+        };
+        let errno = Errno::last();
+        let _ = tx.send((r, errno, at.elapsed()));
+    });
+    let (r, errno, took) = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(x) => x,
+        Err(_) => {
+            std::mem::forget(buf);
+            std::mem::forget(f);
+            fail!("the RWF_NOWAIT write did not return within 60 s");
+        }
+    };
+    println!(
+        "    RWF_NOWAIT write behind the copy backlog: {} after {} ms",
+        if r < 0 {
+            format!("{errno:?}")
+        } else {
+            format!("{r} bytes")
+        },
+        took.as_millis()
+    );
+    if took > Duration::from_millis(1000) {
+        fail!(
+            "a RWF_NOWAIT write waited {} ms for the copies (returned {r}, {errno:?})",
+            took.as_millis()
+        );
+    }
+    let nowait_landed = match (r, errno) {
+        (4096, _) => true,
+        (-1, Errno::EAGAIN) => false,
+        _ => fail!("RWF_NOWAIT write: {r} ({errno:?}), want EAGAIN or 4096"),
+    };
+    for w in writers {
+        w.join().map_err(|_| "writer panicked".to_string())??;
+    }
+    check_eq!(
+        t.0.snapshot_info().map_err(e)?.error_code,
+        0,
+        "snapshot error"
+    );
+    check_device(&image, |_| 101)?;
+    check_device(&c, |s| {
+        let chunk = s / CHUNK;
+        if (1..=3).contains(&chunk) && s % CHUNK < 8 {
+            102
+        } else if chunk == 10 && s % CHUNK < 8 && nowait_landed {
+            103
+        } else {
+            101
+        }
+    })?;
+    drop(buf);
+    snap.destroy()
+}
 
 /// The memory store's limit is bounded by half of the RAM.
 fn memory_limit() -> TestResult {

@@ -12,7 +12,7 @@
 //!
 //! The run is seeded: `BLKSNAP_FUZZ_SEED` replays a run (each thread's
 //! sequence of calls follows from the seed and the thread's number),
-//! `BLKSNAP_FUZZ_CALLS` sets the number of calls (50,000 with a fixed seed
+//! `BLKSNAP_FUZZ_CALLS` sets the number of calls (100,000 with a fixed seed
 //! in `make test`; 1,000,000 with a fresh seed in `make soak`) and `BLKSNAP_FUZZ_THREADS` the number of fuzzing threads.
 //! A failure names the call and its arguments, so that it can be replayed
 //! alone.
@@ -1438,9 +1438,9 @@ extern "C" fn on_signal(_: libc::c_int) {}
 fn fuzz_ioctls() -> TestResult {
     let soak = dev::soak();
     let seed = dev::seed("BLKSNAP_FUZZ_SEED", 0xb1c5_f022);
-    // make test: about 80 s of guest time (600-650 calls/s on two TCG
-    // vCPUs); make soak: about half an hour.
-    let total = dev::env_u64("BLKSNAP_FUZZ_CALLS", if soak { 1_000_000 } else { 50_000 });
+    // make test: about 110 s of guest time (900-950 calls/s on two TCG
+    // vCPUs); make soak: about 20 minutes.
+    let total = dev::env_u64("BLKSNAP_FUZZ_CALLS", if soak { 1_000_000 } else { 100_000 });
     let threads = dev::env_u64("BLKSNAP_FUZZ_THREADS", 4).clamp(1, 16) as usize;
     // A run that does not finish in this time is a failure (a hang, or a
     // kernel far slower than it should be).

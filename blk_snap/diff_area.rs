@@ -36,14 +36,14 @@ use crate::{
     chunk::ChunkGeometry,
     diff_storage::{DiffStorage, NoRoom},
     event_queue::EventQueue,
-    io,
+    io, params,
     tracker::Tracker,
     uapi,
 };
 use core::ops::Range;
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use kernel::{
-    alloc::{flags::GFP_NOIO, KVec},
+    alloc::{flags::GFP_KERNEL, flags::GFP_NOIO, KBox, KVec},
     block::{
         bdev::BlockDevice,
         bio::{BioList, InFlightBio},
@@ -56,8 +56,9 @@ use kernel::{
     rbtree::{RBTree, RBTreeNodeReservation},
     sync::{Arc, CondVar, SpinLock},
     task::NoIoScope,
+    time::msecs_to_jiffies,
     types::ARef,
-    workqueue::OwnedQueue,
+    workqueue::{new_work, OwnedQueue, Queue, Work, WorkItem},
 };
 
 /// Where a chunk's snapshot content is.
@@ -113,6 +114,8 @@ struct State {
     next_held: u64,
     /// Chunk copies queued or running.
     copies: u32,
+    /// Chunk copies finished: the progress [`DiffArea::watch`] looks for.
+    finished: u64,
     /// Image writes parked on chunks.
     parked: u32,
     /// Set when the snapshot goes away: nothing is held any more.
@@ -155,6 +158,31 @@ pub(crate) struct DiffArea {
     /// the end of the snapshot waiting for the last copy.
     #[pin]
     room: CondVar,
+    /// Signalled when copy-on-write stops, for [`DiffArea::watch`].
+    #[pin]
+    stop: CondVar,
+}
+
+/// The work item of [`DiffArea::watch`]: its own lockdep class, since it
+/// may drop the last reference of an area, and with it the area's copy
+/// queue, whose items are closures of `Queue::try_spawn`.
+#[pin_data]
+struct Watch {
+    area: Arc<DiffArea>,
+    #[pin]
+    work: Work<Watch>,
+}
+
+kernel::impl_has_work! {
+    impl HasWork<Self> for Watch { self.work }
+}
+
+impl WorkItem for Watch {
+    type Pointer = Pin<KBox<Watch>>;
+
+    fn run(this: Pin<KBox<Watch>>) {
+        this.area.watch();
+    }
 }
 
 /// Where to read a piece of the image from.
@@ -191,11 +219,13 @@ impl DiffArea {
                     held: RBTree::new(),
                     next_held: 0,
                     copies: 0,
+                    finished: 0,
                     parked: 0,
                     shut_down: false,
                     copy_wq: Some(copy_wq),
                 }, "DiffArea::state"),
                 room <- new_condvar!("DiffArea::room"),
+                stop <- new_condvar!("DiffArea::stop"),
             }),
             GFP_NOIO,
         )
@@ -428,6 +458,7 @@ impl DiffArea {
             }
             state.take_parked(c, &mut parked);
             state.copies = state.copies.saturating_sub(1);
+            state.finished += 1;
         }
         self.room.notify_all();
         self.release_writable();
@@ -487,6 +518,7 @@ impl DiffArea {
             core::mem::take(&mut state.held)
         };
         self.room.notify_all();
+        self.stop.notify_all();
         while let Some(key) = held.iter().next().map(|(k, _)| *k) {
             if let Some(w) = held.remove(&key) {
                 w.bio.submit();
@@ -494,6 +526,59 @@ impl DiffArea {
         }
         while let Some(bio) = failed.pop() {
             bio.end(Err(EIO));
+        }
+    }
+
+    /// Starts [`Self::watch`] on `queue`, for as long as copy-on-write is
+    /// on. Called once the area is switched in; ends with
+    /// [`Self::shut_down`].
+    pub(crate) fn start_watch(self: &Arc<Self>, queue: &Queue) -> Result {
+        let w = KBox::pin_init(
+            pin_init!(Watch {
+                area: self.clone(),
+                work <- new_work!("DiffArea::watch"),
+            }),
+            GFP_KERNEL,
+        )?;
+        // A fresh box is never queued already: this always queues.
+        queue.enqueue(w);
+        Ok(())
+    }
+
+    /// Watches the copies until copy-on-write stops. When writes wait and
+    /// no copy finished for `cow_stall_timeout` seconds, the storage is
+    /// stuck: typically a file system that needs memory that only those
+    /// writes would free, when memory reclaim writes to this device (swap
+    /// on it). The origin comes first: the snapshot of the device is marked
+    /// corrupted (`ETIMEDOUT`, with its event) and the held writes go on.
+    fn watch(&self) {
+        let tick = msecs_to_jiffies(1000);
+        let (mut seen, mut stalled) = (0u64, 0u32);
+        let mut state = self.state.lock();
+        while !state.shut_down {
+            let _ = self.stop.wait_interruptible_timeout(&mut state, tick);
+            let limit = params::cow_stall_timeout.get();
+            let waiting = state.held.iter().next().is_some();
+            if state.shut_down || limit == 0 || !waiting || state.finished != seen {
+                seen = state.finished;
+                stalled = 0;
+                continue;
+            }
+            stalled += 1;
+            if stalled >= limit {
+                let (copies, waiting) = (state.copies, state.held.iter().count());
+                drop(state);
+                pr_err!(
+                    "{}: no chunk copy of {} finished for {} s while {} writes wait for them: the storage is stuck, the snapshot gives way to the device\n",
+                    self.orig.name(),
+                    copies,
+                    stalled,
+                    waiting
+                );
+                self.set_error(ETIMEDOUT);
+                self.shut_down();
+                return;
+            }
         }
     }
 

@@ -65,6 +65,13 @@ kernel::module_param_u32!(
 );
 kernel::module_param_u32!(
     "blksnap",
+    cow_stall_timeout,
+    10,
+    0o644,
+    "Seconds without a finished chunk copy while writes wait, after which a snapshot gives way to its origin (0: never)"
+);
+kernel::module_param_u32!(
+    "blksnap",
     diff_storage_minimum,
     2097152,
     0o644,

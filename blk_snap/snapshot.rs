@@ -57,6 +57,8 @@ pub(crate) struct Globals {
     slots: Arc<ImageSlots>,
     /// Image reads and writes of every snapshot.
     image_wq: Arc<OwnedQueue>,
+    /// The watchdogs of the difference areas ([`DiffArea::start_watch`]).
+    watch_wq: OwnedQueue,
     /// The images whose data is not freed yet.
     disks: Pin<KBox<DiskCount>>,
     module: &'static ThisModule,
@@ -115,12 +117,20 @@ pub(crate) fn init_globals(module: &'static ThisModule) -> Result<Arc<Globals>> 
         )?,
         GFP_KERNEL,
     )?;
+    // A watchdog must run when memory is short: that is when a store
+    // gets stuck.
+    let watch_wq = OwnedQueue::new(
+        kernel::c_str!("blksnap-watch"),
+        wq_flags::UNBOUND | wq_flags::MEM_RECLAIM,
+        0,
+    )?;
     let g = Arc::pin_init(
         try_pin_init!(Globals {
             snapshots <- new_mutex!(KVec::new(), "Globals::snapshots"),
             topology <- new_mutex!((), "Globals::topology"),
             slots: ImageSlots::new()?,
             image_wq,
+            watch_wq,
             disks: KBox::pin_init(DiskCount::new(), GFP_KERNEL)?,
             module,
         }),
@@ -146,6 +156,8 @@ pub(crate) fn exit_globals(g: Arc<Globals>) {
     // difference area (or any queue) any more, and dropping `g` destroys
     // the image queue here, not in one of its own work items.
     g.disks.wait_empty();
+    // The watchdogs ended with the destroys.
+    g.watch_wq.flush();
     g.image_wq.flush();
     drop(g);
 }
@@ -568,6 +580,15 @@ impl Snapshot {
             );
             self.abandon(&mut inner);
             return Err(e);
+        }
+        for a in areas.iter() {
+            if let Err(e) = a.start_watch(&glob.watch_wq) {
+                pr_warn!(
+                    "snapshot {}: no watchdog for a device ({:?}): a stuck storage holds its writes\n",
+                    self.id,
+                    e
+                );
+            }
         }
         pr_info!(
             "snapshot {} taken: {} devices frozen for {} ms, writes held for {} ms ({} ms waiting for writes in flight)\n",

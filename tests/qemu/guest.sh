@@ -40,7 +40,7 @@ test)
 soak)
 	export BLKSNAP_SOAK=1
 	if [ $# = 0 ]; then
-		set -- fuzz_ioctls stress_ faults_
+		set -- fuzz_ioctls stress_ faults_ pressure_
 	fi
 	blksnap-guest-tests "$@"
 	rc=$?

@@ -43,7 +43,7 @@ fi
 rm -rf "$RESULTS"
 mkdir -p "$RESULTS"
 # Settings for the guest tests: guest.sh reads them from this file.
-export -p | grep -E '^declare -x BLKSNAP_(FUZZ|STRESS|FAULTS)_[A-Z]+=' >"$RESULTS/guest-env" || true
+export -p | grep -E '^declare -x BLKSNAP_(FUZZ|STRESS|FAULTS|PRESSURE)_[A-Z]+=' >"$RESULTS/guest-env" || true
 truncate -s 256M "$RESULTS/disk-a.img"
 truncate -s 256M "$RESULTS/disk-b.img"
 truncate -s 64M "$RESULTS/disk-c.img"

@@ -46,6 +46,7 @@ pub const ALL: &[Test] = &[
         "conc_nowait_write_behind_a_copy_backlog_fails_with_eagain",
         nowait_backlog,
     ),
+    ("conc_stuck_store_gives_way_to_the_origin", stuck_store),
 ];
 
 /// Sectors in a MiB.
@@ -474,6 +475,97 @@ fn check_fio_or_pattern(
 }
 
 // ---------------------------------------------------------------- tests
+
+/// A store that stops answering (here a device-mapper device over disk
+/// `blksnap-e`, suspended; in life a file system stuck in memory reclaim
+/// that waits for the very writes the snapshot holds, see
+/// `pressure_swap_on_a_snapshotted_disk`) must not hold the origin's writes
+/// for ever: after `cow_stall_timeout` seconds without a finished copy the
+/// snapshot gives way (ETIMEDOUT, with its event), the held write lands,
+/// and once the store answers again everything ends cleanly.
+fn stuck_store() -> TestResult {
+    let c = disk("blksnap-c")?;
+    let store = disk("blksnap-e")?;
+    let table = format!("0 {} linear {} 0", 64 * MIB, store.display());
+    dev::run("dmsetup", &["create", "blksnap-stuck", "--table", &table])?;
+    let dm = PathBuf::from("/dev/mapper/blksnap-stuck");
+    /// Resumes the device when dropped: before the snapshot (declared
+    /// earlier) is destroyed, which waits for its copies.
+    struct Resume;
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = dev::run("dmsetup", &["resume", "blksnap-stuck"]);
+        }
+    }
+    let r = (|| {
+        let _stall = dev::ModuleParam::set("cow_stall_timeout", "3")?;
+        let t = Tracked::new(&c)?;
+        write_pattern(&c, 0, 64 * MIB, 111)?;
+        let ctl = Control::open().map_err(e)?;
+        let snap = Snap {
+            id: ctl.snapshot_create_devices().map_err(e)?,
+            ctl,
+        };
+        snap.ctl
+            .snapshot_append_storage(
+                &snap.id,
+                &dm,
+                &[SectorRange {
+                    offset: 0,
+                    count: 64 * MIB,
+                }],
+            )
+            .map_err(e)?;
+        snap.add(&t.0)?;
+        snap.take()?;
+        // A first chunk copied while the store answers.
+        write_pattern(&c, 0, 8, 112)?;
+        dev::run("dmsetup", &["suspend", "blksnap-stuck"])?;
+        let resume = Resume;
+        let at = Instant::now();
+        let landed = bounded("a write whose copy is stuck", 60, {
+            let c = c.clone();
+            move || write_pattern(&c, 8 * MIB, 8, 113).map(|_| Instant::now())
+        })?? - at;
+        println!(
+            "    the write whose copy was stuck landed after {} ms",
+            landed.as_millis()
+        );
+        let info = t.0.snapshot_info().map_err(e)?;
+        check_eq!(
+            info.error_code,
+            -(Errno::ETIMEDOUT as i32),
+            "snapshot error after the stall"
+        );
+        let (major, minor) = dev::major_minor(&c)?;
+        let want = blksnap::Event::Corrupted {
+            major,
+            minor,
+            errno: Errno::ETIMEDOUT as i32,
+        };
+        let mut evs = Vec::new();
+        while let Ok(Some(ev)) = snap.ctl.snapshot_wait_event(&snap.id, 0) {
+            evs.push(ev);
+        }
+        if !evs.contains(&want) {
+            fail!("no corrupted event with ETIMEDOUT: {evs:?}");
+        }
+        drop(resume);
+        // The origin has every write; later writes pass at once.
+        write_pattern(&c, 16 * MIB, 8, 114)?;
+        check_device(&c, |s| match s {
+            0..8 => 112,
+            _ if (8 * MIB..8 * MIB + 8).contains(&s) => 113,
+            _ if (16 * MIB..16 * MIB + 8).contains(&s) => 114,
+            _ => 111,
+        })?;
+        bounded("destroy after the stall", 60, move || snap.destroy())??;
+        Ok(())
+    })();
+    let removed = dev::run("dmsetup", &["remove", "blksnap-stuck"]);
+    r?;
+    removed.map(|_| ())
+}
 
 /// A REQ_NOWAIT write never waits (defect 2): while the copies of a
 /// snapshot lag behind (its store on the write-throttled disk `blksnap-g`,

@@ -15,6 +15,7 @@ mod dev;
 mod faults;
 mod fuzz;
 mod odd;
+mod pressure;
 mod removal;
 mod snap;
 mod store;
@@ -230,6 +231,7 @@ fn main() {
         .chain(compat::ALL)
         .chain(removal::ALL)
         .chain(conc::ALL)
+        .chain(pressure::ALL)
         .chain(stress::ALL)
         .chain(faults::ALL)
         .chain(fuzz::ALL)

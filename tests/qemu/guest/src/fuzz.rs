@@ -1383,7 +1383,11 @@ fn verifier(sh: Arc<Shared>, p: PathBuf, dir: PathBuf, counts: Arc<Counts>) {
                 }
                 let got = compare(&image, &at_take);
                 let after = t.snapshot_info().map_err(e)?;
-                let intact = after.error_code == 0 && after.image == info.image;
+                // A destroy takes the id out of COLLECT first, then removes
+                // the image, then lets go of the device: in between, the
+                // device still names the image that is gone.
+                let exists = ctl.snapshot_collect().map_err(e)?.contains(&id);
+                let intact = after.error_code == 0 && after.image == info.image && exists;
                 match got {
                     Ok(bad) if bad.is_empty() => {
                         counts.verified.fetch_add(1, Ordering::Relaxed);

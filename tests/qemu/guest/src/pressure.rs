@@ -13,6 +13,7 @@ use crate::{fail, TestResult};
 use blksnap::Event;
 use nix::errno::Errno;
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -91,7 +92,15 @@ fn available_kib() -> Result<u64, String> {
 }
 
 /// Waits for a child until `deadline`; kills it and fails after that.
-fn wait_until(child: &mut Child, what: &str, deadline: Instant) -> Result<String, String> {
+/// `oom_ok`: the child may end killed by SIGKILL, the OOM killer's signal
+/// (the hog offers itself as its first victim once memory and swap are
+/// full).
+fn wait_until(
+    child: &mut Child,
+    what: &str,
+    deadline: Instant,
+    oom_ok: bool,
+) -> Result<String, String> {
     loop {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
             let mut out = String::new();
@@ -101,6 +110,9 @@ fn wait_until(child: &mut Child, what: &str, deadline: Instant) -> Result<String
             }
             if let Some(mut o) = child.stderr.take() {
                 let _ = o.read_to_string(&mut out);
+            }
+            if oom_ok && status.signal() == Some(nix::libc::SIGKILL) {
+                return Ok("killed by the OOM killer once memory and swap were full".into());
             }
             if !status.success() {
                 fail!("{what} failed ({status}): {}", out.trim());
@@ -239,8 +251,8 @@ fn swap_pressure() -> TestResult {
             .spawn()
             .map_err(|e| format!("fio: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(secs + 180);
-        let fio_out = wait_until(&mut fio, "fio with verification", deadline);
-        let hogs_out = wait_until(&mut hogs, "the memory hog", deadline);
+        let fio_out = wait_until(&mut fio, "fio with verification", deadline, false);
+        let hogs_out = wait_until(&mut hogs, "the memory hog", deadline, true);
         std::fs::write("/proc/self/oom_score_adj", "0").map_err(|e| e.to_string())?;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let used = sampler.join().unwrap_or(0);

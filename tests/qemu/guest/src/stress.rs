@@ -530,20 +530,20 @@ fn one_snapshot(
     };
     let mut appended = 0u64;
     if let Store::Ranges = kind {
-        // 24 MiB to start with: low_free_space comes with 8 MiB left, once
-        // the hold loop below listens (the take's bookkeeping before it
-        // takes a while, and writers copy a 256 KiB chunk per 4 KiB
-        // write); 16 MiB more each time it runs low.
+        // 48 MiB to start with: as much as three devices' writes can need
+        // (16 MiB regions), since writers copy a 256 KiB chunk per 4 KiB
+        // write, faster than an agent answers an event; low_free_space
+        // still comes with 8 MiB left, and 16 MiB more are appended then.
         ctl.snapshot_append_storage(
             &id,
             store_disk,
             &[SectorRange {
                 offset: 0,
-                count: 24 * MIB_SECTORS,
+                count: 48 * MIB_SECTORS,
             }],
         )
         .map_err(e)?;
-        appended = 24 * MIB_SECTORS;
+        appended = 48 * MIB_SECTORS;
         st.stats.appends.fetch_add(1, Ordering::Relaxed);
     }
     for &d in devs {
@@ -651,7 +651,7 @@ fn hold_and_check(
     while Instant::now() < hold && !st.stop.load(Ordering::Relaxed) {
         match ctl.snapshot_wait_event(&id, 200) {
             Ok(Some(Event::LowFreeSpace { .. }))
-                if matches!(kind, Store::Ranges) && appended < 72 * MIB_SECTORS =>
+                if matches!(kind, Store::Ranges) && appended < 96 * MIB_SECTORS =>
             {
                 ctl.snapshot_append_storage(
                     &id,

@@ -1341,13 +1341,30 @@ fn verifier(sh: Arc<Shared>, p: PathBuf, dir: PathBuf, counts: Arc<Counts>) {
                     .entry(what.to_string())
                     .or_default() += 1;
             };
-            match t.snapshot_add(&id) {
+            // EBUSY: the device is still in the previous snapshot, which a
+            // fuzzing thread is destroying (its id left COLLECT, so our own
+            // destroy got ESRCH, but the teardown has not let go of the
+            // device yet). It must let go within seconds.
+            let mut add = t.snapshot_add(&id);
+            for _ in 0..100 {
+                match &add {
+                    Err(err) if err.errno == EBUSY => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        add = t.snapshot_add(&id);
+                    }
+                    _ => break,
+                }
+            }
+            match add {
                 Ok(()) => {}
                 Err(err) if err.errno == ESRCH => {
                     disturbed("destroyed before the add");
                     continue;
                 }
-                Err(err) => fail!("verifier round {round}: {err}"),
+                Err(err) => {
+                    let _ = ctl.snapshot_destroy(&id);
+                    fail!("verifier round {round}: {err}")
+                }
             }
             match ctl.snapshot_take(&id) {
                 Ok(()) => {}

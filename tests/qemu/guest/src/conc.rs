@@ -501,21 +501,7 @@ fn stuck_store() -> TestResult {
         let _stall = dev::ModuleParam::set("cow_stall_timeout", "3")?;
         let t = Tracked::new(&c)?;
         write_pattern(&c, 0, 64 * MIB, 111)?;
-        let ctl = Control::open().map_err(e)?;
-        let snap = Snap {
-            id: ctl.snapshot_create_devices().map_err(e)?,
-            ctl,
-        };
-        snap.ctl
-            .snapshot_append_storage(
-                &snap.id,
-                &dm,
-                &[SectorRange {
-                    offset: 0,
-                    count: 64 * MIB,
-                }],
-            )
-            .map_err(e)?;
+        let snap = Snap::devices(&dm, &[(0, 64 * MIB)])?;
         snap.add(&t.0)?;
         snap.take()?;
         // A first chunk copied while the store answers.
@@ -580,21 +566,7 @@ fn nowait_backlog() -> TestResult {
     let t = Tracked::new(&c)?;
     write_pattern(&c, 0, 64 * MIB, 101)?;
     let _queue = dev::ModuleParam::set("chunk_maximum_in_queue", "1")?;
-    let ctl = Control::open().map_err(e)?;
-    let snap = Snap {
-        id: ctl.snapshot_create_devices().map_err(e)?,
-        ctl,
-    };
-    snap.ctl
-        .snapshot_append_storage(
-            &snap.id,
-            &g,
-            &[SectorRange {
-                offset: 0,
-                count: 32 * MIB,
-            }],
-        )
-        .map_err(e)?;
+    let snap = Snap::devices(&g, &[(0, 32 * MIB)])?;
     snap.add(&t.0)?;
     snap.take()?;
     let image = t.image()?;

@@ -145,6 +145,22 @@ impl Snap {
         Ok(Self { id, ctl })
     }
 
+    /// A snapshot whose storage is `ranges` (offset, count in sectors) of
+    /// the block device `store`.
+    pub(crate) fn devices(store: &Path, ranges: &[(u64, u64)]) -> Result<Self, String> {
+        let ctl = Control::open().map_err(e)?;
+        let id = ctl.snapshot_create_devices().map_err(e)?;
+        let snap = Self { id, ctl };
+        let ranges: Vec<blksnap::SectorRange> = ranges
+            .iter()
+            .map(|&(offset, count)| blksnap::SectorRange { offset, count })
+            .collect();
+        snap.ctl
+            .snapshot_append_storage(&snap.id, store, &ranges)
+            .map_err(e)?;
+        Ok(snap)
+    }
+
     pub(crate) fn memory(limit_sectors: u64) -> Result<Self, String> {
         let ctl = Control::open().map_err(e)?;
         let id = ctl.snapshot_create_memory(limit_sectors).map_err(e)?;

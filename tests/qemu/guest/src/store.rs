@@ -64,17 +64,7 @@ fn memory_pattern() -> TestResult {
 
 /// A snapshot whose storage is the given ranges of disk d.
 fn devices_snap(ranges: &[(u64, u64)]) -> Result<Snap, String> {
-    let ctl = Control::open().map_err(e)?;
-    let id = ctl.snapshot_create_devices().map_err(e)?;
-    let snap = Snap { id, ctl };
-    let ranges: Vec<SectorRange> = ranges
-        .iter()
-        .map(|&(offset, count)| SectorRange { offset, count })
-        .collect();
-    snap.ctl
-        .snapshot_append_storage(&snap.id, &disk("blksnap-d")?, &ranges)
-        .map_err(e)?;
-    Ok(snap)
+    Snap::devices(&disk("blksnap-d")?, ranges)
 }
 
 fn devices_pattern() -> TestResult {

@@ -38,9 +38,17 @@ test: all
 soak: all
 	tests/qemu/run.sh soak
 
-# A benchmark, not a test: throughput ratios to the raw device, one VM run.
-bench: all
-	tests/qemu/run.sh bench
+# A benchmark, not a test: ratios to the raw device and to dm-snapshot, from
+# one VM run on the bench kernel (no debug options), with the module built
+# against that kernel in target/bench-module.
+BENCH_MOD := $(REPO)/target/bench-module
+bench: tools
+	@scripts/kernel.sh bench >/dev/null
+	@rm -rf $(BENCH_MOD) && mkdir -p $(BENCH_MOD)/blk_snap/logic
+	@cp Kbuild $(BENCH_MOD)/ && cp blk_snap/Kbuild blk_snap/*.rs $(BENCH_MOD)/blk_snap/ && \
+		cp blk_snap/logic/*.rs $(BENCH_MOD)/blk_snap/logic/
+	$(MAKE) -C $$(cat $(BLKSNAP_CACHE)/kbuild-output-bench) LLVM=1 M=$(BENCH_MOD) modules
+	BLKSNAP_FLAVOUR=bench tests/qemu/run.sh bench
 
 deps:
 	@scripts/deps.sh

@@ -1,9 +1,14 @@
 #!/bin/bash
 # SPDX-License-Identifier: GPL-2.0
 #
-# Builds the test kernel: the Debian linux-source-6.12 tree with the
-# blk_filter/ patch series applied, configured from tinyconfig plus
-# tests/qemu/kernel.config.
+# Builds a kernel: the Debian linux-source-6.12 tree with the blk_filter/
+# patch series applied, configured from tinyconfig plus
+# tests/qemu/kernel.config and the flavour's fragment:
+#
+#   kernel.sh          the debug test kernel (tests/qemu/kernel-debug.config)
+#   kernel.sh bench    the benchmark's kernel (tests/qemu/kernel-bench.config)
+#
+# The two share the patched source tree and build in directories of their own.
 #
 # Everything lives outside the repository, in $BLKSNAP_CACHE (default
 # ~/.cache/blk-snap). The build is keyed by a hash of the patches, the config
@@ -12,37 +17,49 @@
 # only rebuilds what the changed files affect.
 #
 # Prints the build directory (KBUILD_OUTPUT) on the last line and stores it
-# in $BLKSNAP_CACHE/kbuild-output.
+# in $BLKSNAP_CACHE/kbuild-output (bench: kbuild-output-bench).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+FLAVOUR=${1:-debug}
+case $FLAVOUR in
+debug) SUFFIX= ;;
+bench) SUFFIX=-bench ;;
+*)
+	echo "usage: kernel.sh [debug|bench]" >&2
+	exit 2
+	;;
+esac
 CACHE=${BLKSNAP_CACHE:-$HOME/.cache/blk-snap}
 export PATH="/usr/lib/llvm-19/bin:$HOME/.cargo/bin:$PATH"
 TARBALL=/usr/src/linux-source-6.12.tar.xz
 DEBVER=$(dpkg-query -W -f='${Version}' linux-source-6.12)
 SRC=$CACHE/linux-$DEBVER
-OUT=$CACHE/build-$DEBVER
-FRAGMENT=$REPO/tests/qemu/kernel.config
+OUT=$CACHE/build$SUFFIX-$DEBVER
+FRAGMENTS=("$REPO/tests/qemu/kernel.config" "$REPO/tests/qemu/kernel-$FLAVOUR.config")
 SERIES=$REPO/blk_filter/series
 JOBS=${JOBS:-$(nproc)}
 
 mkdir -p "$CACHE"
+# One build at a time: the flavours share the patched source tree.
+exec 9>"$CACHE/.lock"
+flock 9
 mapfile -t PATCHES < <(grep -v '^#' "$SERIES" | grep -v '^$' | sed "s|^|$REPO/blk_filter/|")
 
 key=$( {
 	echo "$DEBVER"
-	cat "$FRAGMENT" "${PATCHES[@]}" "$0"
+	cat "${FRAGMENTS[@]}" "${PATCHES[@]}" "$0"
 	rustc --version; clang --version | head -1; bindgen --version
 } | sha256sum | cut -d' ' -f1)
 
 finish() {
-	echo "$OUT" >"$CACHE/kbuild-output"
+	echo "$OUT" >"$CACHE/kbuild-output$SUFFIX"
 	echo "$OUT"
 }
 
 if [ -f "$OUT/.blksnap-key" ] && [ "$(cat "$OUT/.blksnap-key")" = "$key" ] &&
 	[ -f "$OUT/arch/x86/boot/bzImage" ]; then
-	echo "kernel: up to date (key ${key:0:12}) in $OUT" >&2
+	echo "kernel: $FLAVOUR up to date (key ${key:0:12}) in $OUT" >&2
 	finish
 	exit 0
 fi
@@ -111,7 +128,7 @@ cmp "$SRC/include/uapi/linux/blk-filter.h" "$REPO/include/uapi/linux/blk-filter.
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp" "$stage"' EXIT
 make -s -C "$SRC" O="$tmp" LLVM=1 tinyconfig >/dev/null
-"$SRC/scripts/kconfig/merge_config.sh" -m -O "$tmp" "$tmp/.config" "$FRAGMENT" >/dev/null
+"$SRC/scripts/kconfig/merge_config.sh" -m -O "$tmp" "$tmp/.config" "${FRAGMENTS[@]}" >/dev/null
 make -s -C "$SRC" O="$tmp" LLVM=1 olddefconfig >/dev/null
 bad=0
 while IFS= read -r line; do
@@ -126,12 +143,12 @@ while IFS= read -r line; do
 		echo "kernel: config wants $line, got $(grep "^$opt=" "$tmp/.config" || echo unset)" >&2
 		bad=1
 	fi
-done <"$FRAGMENT"
+done < <(cat "${FRAGMENTS[@]}")
 [ $bad = 0 ] || exit 1
 mkdir -p "$OUT"
 cmp -s "$tmp/.config" "$OUT/.config" || cp "$tmp/.config" "$OUT/.config"
 
-echo "kernel: building in $OUT with $JOBS jobs" >&2
+echo "kernel: building the $FLAVOUR kernel in $OUT with $JOBS jobs" >&2
 start=$(date +%s)
 make -s -C "$SRC" O="$OUT" LLVM=1 -j"$JOBS" olddefconfig >/dev/null
 if ! make -C "$SRC" O="$OUT" LLVM=1 -j"$JOBS" bzImage modules >"$OUT/build.log" 2>&1; then

@@ -10,11 +10,12 @@
 set -u
 MODE=$1 RESULTS=$2 REPO=$3
 shift 3
-KO=$REPO/blk_snap/blksnap.ko
-BIN=$REPO/target/release
-export PATH=$BIN:$PATH BLKSNAP_KO=$KO BLKSNAP_RESULTS=$RESULTS
-# BLKSNAP_FUZZ_* and friends from the host (see run.sh).
+BLKSNAP_KO=$REPO/blk_snap/blksnap.ko
+# BLKSNAP_FUZZ_* and friends from the host (see run.sh), and BLKSNAP_KO.
 [ -f "$RESULTS/guest-env" ] && . "$RESULTS/guest-env"
+KO=$BLKSNAP_KO
+BIN=$REPO/target/release
+export PATH=$BIN:$PATH BLKSNAP_KO BLKSNAP_RESULTS=$RESULTS
 
 echo "guest: $(uname -r), $(nproc) CPUs"
 mount -t debugfs none /sys/kernel/debug 2>/dev/null

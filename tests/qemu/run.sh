@@ -32,7 +32,15 @@ MODE=${1:?usage: run.sh test|soak|demo|bench [filters...]}
 shift
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${BLKSNAP_CACHE:-$HOME/.cache/blk-snap}
-KOUT=${KBUILD_OUTPUT:-$(cat "$CACHE/kbuild-output")}
+# BLKSNAP_FLAVOUR=bench (make bench): the bench kernel and the module built
+# against it in target/bench-module.
+if [ "${BLKSNAP_FLAVOUR:-debug}" = bench ]; then
+	KOUT=${KBUILD_OUTPUT:-$(cat "$CACHE/kbuild-output-bench")}
+	export BLKSNAP_KO=${BLKSNAP_KO:-$REPO/target/bench-module/blk_snap/blksnap.ko}
+else
+	KOUT=${KBUILD_OUTPUT:-$(cat "$CACHE/kbuild-output")}
+	export BLKSNAP_KO=$REPO/blk_snap/blksnap.ko
+fi
 RESULTS=${RESULTS:-$REPO/results/$MODE}
 if [ "$MODE" = soak ]; then
 	TIMEOUT=${QEMU_TIMEOUT:-7200}
@@ -43,7 +51,7 @@ fi
 rm -rf "$RESULTS"
 mkdir -p "$RESULTS"
 # Settings for the guest tests: guest.sh reads them from this file.
-export -p | grep -E '^declare -x BLKSNAP_(FUZZ|STRESS|FAULTS|PRESSURE)_[A-Z]+=' >"$RESULTS/guest-env" || true
+export -p | grep -E '^declare -x BLKSNAP_((FUZZ|STRESS|FAULTS|PRESSURE|BENCH)_[A-Z]+|KO)=' >"$RESULTS/guest-env" || true
 truncate -s 256M "$RESULTS/disk-a.img"
 truncate -s 256M "$RESULTS/disk-b.img"
 truncate -s 64M "$RESULTS/disk-c.img"

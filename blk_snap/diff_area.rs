@@ -6,8 +6,15 @@
 //! The device is cut into chunks ([`crate::chunk`]). The first write to a
 //! chunk after the snapshot was taken is held until the chunk's original
 //! content has been read from the device and stored in the difference
-//! storage; later writes to stored chunks pass at once. Chunk state is kept
-//! sparsely, in a tree of the chunks that were written or are being read.
+//! storage; later writes to stored chunks pass at once. The write is held
+//! only until the old data is in memory: it is stored while the write goes
+//! on, and image reads of the chunk wait for that.
+//!
+//! Each chunk's content (still on the device, being copied, stored at an
+//! address, lost) is a `u64` of a dense array allocated at take:
+//! [`ChunkGeometry::state_bytes`], 32 MiB per TiB of device with 256 KiB
+//! chunks. The few chunks being read from the device or written through
+//! the image have an entry in a tree besides.
 //!
 //! Reading the snapshot image takes stored chunks from the storage and the
 //! others from the device itself. Such a read registers as a reader of its
@@ -33,8 +40,8 @@
 //!   I/O and for nothing the image queue runs.
 
 use crate::{
-    chunk::ChunkGeometry,
-    diff_storage::{DiffStorage, NoRoom},
+    chunk::{ChunkGeometry, Content},
+    diff_storage::{Device, DiffStorage, NoRoom},
     event_queue::EventQueue,
     io, params,
     tracker::Tracker,
@@ -43,10 +50,10 @@ use crate::{
 use core::ops::Range;
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use kernel::{
-    alloc::{flags::GFP_KERNEL, flags::GFP_NOIO, KBox, KVec},
+    alloc::{flags::GFP_KERNEL, flags::GFP_NOIO, KBox, KVVec, KVec},
     block::{
         bdev::BlockDevice,
-        bio::{BioList, InFlightBio},
+        bio::{BioList, BioSet, InFlightBio},
         filter::Admitted,
     },
     error::code::*,
@@ -58,25 +65,12 @@ use kernel::{
     task::NoIoScope,
     time::msecs_to_jiffies,
     types::ARef,
-    workqueue::{new_work, OwnedQueue, Queue, Work, WorkItem},
+    workqueue::{new_work, OwnedQueue, Queue, SpawnLater, Work, WorkItem},
 };
 
-/// Where a chunk's snapshot content is.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Content {
-    /// Still on the device: nothing wrote to the chunk yet.
-    Origin,
-    /// Being copied to the storage.
-    Copying,
-    /// In the storage, at this sector.
-    Stored(u64),
-    /// Lost: the copy failed.
-    Failed,
-}
-
-/// A chunk that was written, or is being read from the device.
-struct Chunk {
-    content: Content,
+/// A chunk being read from the device or written through the image, or
+/// with image writes parked on it.
+struct Active {
     /// Image reads of this chunk from the device in progress.
     readers: u32,
     /// An image write is changing the chunk in the storage.
@@ -86,19 +80,17 @@ struct Chunk {
     parked: BioList,
 }
 
-impl Chunk {
-    fn new(content: Content, readers: u32) -> Self {
+impl Active {
+    fn new() -> Self {
         Self {
-            content,
-            readers,
+            readers: 0,
             image_busy: false,
             parked: BioList::new(),
         }
     }
 
-    /// True if writes to the chunk may go to the device.
-    fn writable(&self) -> bool {
-        matches!(self.content, Content::Stored(_) | Content::Failed) && self.readers == 0
+    fn idle(&self) -> bool {
+        self.readers == 0 && !self.image_busy && self.parked.is_empty()
     }
 }
 
@@ -109,7 +101,10 @@ struct HeldWrite {
 }
 
 struct State {
-    chunks: RBTree<u64, Chunk>,
+    /// The content of every chunk, [`Content::pack`]ed.
+    contents: KVVec<u64>,
+    /// The chunks that are [`Active`].
+    active: RBTree<u64, Active>,
     held: RBTree<u64, HeldWrite>,
     next_held: u64,
     /// Chunk copies queued or running.
@@ -126,15 +121,76 @@ struct State {
 }
 
 impl State {
+    /// Where chunk `c`'s content is.
+    fn content(&self, c: u64) -> Content {
+        content(&self.contents, c)
+    }
+
+    /// Records where chunk `c`'s content is. An address too large to
+    /// record makes the chunk lost.
+    fn set_content(&mut self, c: u64, content: Content) {
+        let packed = content
+            .pack()
+            .unwrap_or_else(|| Content::Failed.pack().unwrap_or(3));
+        if let Some(v) = usize::try_from(c)
+            .ok()
+            .and_then(|i| self.contents.get_mut(i))
+        {
+            *v = packed;
+        }
+    }
+
+    /// True if writes to chunk `c` may go to the device.
+    fn writable(&self, c: u64) -> bool {
+        writable(&self.contents, &self.active, c)
+    }
+
+    /// The entry of chunk `c`, made from `node` if it has none. `None` if it
+    /// has none and `node` is empty.
+    fn activate(
+        &mut self,
+        c: u64,
+        node: &mut Option<RBTreeNodeReservation<u64, Active>>,
+    ) -> Option<&mut Active> {
+        if self.active.get(&c).is_none() {
+            let r = node.take()?;
+            self.active.insert(r.into_node(c, Active::new()));
+        }
+        self.active.get_mut(&c)
+    }
+
+    /// Drops chunk `c`'s entry if nothing is going on with it any more.
+    fn settle(&mut self, c: u64) {
+        if self.active.get(&c).is_some_and(Active::idle) {
+            self.active.remove(&c);
+        }
+    }
+
     /// Moves the image writes parked on chunk `c` to `into`.
     fn take_parked(&mut self, c: u64, into: &mut BioList) {
-        if let Some(ch) = self.chunks.get_mut(&c) {
-            while let Some(bio) = ch.parked.pop() {
+        if let Some(a) = self.active.get_mut(&c) {
+            while let Some(bio) = a.parked.pop() {
                 into.push(bio);
                 self.parked = self.parked.saturating_sub(1);
             }
         }
+        self.settle(c);
     }
+}
+
+/// Where chunk `c`'s content is, in `contents`. A chunk beyond the device
+/// reads as lost.
+fn content(contents: &KVVec<u64>, c: u64) -> Content {
+    usize::try_from(c)
+        .ok()
+        .and_then(|i| contents.get(i))
+        .map_or(Content::Failed, |v| Content::unpack(*v))
+}
+
+/// True if writes to chunk `c` may go to the device: its old data is safe
+/// and nobody reads it from the device.
+fn writable(contents: &KVVec<u64>, active: &RBTree<u64, Active>, c: u64) -> bool {
+    content(contents, c).lets_writes_pass() && active.get(&c).map_or(true, |a| a.readers == 0)
 }
 
 /// Copy-on-write state of one device of a snapshot.
@@ -147,6 +203,8 @@ pub(crate) struct DiffArea {
     events: Arc<EventQueue>,
     /// Image reads and writes.
     image_wq: Arc<OwnedQueue>,
+    /// Clones of image reads sent to the device or a storage device.
+    bios: Arc<BioSet>,
     max_copies: u32,
     /// 0, or the negative errno that made the snapshot of this device unusable.
     error: AtomicI32,
@@ -189,6 +247,8 @@ impl WorkItem for Watch {
 enum Source {
     Origin,
     Store(u64),
+    /// Being stored from memory: read it once it is.
+    Wait,
 }
 
 impl DiffArea {
@@ -201,8 +261,12 @@ impl DiffArea {
         events: Arc<EventQueue>,
         copy_wq: Arc<OwnedQueue>,
         image_wq: Arc<OwnedQueue>,
+        bios: Arc<BioSet>,
         max_copies: u32,
     ) -> Result<Arc<Self>> {
+        // The state of every chunk, known at take: [`ChunkGeometry::state_bytes`].
+        let count = usize::try_from(geometry.count).map_err(|_| ENOMEM)?;
+        let contents = KVVec::from_elem(0u64, count, GFP_KERNEL)?;
         Arc::pin_init(
             try_pin_init!(Self {
                 geometry,
@@ -211,11 +275,13 @@ impl DiffArea {
                 store,
                 events,
                 image_wq,
+                bios,
                 max_copies: max_copies.max(1),
                 error: AtomicI32::new(0),
                 stored: AtomicU32::new(0),
                 state <- new_spinlock!(State {
-                    chunks: RBTree::new(),
+                    contents,
+                    active: RBTree::new(),
                     held: RBTree::new(),
                     next_held: 0,
                     copies: 0,
@@ -282,40 +348,19 @@ impl DiffArea {
         // Fast path: every chunk already writable.
         {
             let state = self.state.lock();
-            if state.shut_down
-                || chunks
-                    .clone()
-                    .all(|c| state.chunks.get(&c).is_some_and(Chunk::writable))
-            {
+            if state.shut_down || chunks.clone().all(|c| state.writable(c)) {
                 return Some(bio);
             }
         }
-        // Reserve tree nodes outside the lock: one per chunk, one for the bio.
-        let mut nodes = KVec::with_capacity(chunks.clone().count(), GFP_NOIO).ok();
-        if let Some(v) = nodes.as_mut() {
-            for _ in chunks.clone() {
-                match RBTreeNodeReservation::new(GFP_NOIO) {
-                    Ok(r) => {
-                        // Cannot fail: the capacity is there.
-                        let _ = v.push(r, GFP_NOIO);
-                    }
-                    Err(_) => {
-                        nodes = None;
-                        break;
-                    }
-                }
-            }
-        }
-        let (Some(mut nodes), Ok(held_node)) = (nodes, RBTreeNodeReservation::new(GFP_NOIO)) else {
+        // Memory, outside the lock: a node for the bio, room for the copies.
+        let n = chunks.clone().count();
+        let (Ok(held_node), Ok(mut to_copy)) = (
+            RBTreeNodeReservation::new(GFP_NOIO),
+            KVec::with_capacity(n, GFP_NOIO),
+        ) else {
             self.set_error(ENOMEM);
             return Some(bio);
         };
-
-        let mut to_copy = KVec::new();
-        if to_copy.reserve(nodes.len(), GFP_NOIO).is_err() {
-            self.set_error(ENOMEM);
-            return Some(bio);
-        }
         {
             let mut guard = self.state.lock();
             let state = &mut *guard;
@@ -324,26 +369,12 @@ impl DiffArea {
             }
             let mut hold = false;
             for c in chunks.clone() {
-                match state.chunks.get_mut(&c) {
-                    Some(chunk) => {
-                        if chunk.content == Content::Origin {
-                            chunk.content = Content::Copying;
-                            let _ = to_copy.push(c, GFP_NOIO);
-                        }
-                        hold |= !chunk.writable();
-                    }
-                    None => {
-                        // A reservation per chunk was made above.
-                        let node = nodes
-                            .pop()
-                            .map(|r| r.into_node(c, Chunk::new(Content::Copying, 0)));
-                        if let Some(node) = node {
-                            state.chunks.insert(node);
-                            let _ = to_copy.push(c, GFP_NOIO);
-                            hold = true;
-                        }
-                    }
+                if state.content(c) == Content::Origin {
+                    state.set_content(c, Content::Copying);
+                    // Cannot fail: the capacity is there.
+                    let _ = to_copy.push(c, GFP_NOIO);
                 }
+                hold |= !state.writable(c);
             }
             state.copies += to_copy.len() as u32;
             if !hold {
@@ -409,6 +440,9 @@ impl DiffArea {
                 return Err(ECANCELED);
             }
             let pages = io::read_pages(&self.orig, span.start, len, true)?;
+            // The old data is safe in memory: the writes held for it go on
+            // while it is stored.
+            self.chunk_buffered(c);
             let at = self.store.alloc(sectors).map_err(|e| match e {
                 NoRoom::Full => ENOSPC,
                 NoRoom::Error(e) => e,
@@ -429,6 +463,18 @@ impl DiffArea {
             }
         };
         self.chunk_done(c, content);
+    }
+
+    /// Records that chunk `c`'s old data was read into memory, and releases
+    /// the writes that no longer need to wait.
+    fn chunk_buffered(&self, c: u64) {
+        {
+            let mut state = self.state.lock();
+            if state.content(c) == Content::Copying {
+                state.set_content(c, Content::Buffered);
+            }
+        }
+        self.release_writable();
     }
 
     /// Waits until no copy is queued or running. After [`Self::shut_down`]
@@ -453,9 +499,7 @@ impl DiffArea {
         let mut parked = BioList::new();
         {
             let mut state = self.state.lock();
-            if let Some(chunk) = state.chunks.get_mut(&c) {
-                chunk.content = content;
-            }
+            state.set_content(c, content);
             state.take_parked(c, &mut parked);
             state.copies = state.copies.saturating_sub(1);
             state.finished += 1;
@@ -475,15 +519,17 @@ impl DiffArea {
         loop {
             let next = {
                 let mut guard = self.state.lock();
-                let State { chunks, held, .. } = &mut *guard;
+                let State {
+                    contents,
+                    active,
+                    held,
+                    ..
+                } = &mut *guard;
                 let mut cursor = held.cursor_lower_bound(&from);
                 loop {
                     let Some(c) = cursor else { break None };
                     let (_, w) = c.current();
-                    if w.chunks
-                        .clone()
-                        .all(|x| chunks.get(&x).is_some_and(Chunk::writable))
-                    {
+                    if w.chunks.clone().all(|x| writable(contents, active, x)) {
                         break Some(c.remove_current().1.to_key_value());
                     }
                     cursor = c.move_next();
@@ -509,8 +555,8 @@ impl DiffArea {
             state.shut_down = true;
             if state.parked != 0 {
                 state.parked = 0;
-                for chunk in state.chunks.values_mut() {
-                    while let Some(bio) = chunk.parked.pop() {
+                for a in state.active.values_mut() {
+                    while let Some(bio) = a.parked.pop() {
                         failed.push(bio);
                     }
                 }
@@ -545,9 +591,10 @@ impl DiffArea {
         Ok(())
     }
 
-    /// Watches the copies until copy-on-write stops. When writes wait and
-    /// no copy finished for `cow_stall_timeout` seconds, the storage is
-    /// stuck: typically a file system that needs memory that only those
+    /// Watches the copies until copy-on-write stops. When copies are
+    /// pending and none finished for `cow_stall_timeout` seconds, the
+    /// storage is stuck (writes may be held or throttled for it, image reads
+    /// wait for it): typically a file system that needs memory that only those
     /// writes would free, when memory reclaim writes to this device (swap
     /// on it). The origin comes first: the snapshot of the device is marked
     /// corrupted (`ETIMEDOUT`, with its event) and the held writes go on.
@@ -558,7 +605,9 @@ impl DiffArea {
         while !state.shut_down {
             let _ = self.stop.wait_interruptible_timeout(&mut state, tick);
             let limit = params::cow_stall_timeout.get();
-            let waiting = state.held.iter().next().is_some();
+            // Copies pending: writes may be held or throttled for them,
+            // image reads may wait for them, and their buffers hold memory.
+            let waiting = state.copies != 0;
             if state.shut_down || limit == 0 || !waiting || state.finished != seen {
                 seen = state.finished;
                 stalled = 0;
@@ -569,7 +618,7 @@ impl DiffArea {
                 let (copies, waiting) = (state.copies, state.held.iter().count());
                 drop(state);
                 pr_err!(
-                    "{}: no chunk copy of {} finished for {} s while {} writes wait for them: the storage is stuck, the snapshot gives way to the device\n",
+                    "{}: no chunk copy of {} finished for {} s ({} writes wait for them): the storage is stuck, the snapshot gives way to the device\n",
                     self.orig.name(),
                     copies,
                     stalled,
@@ -587,7 +636,7 @@ impl DiffArea {
     fn source(
         &self,
         chunk: u64,
-        reservation: &mut Option<RBTreeNodeReservation<u64, Chunk>>,
+        reservation: &mut Option<RBTreeNodeReservation<u64, Active>>,
     ) -> Result<Source> {
         let mut state = self.state.lock();
         if state.shut_down {
@@ -595,22 +644,23 @@ impl DiffArea {
             // than the snapshot.
             return Err(EIO);
         }
-        match state.chunks.get_mut(&chunk) {
-            Some(c) => match c.content {
-                Content::Stored(at) => Ok(Source::Store(at)),
-                Content::Failed => Err(EIO),
-                Content::Origin | Content::Copying => {
-                    c.readers += 1;
-                    Ok(Source::Origin)
-                }
-            },
-            None => {
-                let r = reservation.take().ok_or(ENOMEM)?;
-                state
-                    .chunks
-                    .insert(r.into_node(chunk, Chunk::new(Content::Origin, 1)));
+        match state.content(chunk) {
+            Content::Stored(at) => Ok(Source::Store(at)),
+            Content::Failed => Err(EIO),
+            Content::Buffered => Ok(Source::Wait),
+            Content::Origin | Content::Copying => {
+                let a = state.activate(chunk, reservation).ok_or(ENOMEM)?;
+                a.readers += 1;
                 Ok(Source::Origin)
             }
+        }
+    }
+
+    /// Waits while chunk `c` is being stored from memory.
+    fn wait_stored(&self, c: u64) {
+        let mut state = self.state.lock();
+        while !state.shut_down && state.content(c) == Content::Buffered {
+            self.room.wait(&mut state);
         }
     }
 
@@ -620,19 +670,13 @@ impl DiffArea {
     fn reader_done(&self, c: u64) -> Result {
         let (release, shut_down) = {
             let mut state = self.state.lock();
-            let mut remove = false;
             let mut release = false;
-            if let Some(chunk) = state.chunks.get_mut(&c) {
-                chunk.readers -= 1;
-                if chunk.readers == 0 {
-                    remove = chunk.content == Content::Origin;
-                    release = chunk.writable();
-                }
+            if let Some(a) = state.active.get_mut(&c) {
+                a.readers = a.readers.saturating_sub(1);
+                release = a.readers == 0;
             }
-            if remove {
-                state.chunks.remove(&c);
-            }
-            (release, state.shut_down)
+            state.settle(c);
+            (release && state.writable(c), state.shut_down)
         };
         if release {
             self.release_writable();
@@ -653,7 +697,15 @@ impl DiffArea {
         for piece in self.geometry.pieces(bio.sector(), u64::from(bio.sectors())) {
             let len = (piece.sectors << 9) as usize;
             let mut reservation = Some(RBTreeNodeReservation::new(GFP_NOIO)?);
-            let pages = match self.source(piece.chunk, &mut reservation)? {
+            let mut source = self.source(piece.chunk, &mut reservation)?;
+            while let Source::Wait = source {
+                // Copies run on a queue of their own and wait only for
+                // I/O: this wait ends.
+                self.wait_stored(piece.chunk);
+                source = self.source(piece.chunk, &mut reservation)?;
+            }
+            let pages = match source {
+                Source::Wait => return Err(EIO),
                 Source::Store(at) => {
                     let start = self.geometry.chunk_span(piece.chunk).start;
                     self.store.read(at + piece.sector - start, len)
@@ -688,6 +740,106 @@ enum WriteCheck {
 }
 
 impl DiffArea {
+    /// Serves a read of the image without copying its data: a bio within
+    /// one chunk (the image's queue limits cut bios at chunk borders) is
+    /// sent on, through a clone, to the device if the chunk is still there
+    /// or to the storage device that holds it. Its completion ends in a
+    /// work item of the image queue, which needs no lock of an interrupt
+    /// handler's. Other reads (memory and file storages, a bio across
+    /// chunks, no memory for the clone) are served in a work item.
+    pub(crate) fn submit_image_read(self: &Arc<Self>, bio: InFlightBio) {
+        if self.error() != 0 {
+            bio.end(Err(EIO));
+            return;
+        }
+        let sector = bio.sector();
+        let sectors = u64::from(bio.sectors());
+        let chunks = self.geometry.chunks_touched(sector, sectors);
+        if chunks.end != chunks.start + 1 {
+            self.queue_image_read(bio);
+            return;
+        }
+        let c = chunks.start;
+        let mut reservation = RBTreeNodeReservation::new(GFP_NOIO).ok();
+        match self.source(c, &mut reservation) {
+            Ok(Source::Origin) => {
+                let orig = self.orig.clone();
+                if let Err(bio) = self.send_image_read(bio, &orig, sector, Some(c), None) {
+                    // No memory for the clone: read in a work item.
+                    let _ = self.reader_done(c);
+                    self.queue_image_read(bio);
+                }
+            }
+            Ok(Source::Store(at)) => {
+                let start = self.geometry.chunk_span(c).start;
+                match self.store.device_at(at + sector - start, sectors) {
+                    Some((dev, to)) => {
+                        let bdev = ARef::from(dev.bdev());
+                        if let Err(bio) = self.send_image_read(bio, &bdev, to, None, Some(dev)) {
+                            self.queue_image_read(bio);
+                        }
+                    }
+                    None => self.queue_image_read(bio),
+                }
+            }
+            // Being stored: the work item waits for it.
+            Ok(Source::Wait) => self.queue_image_read(bio),
+            // The chunk is lost, or the snapshot is gone.
+            Err(e) if e != ENOMEM => bio.end(Err(e)),
+            Err(_) => self.queue_image_read(bio),
+        }
+    }
+
+    /// Sends the image read `bio` to `sector` of `to` through a clone: the
+    /// device itself if `reader` is the chunk it registered as a reader of,
+    /// else the storage device `dev`, held open until the read is done. The
+    /// bio comes back if there is no memory for that.
+    fn send_image_read(
+        self: &Arc<Self>,
+        bio: InFlightBio,
+        to: &BlockDevice,
+        sector: u64,
+        reader: Option<u64>,
+        dev: Option<Arc<Device>>,
+    ) -> core::result::Result<(), InFlightBio> {
+        let Ok(later) = SpawnLater::new(GFP_NOIO) else {
+            return Err(bio);
+        };
+        let (area, wq) = (self.clone(), self.image_wq.clone());
+        // Reads of the device must not meet its filter, ours.
+        let bypass = reader.is_some();
+        bio.remap_clone(
+            to,
+            sector,
+            bypass,
+            &self.bios,
+            GFP_NOIO,
+            move |result, bio| {
+                // Interrupt context: the rest runs in the work item allocated
+                // beforehand, where the area's lock may be taken and the last
+                // references dropped. (`wq` lives as long as the module's image
+                // queue, which exit destroys only after the image disks, whose
+                // bio this is, were freed.)
+                later.spawn(&wq, move || {
+                    drop(dev);
+                    let result = match reader {
+                        Some(c) => result.and(area.reader_done(c)),
+                        None => result,
+                    };
+                    area.end_image_read(bio, result);
+                });
+            },
+        )
+        .map_err(|(_, bio)| bio)
+    }
+
+    /// Ends a read of the image that went to a device: it fails if the
+    /// snapshot broke meanwhile, since then its data cannot be trusted.
+    fn end_image_read(&self, bio: InFlightBio, result: Result) {
+        let result = result.and(if self.error() != 0 { Err(EIO) } else { Ok(()) });
+        bio.end(result);
+    }
+
     /// Queues a read of the image.
     pub(crate) fn queue_image_read(self: &Arc<Self>, bio: InFlightBio) {
         let area = self.clone();
@@ -762,56 +914,43 @@ impl DiffArea {
         }
         let mut blocked = None;
         for c in chunks.clone() {
-            match state.chunks.get(&c) {
-                Some(ch) => match ch.content {
-                    Content::Failed => return WriteCheck::Fail(bio, EIO),
-                    Content::Stored(at) if !ch.image_busy => {
-                        // Cannot fail: the capacity is there.
-                        let _ = addrs.push(at, GFP_NOIO);
-                    }
-                    _ => {
-                        blocked.get_or_insert(c);
-                    }
-                },
-                None => {
+            let busy = state.active.get(&c).is_some_and(|a| a.image_busy);
+            match state.content(c) {
+                Content::Failed => return WriteCheck::Fail(bio, EIO),
+                Content::Stored(at) if !busy => {
+                    // Cannot fail: the capacity is there.
+                    let _ = addrs.push(at, GFP_NOIO);
+                }
+                _ => {
                     blocked.get_or_insert(c);
                 }
             }
         }
         let Some(first) = blocked else {
             for c in chunks {
-                if let Some(ch) = state.chunks.get_mut(&c) {
-                    ch.image_busy = true;
+                // A reservation per chunk was made above.
+                let mut node = nodes.pop();
+                if let Some(a) = state.activate(c, &mut node) {
+                    a.image_busy = true;
                 }
             }
             return WriteCheck::Go(bio, addrs);
         };
         // Start the copies of the chunks that are still only on the device.
         for c in chunks {
-            match state.chunks.get_mut(&c) {
-                Some(ch) => {
-                    if ch.content == Content::Origin {
-                        ch.content = Content::Copying;
-                        let _ = to_copy.push(c, GFP_NOIO);
-                    }
-                }
-                None => {
-                    if let Some(r) = nodes.pop() {
-                        state
-                            .chunks
-                            .insert(r.into_node(c, Chunk::new(Content::Copying, 0)));
-                        let _ = to_copy.push(c, GFP_NOIO);
-                    }
-                }
+            if state.content(c) == Content::Origin {
+                state.set_content(c, Content::Copying);
+                let _ = to_copy.push(c, GFP_NOIO);
             }
         }
         state.copies += to_copy.len() as u32;
-        match state.chunks.get_mut(&first) {
-            Some(ch) => {
-                ch.parked.push(bio);
+        let mut node = nodes.pop();
+        match state.activate(first, &mut node) {
+            Some(a) => {
+                a.parked.push(bio);
                 state.parked += 1;
             }
-            // Inserted above; reservations were made for every chunk.
+            // A reservation per chunk was made above.
             None => {
                 drop(guard);
                 self.start_copies(&to_copy);
@@ -853,8 +992,8 @@ impl DiffArea {
                 .geometry
                 .chunks_touched(bio.sector(), u64::from(bio.sectors()))
             {
-                if let Some(ch) = state.chunks.get_mut(&c) {
-                    ch.image_busy = false;
+                if let Some(a) = state.active.get_mut(&c) {
+                    a.image_busy = false;
                 }
                 state.take_parked(c, &mut parked);
             }

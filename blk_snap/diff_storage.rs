@@ -49,17 +49,17 @@ use kernel::{
     block::bdev::BlockDevice,
     error::code::*,
     fs::file::{flags::*, File},
-    new_mutex,
+    new_condvar, new_mutex,
     page::{Page, PAGE_SIZE},
     prelude::*,
     rbtree::{RBTree, RBTreeNode},
     str::CStr,
-    sync::{Arc, Mutex},
+    sync::{Arc, CondVar, Mutex},
     task::NoIoScope,
 };
 
 /// A block device opened exclusively for the storage.
-struct Device {
+pub(crate) struct Device {
     file: File,
     // The exclusive holder: a unique address owned by the storage.
     _holder: KBox<u8>,
@@ -87,7 +87,8 @@ impl Device {
         })
     }
 
-    fn bdev(&self) -> &BlockDevice {
+    /// The block device.
+    pub(crate) fn bdev(&self) -> &BlockDevice {
         // Checked in `open`.
         self.file.bdev().unwrap_or_else(|| unreachable!())
     }
@@ -130,6 +131,9 @@ struct Space {
     low_signalled: bool,
     /// `no_space` was signalled: it comes at most once per snapshot.
     no_space_signalled: bool,
+    /// A file is being grown, without the lock: other allocations that
+    /// need it to grow wait for [`DiffStorage::grown`].
+    growing: bool,
 }
 
 /// Why the storage could not provide room.
@@ -149,6 +153,9 @@ pub(crate) struct DiffStorage {
     home: Option<kernel::types::ARef<BlockDevice>>,
     #[pin]
     space: Mutex<Space>,
+    /// Signalled when a file stopped growing.
+    #[pin]
+    grown: CondVar,
 }
 
 const PATH_MAX: usize = 4096;
@@ -289,7 +296,9 @@ impl DiffStorage {
                     limit,
                     low_signalled: false,
                     no_space_signalled: false,
+                    growing: false,
                 }, "DiffStorage::space"),
+                grown <- new_condvar!("DiffStorage::grown"),
             }),
             GFP_KERNEL,
         )
@@ -475,6 +484,10 @@ impl DiffStorage {
             let Kind::File(file) = &self.kind else {
                 return Err(self.full(&mut space, sectors));
             };
+            if space.growing {
+                self.grown.wait(&mut space);
+                continue;
+            }
             let align = space.extents[0].align;
             let Some(need) = align_up(sectors, align) else {
                 return Err(self.full(&mut space, sectors));
@@ -486,9 +499,19 @@ impl DiffStorage {
                 return Err(self.full(&mut space, sectors));
             }
             if to > have {
-                // Called by copies, which reclaim may wait for.
-                let _noio = NoIoScope::new();
-                file.allocate(have << 9, (to - have) << 9).map_err(|e| {
+                // Without the lock: reads of the storage and allocations
+                // that fit go on meanwhile.
+                space.growing = true;
+                drop(space);
+                let grown = {
+                    // Called by copies, which reclaim may wait for.
+                    let _noio = NoIoScope::new();
+                    file.allocate(have << 9, (to - have) << 9)
+                };
+                space = self.space.lock();
+                space.growing = false;
+                self.grown.notify_all();
+                grown.map_err(|e| {
                     pr_err!(
                         "difference storage: growing to {} sectors failed: {:?}\n",
                         to,
@@ -569,6 +592,21 @@ impl DiffStorage {
             base += e.len;
         }
         Err(EIO)
+    }
+
+    /// The device and its sector that hold the `sectors` sectors at `addr`,
+    /// if a device of the storage holds them as whole blocks of its own:
+    /// then they can be read with a bio of the caller's, not through pages
+    /// of the storage's. `None` for memory and files, or if that is not so.
+    pub(crate) fn device_at(&self, addr: u64, sectors: u64) -> Option<(Arc<Device>, u64)> {
+        let loc = self.locate(addr, sectors).ok()?;
+        let Target2::Device(dev, start) = loc.target else {
+            return None;
+        };
+        if io_window(loc.at, sectors, loc.align)? != (loc.at..loc.at + sectors) {
+            return None;
+        }
+        Some((dev, start + loc.at))
     }
 
     /// Writes `len` bytes of `pages` at address `addr`: any whole sectors

@@ -109,6 +109,10 @@ pub(crate) struct ImageData {
     slot: Slot,
 }
 
+/// The largest I/O the image takes, in sectors (1 MiB) if its chunks are
+/// smaller: larger bios are cut at chunk borders anyway.
+const MAX_IO_SECTORS: u32 = 2048;
+
 /// The image block device's operations.
 pub(crate) struct ImageOps;
 
@@ -117,8 +121,12 @@ impl DiskOperations for ImageOps {
     type Data = ImageData;
 
     fn submit_bio(data: &Arc<ImageData>, bio: InFlightBio) {
+        // Cut at chunk borders and the other limits of the image.
+        let Some(bio) = bio.split_to_limits() else {
+            return;
+        };
         match bio.op() {
-            ReqOp::Read => data.area.queue_image_read(bio),
+            ReqOp::Read => data.area.submit_image_read(bio),
             // Storage writes are synchronous: a flush has nothing to do.
             ReqOp::Write if bio.sectors() == 0 => bio.end(Ok(())),
             ReqOp::Flush => bio.end(Ok(())),
@@ -146,6 +154,7 @@ impl Image {
     ) -> Result<Self> {
         let index = slot.index();
         let capacity_sectors = area.geometry().capacity_sectors;
+        let chunk_sectors = u32::try_from(area.geometry().chunk_sectors()).map_err(|_| EINVAL)?;
         let data = Arc::new(ImageData { area, slot }, GFP_NOIO)?;
         // The module's exit waits for `disks`: an image's data may be freed
         // after its last opener closed it, long after destroy.
@@ -156,6 +165,11 @@ impl Image {
                 logical_block_size: orig.logical_block_size(),
                 physical_block_size: orig.physical_block_size(),
                 read_only: false,
+                // Reads go on to the device or the storage a chunk at most
+                // at a time: let them come as large as that.
+                max_sectors: chunk_sectors.max(MAX_IO_SECTORS),
+                chunk_sectors,
+                io_opt: chunk_sectors << 9,
             },
             data.clone(),
             module,

@@ -22,7 +22,7 @@ use crate::{
 use core::sync::atomic::{AtomicPtr, Ordering};
 use kernel::{
     alloc::{flags::GFP_KERNEL, KBox, KVec},
-    block::{bdev::BlockDevice, disk::DiskCount},
+    block::{bdev::BlockDevice, bio::BioSet, disk::DiskCount},
     error::code::*,
     new_mutex,
     prelude::*,
@@ -38,6 +38,10 @@ use kernel::{
 /// How long taking a snapshot waits, at most, for the writes in flight on
 /// its devices before it gives up with `ETIMEDOUT`.
 const DRAIN_TIMEOUT_MS: u32 = 30_000;
+
+/// Bios in reserve for the clones of image reads: what keeps them going
+/// when memory is short.
+const BIO_POOL: u32 = 64;
 
 /// Module-wide state, owned by the module (`BlkSnap`) through an [`Arc`].
 ///
@@ -57,6 +61,8 @@ pub(crate) struct Globals {
     slots: Arc<ImageSlots>,
     /// Image reads and writes of every snapshot.
     image_wq: Arc<OwnedQueue>,
+    /// The clones that image reads send to devices.
+    bios: Arc<BioSet>,
     /// The watchdogs of the difference areas ([`DiffArea::start_watch`]).
     watch_wq: OwnedQueue,
     /// The images whose data is not freed yet.
@@ -130,6 +136,7 @@ pub(crate) fn init_globals(module: &'static ThisModule) -> Result<Arc<Globals>> 
             topology <- new_mutex!((), "Globals::topology"),
             slots: ImageSlots::new()?,
             image_wq,
+            bios: Arc::pin_init(BioSet::new(BIO_POOL), GFP_KERNEL)?,
             watch_wq,
             disks: KBox::pin_init(DiskCount::new(), GFP_KERNEL)?,
             module,
@@ -507,6 +514,7 @@ impl Snapshot {
                 self.events.clone(),
                 self.copy_wq.clone(),
                 glob.image_wq.clone(),
+                glob.bios.clone(),
                 params::chunk_maximum_in_queue.get(),
             )?;
             areas.push(area, GFP_KERNEL)?;

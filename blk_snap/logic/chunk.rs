@@ -169,3 +169,72 @@ impl Iterator for Pieces {
         Some(piece)
     }
 }
+
+/// Where a chunk's snapshot content is: its state in copy-on-write.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Content {
+    /// Still on the device: nothing wrote to the chunk yet.
+    Origin,
+    /// Being read from the device, to be copied to the storage.
+    Copying,
+    /// Read into memory, being written to the storage: the device may
+    /// change, image reads wait until it is stored.
+    Buffered,
+    /// In the storage, at this address (in sectors, below 2^61).
+    Stored(u64),
+    /// Lost: the copy failed.
+    Failed,
+}
+
+/// Bytes of copy-on-write state per chunk in [`Content::pack`]ed form.
+pub const PACKED_BYTES: u64 = 8;
+
+impl Content {
+    const TAG_BITS: u32 = 3;
+    const STORED: u64 = 4;
+
+    /// The largest storage address [`Content::Stored`] can hold.
+    pub const MAX_ADDRESS: u64 = u64::MAX >> Self::TAG_BITS;
+
+    /// The content as one `u64`, for a dense array of all chunks: 0 is
+    /// [`Content::Origin`], so a zeroed array starts a snapshot. `None` for
+    /// an address above [`Content::MAX_ADDRESS`].
+    pub fn pack(self) -> Option<u64> {
+        Some(match self {
+            Content::Origin => 0,
+            Content::Copying => 1,
+            Content::Buffered => 2,
+            Content::Failed => 3,
+            Content::Stored(at) if at <= Self::MAX_ADDRESS => (at << Self::TAG_BITS) | Self::STORED,
+            Content::Stored(_) => return None,
+        })
+    }
+
+    /// The content [`Content::pack`] made `v` of. Values it never makes
+    /// read as [`Content::Failed`].
+    pub fn unpack(v: u64) -> Self {
+        match v & ((1 << Self::TAG_BITS) - 1) {
+            0 => Content::Origin,
+            1 => Content::Copying,
+            2 => Content::Buffered,
+            Self::STORED => Content::Stored(v >> Self::TAG_BITS),
+            _ => Content::Failed,
+        }
+    }
+
+    /// True if writes to the chunk may go to the device, as far as its
+    /// content goes: the old data is safe (or lost for good).
+    pub fn lets_writes_pass(self) -> bool {
+        matches!(
+            self,
+            Content::Stored(_) | Content::Failed | Content::Buffered
+        )
+    }
+}
+
+impl ChunkGeometry {
+    /// Bytes of the dense copy-on-write state of a device of this geometry.
+    pub fn state_bytes(&self) -> u64 {
+        self.count.saturating_mul(PACKED_BYTES)
+    }
+}

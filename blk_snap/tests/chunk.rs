@@ -140,3 +140,40 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn content_packs_into_a_u64_and_zero_is_origin() {
+    assert_eq!(Content::unpack(0), Content::Origin);
+    for c in [
+        Content::Origin,
+        Content::Copying,
+        Content::Buffered,
+        Content::Failed,
+        Content::Stored(0),
+        Content::Stored(1),
+        Content::Stored(Content::MAX_ADDRESS),
+    ] {
+        assert_eq!(Content::unpack(c.pack().unwrap()), c);
+    }
+    assert_eq!(Content::Stored(Content::MAX_ADDRESS + 1).pack(), None);
+    // Tags never made by pack read as failed, never as data.
+    for v in [5u64, 6, 7, 13, u64::MAX] {
+        assert_eq!(Content::unpack(v), Content::Failed);
+    }
+    assert!(!Content::Origin.lets_writes_pass());
+    assert!(!Content::Copying.lets_writes_pass());
+    assert!(Content::Buffered.lets_writes_pass());
+}
+
+#[test]
+fn state_is_8_bytes_a_chunk_32_mib_per_tib() {
+    let g = ChunkGeometry::new(1 << 31, 512, &ChunkParams::DEFAULT).unwrap();
+    assert_eq!(g.state_bytes(), 32 << 20);
+}
+
+proptest! {
+    #[test]
+    fn any_address_round_trips(at in 0..=Content::MAX_ADDRESS) {
+        prop_assert_eq!(Content::unpack(Content::Stored(at).pack().unwrap()), Content::Stored(at));
+    }
+}

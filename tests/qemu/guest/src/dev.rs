@@ -495,3 +495,49 @@ pub fn fresh_seed() -> u64 {
     x ^= x >> 33;
     x | 1
 }
+
+/// The kernel stacks of the tasks in uninterruptible sleep (state D), of
+/// the kernel workers and of fio, one indented block each, and the I/O in
+/// flight on each disk: what a test that found itself stuck prints before
+/// it fails.
+pub fn blocked_tasks() -> String {
+    let mut out = String::new();
+    if let Ok(dir) = std::fs::read_dir("/sys/block") {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let inflight = std::fs::read_to_string(entry.path().join("inflight")).unwrap_or_default();
+            let v: Vec<&str> = inflight.split_whitespace().collect();
+            if v.iter().any(|n| *n != "0") {
+                out.push_str(&format!("    {name}: in flight (reads, writes) {}\n", v.join(" ")));
+            }
+        }
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // "pid (comm) state ...": the comm may hold spaces, not ')'.
+        let Some((comm, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") "))
+        else {
+            continue;
+        };
+        let state = rest.chars().next().unwrap_or('?');
+        if state != 'D' && !(comm.starts_with("kworker") && state != 'I') && comm != "fio" {
+            continue;
+        }
+        let stack = std::fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default();
+        if stack.trim().is_empty() {
+            continue;
+        }
+        out.push_str(&format!("    task {pid} ({comm}) state {state}:\n"));
+        for line in stack.lines().take(16) {
+            out.push_str(&format!("    |   {line}\n"));
+        }
+    }
+    out
+}

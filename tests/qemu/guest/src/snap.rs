@@ -273,6 +273,28 @@ pub(crate) fn pattern_test_with(
         dev::sysfs_attr(&c, "queue/logical_block_size")?,
         "image logical block size"
     );
+    // Bios reach the image cut at chunk borders, and as large as a chunk.
+    let shift: u32 = std::fs::read_to_string("/sys/module/blksnap/parameters/chunk_minimum_shift")
+        .map_err(|e| format!("chunk_minimum_shift: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("chunk_minimum_shift: {e}"))?;
+    let chunk_bytes = 1u64 << shift;
+    check_eq!(
+        dev::sysfs_attr(&image, "queue/chunk_sectors")?,
+        (chunk_bytes / SECTOR).to_string(),
+        "image chunk_sectors"
+    );
+    check_eq!(
+        dev::sysfs_attr(&image, "queue/optimal_io_size")?,
+        chunk_bytes.to_string(),
+        "image optimal_io_size"
+    );
+    check_eq!(
+        dev::sysfs_attr(&image, "queue/max_hw_sectors_kb")?,
+        (chunk_bytes.max(1 << 20) >> 10).to_string(),
+        "image max_hw_sectors_kb"
+    );
     let mut rng = Rng(seed * 7919 + 1);
     let written = overwrite_random(&c, &mut rng, writes, seed + 1)?;
     // Every sector of the image is the old pattern, of the origin the new.

@@ -1016,11 +1016,11 @@ impl DiffArea {
             let first = rel & !7;
             let last = (rel + piece.sectors).next_multiple_of(8).min(chunk_len);
             let len = ((last - first) << 9) as usize;
-            let pages = self.store.read(at + first, len)?;
+            let mut pages = self.store.read(at + first, len)?;
             let bytes = (piece.sectors << 9) as usize;
             let mut data = kernel::alloc::KVVec::from_elem(0u8, bytes, GFP_NOIO)?;
             bio.copy_to_slice(offset, &mut data)?;
-            write_slice_to_pages(&pages, ((rel - first) << 9) as usize, &data)?;
+            io::write_slice_to_pages(&mut pages, ((rel - first) << 9) as usize, &data)?;
             self.store.write(at + first, pages, len)?;
             self.tracker.mark_changed(piece.sector, piece.sectors);
             offset += bytes;
@@ -1029,46 +1029,9 @@ impl DiffArea {
     }
 }
 
-/// Copies `data` into `pages` from byte `pos`.
-fn write_slice_to_pages(pages: &[Page], pos: usize, data: &[u8]) -> Result {
-    let ps = kernel::page::PAGE_SIZE;
-    let mut done = 0;
-    while done < data.len() {
-        let p = pos + done;
-        let n = (ps - p % ps).min(data.len() - done);
-        let page = pages.get(p / ps).ok_or(EINVAL)?;
-        // SAFETY: `data` holds `n` bytes from `done`; the page a full page.
-        unsafe { page.write_raw(data.as_ptr().add(done), p % ps, n)? };
-        done += n;
-    }
-    Ok(())
-}
-
 /// Copies `len` bytes of `pages` into `bio` at byte `offset`.
 fn copy_pages_to_bio(bio: &mut InFlightBio, offset: usize, pages: &[Page], len: usize) -> Result {
-    read_pages(pages, len, |done, bytes| {
+    io::read_pages_to(pages, len, |done, bytes| {
         bio.copy_from_slice(offset + done, bytes)
     })
-}
-
-/// Hands the first `len` bytes of `pages` to `out`, a page at a time, with
-/// the offset of each piece.
-pub(crate) fn read_pages(
-    pages: &[Page],
-    len: usize,
-    mut out: impl FnMut(usize, &[u8]) -> Result,
-) -> Result {
-    let mut buf = KVec::from_elem(0u8, kernel::page::PAGE_SIZE, GFP_NOIO)?;
-    let mut done = 0;
-    for page in pages {
-        if done >= len {
-            break;
-        }
-        let n = (len - done).min(kernel::page::PAGE_SIZE);
-        // SAFETY: `buf` is valid for `n` bytes; the page holds at least `n`.
-        unsafe { page.read_raw(buf.as_mut_ptr(), 0, n)? };
-        out(done, &buf[..n])?;
-        done += n;
-    }
-    Ok(())
 }

@@ -627,9 +627,9 @@ impl DiffStorage {
         // Part of a block: read, modify and write back the whole blocks.
         // The blocks belong to this allocation alone.
         let wlen = ((window.end - window.start) << 9) as usize;
-        let blocks = self.read_blocks(&loc.target, window.start, wlen)?;
+        let mut blocks = self.read_blocks(&loc.target, window.start, wlen)?;
         let offset = ((loc.at - window.start) << 9) as usize;
-        io::copy_pages(&pages, 0, &blocks, offset, len)?;
+        io::copy_pages(&pages, 0, &mut blocks, offset, len)?;
         self.write_blocks(&loc.target, window.start, blocks, wlen)
     }
 
@@ -650,9 +650,9 @@ impl DiffStorage {
         // Part of a block: read the whole blocks.
         let wlen = ((window.end - window.start) << 9) as usize;
         let blocks = self.read_blocks(&loc.target, window.start, wlen)?;
-        let pages = io::alloc_pages(len)?;
+        let mut pages = io::alloc_pages(len)?;
         let offset = ((loc.at - window.start) << 9) as usize;
-        io::copy_pages(&blocks, offset, &pages, 0, len)?;
+        io::copy_pages(&blocks, offset, &mut pages, 0, len)?;
         Ok(pages)
     }
 
@@ -708,13 +708,7 @@ impl DiffStorage {
                     mem.insert(RBTreeNode::new(key, page, GFP_NOIO)?);
                 } else {
                     let dst = mem_page(mem, key)?;
-                    io::copy_pages(
-                        core::slice::from_ref(&page),
-                        0,
-                        core::slice::from_ref(dst),
-                        0,
-                        n,
-                    )?;
+                    dst.copy_from(0, &page, 0, n)?;
                 }
             }
             return Ok(());
@@ -725,7 +719,7 @@ impl DiffStorage {
             let offset = (p % PAGE_SIZE as u64) as usize;
             let n = (PAGE_SIZE - offset).min(len - done);
             let dst = mem_page(mem, p / PAGE_SIZE as u64)?;
-            io::copy_pages(&pages, done, core::slice::from_ref(dst), offset, n)?;
+            io::copy_pages(&pages, done, core::slice::from_mut(dst), offset, n)?;
             done += n;
         }
         Ok(())
@@ -733,7 +727,7 @@ impl DiffStorage {
 
     /// Reads `len` bytes from memory from sector `at` into new pages.
     fn read_memory(&self, at: u64, len: usize) -> Result<KVec<Page>> {
-        let pages = io::alloc_pages(len)?;
+        let mut pages = io::alloc_pages(len)?;
         let space = self.space.lock();
         let pos = at << 9;
         let mut done = 0;
@@ -742,7 +736,7 @@ impl DiffStorage {
             let offset = (p % PAGE_SIZE as u64) as usize;
             let n = (PAGE_SIZE - offset).min(len - done);
             let src = space.mem.get(&(p / PAGE_SIZE as u64)).ok_or(EIO)?;
-            io::copy_pages(core::slice::from_ref(src), offset, &pages, done, n)?;
+            io::copy_pages(core::slice::from_ref(src), offset, &mut pages, done, n)?;
             done += n;
         }
         Ok(pages)
@@ -765,12 +759,12 @@ struct Located {
 }
 
 /// The stored page of memory page `key`, a new zeroed one if none is.
-fn mem_page(mem: &mut RBTree<u64, Page>, key: u64) -> Result<&Page> {
+fn mem_page(mem: &mut RBTree<u64, Page>, key: u64) -> Result<&mut Page> {
     if mem.get(&key).is_none() {
         let page = Page::alloc_page(GFP_NOIO | __GFP_ZERO)?;
         mem.insert(RBTreeNode::new(key, page, GFP_NOIO)?);
     }
-    mem.get(&key).ok_or(EIO)
+    mem.get_mut(&key).ok_or(EIO)
 }
 
 /// The sectors of an I/O of `len` bytes in `pages` pages.
@@ -805,7 +799,7 @@ fn total_ram_sectors() -> Result<u64> {
     let mut pages = io::alloc_pages(len)?;
     f.read_pages_at(0, &mut pages, len).map_err(unknown)?;
     let mut text = KVec::with_capacity(len, GFP_KERNEL)?;
-    crate::diff_area::read_pages(&pages, len, |_, bytes| {
+    io::read_pages_to(&pages, len, |_, bytes| {
         text.extend_from_slice(bytes, GFP_KERNEL)?;
         Ok(())
     })?;

@@ -109,11 +109,13 @@ pub(crate) fn write_pages(
 
 /// Copies `len` bytes from byte `from` of the pages `src` to byte `to` of
 /// the pages `dst`.
-///
-/// Nobody else may access the bytes written meanwhile: the caller owns the
-/// pages or holds the lock that guards them.
-pub(crate) fn copy_pages(src: &[Page], from: usize, dst: &[Page], to: usize, len: usize) -> Result {
-    let mut buf = KVec::from_elem(0u8, PAGE_SIZE, GFP_NOIO)?;
+pub(crate) fn copy_pages(
+    src: &[Page],
+    from: usize,
+    dst: &mut [Page],
+    to: usize,
+    len: usize,
+) -> Result {
     let mut done = 0;
     while done < len {
         let (s, d) = (from + done, to + done);
@@ -121,14 +123,42 @@ pub(crate) fn copy_pages(src: &[Page], from: usize, dst: &[Page], to: usize, len
             .min(PAGE_SIZE - d % PAGE_SIZE)
             .min(len - done);
         let src_page = src.get(s / PAGE_SIZE).ok_or(EINVAL)?;
-        let dst_page = dst.get(d / PAGE_SIZE).ok_or(EINVAL)?;
-        // SAFETY: `buf` holds `PAGE_SIZE >= n` bytes. The pages check the
-        // bounds of the ranges, which nobody else writes to meanwhile (see
-        // above).
-        unsafe {
-            src_page.read_raw(buf.as_mut_ptr(), s % PAGE_SIZE, n)?;
-            dst_page.write_raw(buf.as_ptr(), d % PAGE_SIZE, n)?;
+        let dst_page = dst.get_mut(d / PAGE_SIZE).ok_or(EINVAL)?;
+        dst_page.copy_from(d % PAGE_SIZE, src_page, s % PAGE_SIZE, n)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Copies `data` into `pages` from byte `pos`.
+pub(crate) fn write_slice_to_pages(pages: &mut [Page], pos: usize, data: &[u8]) -> Result {
+    let mut done = 0;
+    while done < data.len() {
+        let p = pos + done;
+        let n = (PAGE_SIZE - p % PAGE_SIZE).min(data.len() - done);
+        let page = pages.get_mut(p / PAGE_SIZE).ok_or(EINVAL)?;
+        page.write_slice(p % PAGE_SIZE, &data[done..done + n])?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Hands the first `len` bytes of `pages` to `out`, a page at a time, with
+/// the offset of each piece.
+pub(crate) fn read_pages_to(
+    pages: &[Page],
+    len: usize,
+    mut out: impl FnMut(usize, &[u8]) -> Result,
+) -> Result {
+    let mut buf = KVec::from_elem(0u8, PAGE_SIZE, GFP_NOIO)?;
+    let mut done = 0;
+    for page in pages {
+        if done >= len {
+            break;
         }
+        let n = (len - done).min(PAGE_SIZE);
+        page.read_slice(0, &mut buf[..n])?;
+        out(done, &buf[..n])?;
         done += n;
     }
     Ok(())

@@ -337,6 +337,9 @@ const STALL_SECS: u64 = 30;
 fn fio_wait(fios: &mut [&mut Fio], watch: &[&Path], limit: Duration) -> TestResult {
     let start = Instant::now();
     let (mut done, mut progress) = (writes_done(watch), Instant::now());
+    // fio loads from the host's file system (9p), slowly on the debug
+    // kernel when its pages are not cached yet: give the first write time.
+    let mut started = false;
     loop {
         let mut running = false;
         for f in fios.iter_mut() {
@@ -357,9 +360,10 @@ fn fio_wait(fios: &mut [&mut Fio], watch: &[&Path], limit: Duration) -> TestResu
         }
         let now = writes_done(watch);
         if now != done {
-            (done, progress) = (now, Instant::now());
+            (done, progress, started) = (now, Instant::now(), true);
         }
-        let stalled = progress.elapsed() > Duration::from_secs(STALL_SECS);
+        let patience = if started { STALL_SECS } else { 4 * STALL_SECS };
+        let stalled = progress.elapsed() > Duration::from_secs(patience);
         if stalled || start.elapsed() > limit {
             let names: Vec<&str> = fios
                 .iter()
@@ -373,7 +377,7 @@ fn fio_wait(fios: &mut [&mut Fio], watch: &[&Path], limit: Duration) -> TestResu
                 names.join(", "),
                 start.elapsed().as_secs_f64(),
                 if stalled {
-                    format!("no write completed for {STALL_SECS} s")
+                    format!("no write completed for {patience} s")
                 } else {
                     format!("{done} writes completed")
                 }

@@ -505,10 +505,14 @@ pub fn blocked_tasks() -> String {
     if let Ok(dir) = std::fs::read_dir("/sys/block") {
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            let inflight = std::fs::read_to_string(entry.path().join("inflight")).unwrap_or_default();
+            let inflight =
+                std::fs::read_to_string(entry.path().join("inflight")).unwrap_or_default();
             let v: Vec<&str> = inflight.split_whitespace().collect();
             if v.iter().any(|n| *n != "0") {
-                out.push_str(&format!("    {name}: in flight (reads, writes) {}\n", v.join(" ")));
+                out.push_str(&format!(
+                    "    {name}: in flight (reads, writes) {}\n",
+                    v.join(" ")
+                ));
             }
         }
     }

@@ -253,7 +253,8 @@ enum Source {
 
 impl DiffArea {
     /// Creates the difference area of `orig`. Copies run on `copy_wq`,
-    /// the snapshot's; image I/O on `image_wq`.
+    /// the snapshot's, at most `chunk_maximum_in_queue` before writers
+    /// wait; image I/O on `image_wq`, with clones from `bios`.
     pub(crate) fn new(
         tracker: Arc<Tracker>,
         geometry: ChunkGeometry,
@@ -262,7 +263,6 @@ impl DiffArea {
         copy_wq: Arc<OwnedQueue>,
         image_wq: Arc<OwnedQueue>,
         bios: Arc<BioSet>,
-        max_copies: u32,
     ) -> Result<Arc<Self>> {
         // The state of every chunk, known at take: [`ChunkGeometry::state_bytes`].
         let count = usize::try_from(geometry.count).map_err(|_| ENOMEM)?;
@@ -276,7 +276,7 @@ impl DiffArea {
                 events,
                 image_wq,
                 bios,
-                max_copies: max_copies.max(1),
+                max_copies: params::chunk_maximum_in_queue.get().max(1),
                 error: AtomicI32::new(0),
                 stored: AtomicU32::new(0),
                 state <- new_spinlock!(State {

@@ -515,7 +515,6 @@ impl Snapshot {
                 self.copy_wq.clone(),
                 glob.image_wq.clone(),
                 glob.bios.clone(),
-                params::chunk_maximum_in_queue.get(),
             )?;
             areas.push(area, GFP_KERNEL)?;
             resets.push(Some(t.prepare_switch()?), GFP_KERNEL)?;

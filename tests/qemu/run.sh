@@ -12,6 +12,12 @@
 #   serial blksnap-g: 64 MiB whose writes QEMU throttles to 64 KiB/s, so that
 #     a write stays in flight for seconds (the first write passes at once:
 #     issue a sacrificial one first).
+# In bench mode the disks are instead (see bench_disks below): blksnap-e, the
+# origin, BLKSNAP_BENCH_REGION MiB of random data; blksnap-a, the store disk
+# (zeros), the region plus 32 MiB, at least 96 MiB; blksnap-b, -c, -d, 16
+# MiB of random data each; all five throttled to BLKSNAP_BENCH_BPS bytes/s
+# and BLKSNAP_BENCH_IOPS I/Os per second (each; 0: not throttled); and
+# blksnap-t, read-only, a tar archive of the tools bench.sh starts often.
 # Then runs tests/qemu/guest.sh MODE in the guest.
 #
 # usage: run.sh test|soak|demo|bench [test name filters...]
@@ -26,6 +32,9 @@
 # BLKSNAP_STRESS_SECONDS and BLKSNAP_FAULTS_* set in the environment reach
 # the guest tests, e.g. to replay a fuzzer run:
 #   BLKSNAP_FUZZ_SEED=0x1234 tests/qemu/run.sh test fuzz_ioctls
+# BLKSNAP_BENCH_* reach the benchmark (see tests/qemu/bench.sh), e.g. the
+# unthrottled figures the throttling defaults come from:
+#   BLKSNAP_BENCH_BPS=0 BLKSNAP_BENCH_IOPS=0 BLKSNAP_BENCH_CALIBRATE=1 tests/qemu/run.sh bench
 set -euo pipefail
 
 MODE=${1:?usage: run.sh test|soak|demo|bench [filters...]}
@@ -44,35 +53,93 @@ fi
 RESULTS=${RESULTS:-$REPO/results/$MODE}
 if [ "$MODE" = soak ]; then
 	TIMEOUT=${QEMU_TIMEOUT:-7200}
+elif [ "$MODE" = bench ]; then
+	TIMEOUT=${QEMU_TIMEOUT:-3600}
 else
 	TIMEOUT=${QEMU_TIMEOUT:-1800}
 fi
 
+if [ "$MODE" = bench ]; then
+	# The throttling (each disk) makes the disk, not the emulated CPU, the
+	# bottleneck. Unthrottled, the bench kernel (TCG, 2 vCPUs, libaio,
+	# O_DIRECT) reached on the raw origin (BLKSNAP_BENCH_BPS=0
+	# BLKSNAP_BENCH_IOPS=0 BLKSNAP_BENCH_CALIBRATE=1, 256 MiB):
+	#   1 MiB sequential write QD8 1065 MB/s, read QD8 1198 MB/s;
+	#   64 KiB random write QD8 8551 IOPS (560 MB/s), read QD8 7907 IOPS;
+	#   4 KiB random write QD32 14416 IOPS.
+	# Half of that would leave the snapshot paths CPU-bound: unthrottled,
+	# first writes after a take reached only 90-620 MB/s (dm and ours),
+	# our image reads 70-225 MB/s at 8-17 CPU s/GiB. So 200 MB/s (a fifth
+	# of raw sequential; a copy-on-write moves each chunk twice on the
+	# origin, so first writes get about 100 MB/s) and 2000 IOPS (a quarter
+	# of 64 KiB random, 131 MB/s at 64 KiB; a seventh of 4 KiB random).
+	export BLKSNAP_BENCH_BPS=${BLKSNAP_BENCH_BPS:-200000000}
+	export BLKSNAP_BENCH_IOPS=${BLKSNAP_BENCH_IOPS:-2000}
+	# MiB of the origin that each job goes over: 5 rounds in about 20 min.
+	export BLKSNAP_BENCH_REGION=${BLKSNAP_BENCH_REGION:-96}
+fi
 rm -rf "$RESULTS"
 mkdir -p "$RESULTS"
 # Settings for the guest tests: guest.sh reads them from this file.
 export -p | grep -E '^declare -x BLKSNAP_((FUZZ|STRESS|FAULTS|PRESSURE|BENCH)_[A-Z]+|KO)=' >"$RESULTS/guest-env" || true
-truncate -s 256M "$RESULTS/disk-a.img"
-truncate -s 256M "$RESULTS/disk-b.img"
-truncate -s 64M "$RESULTS/disk-c.img"
-truncate -s 64M "$RESULTS/disk-d.img"
-truncate -s 400M "$RESULTS/disk-e.img"
-truncate -s $((131073 * 512)) "$RESULTS/disk-f.img"
-truncate -s 64M "$RESULTS/disk-g.img"
-printf 'label: dos\nstart=2048, size=65536, type=83\nstart=67600, type=83\n' |
-	sfdisk --quiet "$RESULTS/disk-b.img" >/dev/null
-
 drive() { # file serial [extra drive options]
 	echo "-drive file=$1,if=none,id=$2,format=raw,aio=threads,discard=unmap${3:-,cache=none}" \
 		"-device virtio-blk-pci,drive=$2,serial=$2"
 }
 
+# The benchmark's disks, written in full (no holes: the first write of a
+# round must not be a file system allocation on the host) and throttled.
+bench_disks() {
+	local region=$BLKSNAP_BENCH_REGION throttle=",cache=none" d
+	local store=$((region + 32 > 96 ? region + 32 : 96))
+	dd if=/dev/zero of="$RESULTS/disk-a.img" bs=1M count="$store" status=none
+	dd if=/dev/urandom of="$RESULTS/disk-e.img" bs=1M count="$region" status=none
+	for d in b c d; do
+		dd if=/dev/urandom of="$RESULTS/disk-$d.img" bs=1M count=16 status=none
+	done
+	[ "$BLKSNAP_BENCH_BPS" = 0 ] || throttle+=",throttling.bps-total=$BLKSNAP_BENCH_BPS"
+	[ "$BLKSNAP_BENCH_IOPS" = 0 ] || throttle+=",throttling.iops-total=$BLKSNAP_BENCH_IOPS"
+	for d in a b c d e; do
+		QEMU_DRIVES+="$(drive "$RESULTS/disk-$d.img" "blksnap-$d" "$throttle") "
+	done
+	bench_tools
+	QEMU_DRIVES+="$(drive "$RESULTS/disk-t.img" blksnap-t ,cache=none,readonly=on) "
+}
+
+# The tools the benchmark starts often and every library they load (fio
+# loads 64, 80 MB), as a tar archive on a disk of its own (serial
+# blksnap-t), which bench.sh unpacks on tmpfs: read over 9p, a start of fio
+# costs seconds, and so does copying them over 9p.
+bench_tools() {
+	local tools=("$REPO/target/release/blksnapctl") t dir=$RESULTS/tools
+	for t in fio jq dmsetup; do tools+=("$(command -v "$t")"); done
+	mkdir -p "$dir/bin" "$dir/lib"
+	cp "${tools[@]}" "$dir/bin/"
+	ldd "${tools[@]}" | awk '$2 == "=>" && $3 ~ /^\// { print $3 }' | sort -u |
+		xargs cp -L -t "$dir/lib/"
+	tar -cf "$RESULTS/disk-t.img" -C "$dir" bin lib
+	rm -rf "$dir"
+}
+
 QEMU_DRIVES=
-for d in a b c d e; do
-	QEMU_DRIVES+="$(drive "$RESULTS/disk-$d.img" "blksnap-$d") "
-done
-QEMU_DRIVES+="$(drive "$RESULTS/disk-f.img" blksnap-f ,cache=writeback) "
-QEMU_DRIVES+="$(drive "$RESULTS/disk-g.img" blksnap-g ,cache=none,throttling.bps-write=65536) "
+if [ "$MODE" = bench ]; then
+	bench_disks
+else
+	truncate -s 256M "$RESULTS/disk-a.img"
+	truncate -s 256M "$RESULTS/disk-b.img"
+	truncate -s 64M "$RESULTS/disk-c.img"
+	truncate -s 64M "$RESULTS/disk-d.img"
+	truncate -s 400M "$RESULTS/disk-e.img"
+	truncate -s $((131073 * 512)) "$RESULTS/disk-f.img"
+	truncate -s 64M "$RESULTS/disk-g.img"
+	printf 'label: dos\nstart=2048, size=65536, type=83\nstart=67600, type=83\n' |
+		sfdisk --quiet "$RESULTS/disk-b.img" >/dev/null
+	for d in a b c d e; do
+		QEMU_DRIVES+="$(drive "$RESULTS/disk-$d.img" "blksnap-$d") "
+	done
+	QEMU_DRIVES+="$(drive "$RESULTS/disk-f.img" blksnap-f ,cache=writeback) "
+	QEMU_DRIVES+="$(drive "$RESULTS/disk-g.img" blksnap-g ,cache=none,throttling.bps-write=65536) "
+fi
 
 echo "qemu: booting $(cat "$KOUT/include/config/kernel.release") ($MODE), results in $RESULTS"
 start=$(date +%s)

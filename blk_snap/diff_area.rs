@@ -243,6 +243,16 @@ impl WorkItem for Watch {
     }
 }
 
+/// What copy-on-write does with a write, see [`DiffArea::cow`].
+pub(crate) enum Verdict {
+    /// It may go on at once.
+    Pass(Admitted),
+    /// It is held until the chunks it touches are copied.
+    Held,
+    /// It would be held, but it must not wait: fail it with EAGAIN.
+    WouldBlock(Admitted),
+}
+
 /// Where to read a piece of the image from.
 enum Source {
     Origin,
@@ -338,18 +348,25 @@ impl DiffArea {
     /// Handles a write that reached the device; `sector` is its first
     /// sector. Returns the bio if it may go on at once, `None` if it is
     /// held until the chunks it touches are copied.
-    pub(crate) fn cow(self: &Arc<Self>, sector: u64, bio: Admitted) -> Option<Admitted> {
+    ///
+    /// A `nowait` write (REQ_NOWAIT) is never held: it comes back as
+    /// [`Verdict::WouldBlock`], to be failed with EAGAIN while its submitter
+    /// can still retry it where it may wait (io_uring retries only an
+    /// EAGAIN it sees while submitting). Held and resubmitted later with
+    /// REQ_NOWAIT, the block layer could fail it with EAGAIN (a split, no
+    /// free tag) where nobody retries it. Its chunks' copies start anyway.
+    pub(crate) fn cow(self: &Arc<Self>, sector: u64, bio: Admitted, nowait: bool) -> Verdict {
         let chunks = self
             .geometry
             .chunks_touched(sector, u64::from(bio.sectors()));
         if chunks.is_empty() || self.error() != 0 {
-            return Some(bio);
+            return Verdict::Pass(bio);
         }
         // Fast path: every chunk already writable.
         {
             let state = self.state.lock();
             if state.shut_down || chunks.clone().all(|c| state.writable(c)) {
-                return Some(bio);
+                return Verdict::Pass(bio);
             }
         }
         // Memory, outside the lock: a node for the bio, room for the copies.
@@ -359,13 +376,13 @@ impl DiffArea {
             KVec::with_capacity(n, GFP_NOIO),
         ) else {
             self.set_error(ENOMEM);
-            return Some(bio);
+            return Verdict::Pass(bio);
         };
         {
             let mut guard = self.state.lock();
             let state = &mut *guard;
             if state.shut_down || self.error() != 0 {
-                return Some(bio);
+                return Verdict::Pass(bio);
             }
             let mut hold = false;
             for c in chunks.clone() {
@@ -377,10 +394,14 @@ impl DiffArea {
                 hold |= !state.writable(c);
             }
             state.copies += to_copy.len() as u32;
-            if !hold {
+            if !hold || nowait {
                 drop(guard);
                 self.start_copies(&to_copy);
-                return Some(bio);
+                return if hold {
+                    Verdict::WouldBlock(bio)
+                } else {
+                    Verdict::Pass(bio)
+                };
             }
             let key = state.next_held;
             state.next_held += 1;
@@ -389,7 +410,7 @@ impl DiffArea {
                 .insert(held_node.into_node(key, HeldWrite { bio, chunks }));
         }
         self.start_copies(&to_copy);
-        None
+        Verdict::Held
     }
 
     /// Queues the copy of each chunk in `chunks`.

@@ -8,7 +8,7 @@
 
 use crate::{
     cbt_map::{CbtMap, Map},
-    diff_area::DiffArea,
+    diff_area::{DiffArea, Verdict},
     params,
     snapshot::Snapshot,
     uapi::{self, ctl},
@@ -244,7 +244,8 @@ impl Tracker {
             let sector = bio.sector_in(&self.bdev);
             let bio = self.passage.admit(bio);
             self.cbt.mark_write(sector, u64::from(bio.sectors()));
-            self.pass(sector, bio, area.as_ref(), false);
+            // No REQ_NOWAIT write is held here (see `write`).
+            self.pass(sector, bio, area.as_ref(), false, false);
         }
         if let Some(a) = area {
             put_area(a);
@@ -292,6 +293,13 @@ impl Tracker {
         let (bio, area) = {
             let mut cow = self.cow.lock();
             if cow.holding {
+                if nowait {
+                    // Held writes are resubmitted by the take, where an
+                    // EAGAIN of the block layer would reach the program.
+                    drop(cow);
+                    bio.end(Err(EAGAIN));
+                    return;
+                }
                 cow.held.push(bio);
                 return;
             }
@@ -300,15 +308,30 @@ impl Tracker {
         // Marked after it was admitted: a snapshot taken from now on waits
         // for the write, so the mark belongs to the snapshot it is in.
         self.cbt.mark_write(sector, u64::from(bio.sectors()));
-        self.pass(sector, bio, area.as_ref(), !nowait && submitter_may_wait());
+        self.pass(
+            sector,
+            bio,
+            area.as_ref(),
+            !nowait && submitter_may_wait(),
+            nowait,
+        );
         if let Some(a) = area {
             put_area(a);
         }
     }
 
     /// Lets an admitted write pass, through copy-on-write if `area` is on.
-    /// `may_wait`: the caller may sleep while the copies lag behind.
-    fn pass(&self, sector: u64, bio: Admitted, area: Option<&Arc<DiffArea>>, may_wait: bool) {
+    /// `may_wait`: the caller may sleep while the copies lag behind;
+    /// `nowait`: a REQ_NOWAIT write in its submitter's context, which fails
+    /// with EAGAIN rather than be held.
+    fn pass(
+        &self,
+        sector: u64,
+        bio: Admitted,
+        area: Option<&Arc<DiffArea>>,
+        may_wait: bool,
+        nowait: bool,
+    ) {
         let Some(area) = area else {
             bio.submit();
             return;
@@ -322,10 +345,12 @@ impl Tracker {
             bio.submit();
             return;
         }
-        match area.cow(sector, bio) {
-            Some(bio) => bio.submit(),
-            None if may_wait => area.throttle(),
-            None => {}
+        match area.cow(sector, bio, nowait) {
+            Verdict::Pass(bio) => bio.submit(),
+            Verdict::Held if may_wait => area.throttle(),
+            Verdict::Held => {}
+            // In the submitter's context: it retries where it may wait.
+            Verdict::WouldBlock(bio) => bio.end(Err(EAGAIN)),
         }
     }
 

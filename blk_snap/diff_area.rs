@@ -625,7 +625,12 @@ impl DiffArea {
         let mut state = self.state.lock();
         while !state.shut_down {
             let _ = self.stop.wait_interruptible_timeout(&mut state, tick);
-            let limit = params::cow_stall_timeout.get();
+            // A file storage that is growing is busy, not stuck: fallocate
+            // of a large step on a slow machine takes long. It gets six
+            // times the time (a file system stuck in it still gives way).
+            let limit = params::cow_stall_timeout
+                .get()
+                .saturating_mul(if self.store.growing() { 6 } else { 1 });
             // Copies pending: writes may be held or throttled for them,
             // image reads may wait for them, and their buffers hold memory.
             let waiting = state.copies != 0;

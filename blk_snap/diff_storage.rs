@@ -41,6 +41,7 @@ use crate::{
     },
     uapi,
 };
+use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::{
     alloc::{
         flags::{__GFP_ZERO, GFP_KERNEL, GFP_NOIO},
@@ -156,6 +157,8 @@ pub(crate) struct DiffStorage {
     /// Signalled when a file stopped growing.
     #[pin]
     grown: CondVar,
+    /// `Space::growing`, for [`DiffStorage::growing`] without the lock.
+    grow_busy: AtomicBool,
 }
 
 const PATH_MAX: usize = 4096;
@@ -299,6 +302,7 @@ impl DiffStorage {
                     growing: false,
                 }, "DiffStorage::space"),
                 grown <- new_condvar!("DiffStorage::grown"),
+                grow_busy: AtomicBool::new(false),
             }),
             GFP_KERNEL,
         )
@@ -502,6 +506,7 @@ impl DiffStorage {
                 // Without the lock: reads of the storage and allocations
                 // that fit go on meanwhile.
                 space.growing = true;
+                self.grow_busy.store(true, Ordering::Relaxed);
                 drop(space);
                 let grown = {
                     // Called by copies, which reclaim may wait for.
@@ -510,6 +515,7 @@ impl DiffStorage {
                 };
                 space = self.space.lock();
                 space.growing = false;
+                self.grow_busy.store(false, Ordering::Relaxed);
                 self.grown.notify_all();
                 grown.map_err(|e| {
                     pr_err!(
@@ -740,6 +746,11 @@ impl DiffStorage {
             done += n;
         }
         Ok(pages)
+    }
+
+    /// True while a file storage grows. Takes no lock.
+    pub(crate) fn growing(&self) -> bool {
+        self.grow_busy.load(Ordering::Relaxed)
     }
 
     /// Sectors used and sectors that exist now.

@@ -823,8 +823,20 @@ fn partition_removal_while_attached() -> TestResult {
     if !child.wait().map_err(|e| e.to_string())?.success() {
         fail!("sfdisk failed");
     }
-    dev::run("partx", &["--add", lo.path.to_str().unwrap()])
-        .or_else(|_| dev::run("blockdev", &["--rereadpt", lo.path.to_str().unwrap()]))?;
+    // udev probes the disk sfdisk wrote and closed; under load it may still
+    // have it open (EBUSY for the reread): settle and try again.
+    let mut tries = 0;
+    loop {
+        dev::udev_settle();
+        let r = dev::run("partx", &["--add", lo.path.to_str().unwrap()])
+            .or_else(|_| dev::run("blockdev", &["--rereadpt", lo.path.to_str().unwrap()]));
+        match r {
+            Ok(_) => break,
+            Err(err) if tries < 20 && err.contains("busy") => tries += 1,
+            Err(err) => fail!("{err}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let p1 = dev::partition(&lo.path, 1);
     for _ in 0..50 {
         if p1.exists() {

@@ -552,7 +552,7 @@ impl Snapshot {
         }
         let held = Ktime::ktime_get();
         let drained = self.drain(&inner.trackers);
-        let drain_ms = ktime_ms_delta(Ktime::ktime_get(), held);
+        let drain_us = us_delta(Ktime::ktime_get(), held);
         let mut switched = Ok(());
         if drained.is_ok() {
             for ((t, a), r) in inner
@@ -569,13 +569,13 @@ impl Snapshot {
         for t in inner.trackers.iter() {
             t.release_writes();
         }
-        let held_ms = ktime_ms_delta(Ktime::ktime_get(), held);
+        let held_us = us_delta(Ktime::ktime_get(), held);
         for bdev in freeze.iter().take(frozen).rev() {
             if let Err(e) = bdev.thaw() {
                 pr_err!("snapshot {}: thawing {}: {:?}\n", self.id, bdev.name(), e);
             }
         }
-        let window_ms = ktime_ms_delta(Ktime::ktime_get(), start);
+        let window_us = us_delta(Ktime::ktime_get(), start);
         // If the writes in flight did not drain, nothing switched: the
         // snapshot stays untaken and may be taken again.
         drained?;
@@ -598,12 +598,15 @@ impl Snapshot {
             }
         }
         pr_info!(
-            "snapshot {} taken: {} devices frozen for {} ms, writes held for {} ms ({} ms waiting for writes in flight)\n",
+            "snapshot {} taken: {} devices frozen for {}.{:03} ms, writes held for {}.{:03} ms ({}.{:03} ms waiting for writes in flight)\n",
             self.id,
             n,
-            window_ms,
-            held_ms,
-            drain_ms
+            window_us / 1000,
+            window_us % 1000,
+            held_us / 1000,
+            held_us % 1000,
+            drain_us / 1000,
+            drain_us % 1000
         );
 
         // The images appear after the thaw: creating them may take time.
@@ -752,6 +755,11 @@ enum Change<'a> {
 
 /// True if storage on `a` would write to `b`: the same device, a disk and
 /// one of its partitions, or `a` stacked over `b` (device-mapper, md).
+/// Microseconds from `earlier` to `later`.
+fn us_delta(later: Ktime, earlier: Ktime) -> i64 {
+    (later - earlier).to_ns() / 1000
+}
+
 fn overlaps(a: &BlockDevice, b: &BlockDevice) -> bool {
     a.dev() == b.dev()
         || a.whole().dev() == b.dev()

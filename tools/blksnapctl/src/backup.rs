@@ -9,7 +9,11 @@
 //!
 //! - full: snapshot the devices, copy each whole image.
 //! - incremental: snapshot again and copy into the existing image only the
-//!   blocks whose change number is newer than the manifest's.
+//!   blocks whose change number is newer than the manifest's. When the
+//!   change map cannot be used (tracking restarted: a reboot, a detach, a
+//!   module reload), read the whole snapshot image but write only the blocks
+//!   whose digest differs from the one kept beside the image
+//!   ([`crate::digest`]).
 //! - differential: like incremental, but the base image stays as it is and the
 //!   changes since the base go to `DIR/<name>.diff.img`.
 //!
@@ -17,6 +21,7 @@
 //! touched and `complete` after; an interrupted backup stays visibly
 //! incomplete, and the next incremental falls back to a full backup.
 
+use crate::digest::{self, Digests};
 use crate::{changed_ranges, Control, MapKind, SnapshotId, Tracker};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -39,6 +44,31 @@ pub enum Kind {
     Incremental,
     /// Changes since the base full backup, in a separate file.
     Differential,
+}
+
+/// How a backup found what to copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// It copied the whole device.
+    Full,
+    /// The blocks the change map marks.
+    Cbt,
+    /// It read the whole device and wrote the blocks whose digest changed.
+    Digest,
+}
+
+/// The per-block digests kept beside an image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestFile {
+    /// The file, relative to the manifest.
+    pub file: String,
+    /// The hash ([`digest::ALGORITHM`]).
+    pub algorithm: String,
+    /// Bytes per digest.
+    pub block_size: u32,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
 }
 
 /// Whether a backup finished.
@@ -87,6 +117,14 @@ pub struct Manifest {
     /// For a differential backup: the changed byte ranges in its file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ranges: Vec<(u64, u64)>,
+    /// How the last backup found what to copy (absent in manifests of
+    /// versions before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
+    /// The image's per-block digests, if kept (absent in manifests of
+    /// versions before they were, and for differential files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digests: Option<DigestFile>,
 }
 
 /// The current manifest format.
@@ -220,24 +258,42 @@ pub struct Copied {
     pub written: u64,
 }
 
+/// Opens a snapshot image for direct reads.
+fn open_image(src: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(src)
+        .map_err(|e| format!("open {}: {e}", src.display()))
+}
+
+/// Digests a copy keeps up to date: the blocks it read whole get their new
+/// digest; those it read only part of are listed in `partial`, to be
+/// digested again from the backup file ([`rehash`]).
+pub struct Tap<'a> {
+    /// The digests.
+    pub digests: &'a mut Digests,
+    /// Blocks read in part.
+    pub partial: Vec<usize>,
+}
+
 /// Copies `extents` of the snapshot image `src` into `dst` at the same
 /// offsets, with O_DIRECT reads of up to [`IO_SIZE`]. Runs of zeroes are not
 /// written when `sparse` (a new, empty file). Every byte read goes through
-/// `hash` too, if given. Stops with an error when `stop` is set.
+/// `hash` too, if given, and updates the digests of `tap`. Stops with an
+/// error when `stop` is set.
+#[allow(clippy::too_many_arguments)]
 pub fn copy_extents(
     src: &Path,
     dst: &File,
     extents: &[Extent],
     sparse: bool,
     mut hash: Option<&mut Sha256>,
+    mut tap: Option<&mut Tap<'_>>,
     stop: &AtomicBool,
     progress: &dyn Progress,
 ) -> Result<Copied, String> {
-    let img = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(src)
-        .map_err(|e| format!("open {}: {e}", src.display()))?;
+    let img = open_image(src)?;
     let mut buf = Buffer::new(IO_SIZE);
     let mut c = Copied::default();
     let all = total(extents);
@@ -255,6 +311,14 @@ pub fn copy_extents(
             c.read += n as u64;
             if let Some(h) = hash.as_mut() {
                 h.update(&*data);
+            }
+            if let Some(t) = tap.as_mut() {
+                let partial = t.digests.absorb(off, data);
+                for i in partial {
+                    if t.partial.last() != Some(&i) {
+                        t.partial.push(i);
+                    }
+                }
             }
             if sparse {
                 // Write only the 4 KiB blocks that are not all zero.
@@ -276,6 +340,63 @@ pub fn copy_extents(
         }
     }
     Ok(c)
+}
+
+/// Reads the whole snapshot image `src` and writes to `dst` the blocks of
+/// `digests` whose digest differs, setting their new digest: an
+/// incremental backup without a change map.
+pub fn copy_changed_blocks(
+    src: &Path,
+    dst: &File,
+    digests: &mut Digests,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<Copied, String> {
+    let img = open_image(src)?;
+    let mut buf = Buffer::new(IO_SIZE);
+    let mut c = Copied::default();
+    let size = digests.size();
+    let mut off = 0;
+    while off < size {
+        if stop.load(Ordering::Relaxed) {
+            return Err("interrupted".into());
+        }
+        let n = (size - off).min(IO_SIZE as u64) as usize;
+        let data = buf.get(n);
+        img.read_exact_at(data, off)
+            .map_err(|e| format!("read {} at {off}: {e}", src.display()))?;
+        c.read += n as u64;
+        // IO_SIZE is a multiple of the block: every block here is whole.
+        let first = (off / digest::BLOCK) as usize;
+        for (k, block) in data.chunks(digest::BLOCK as usize).enumerate() {
+            let sum = digest::hash(block);
+            if digests.get(first + k) == Some(&sum) {
+                continue;
+            }
+            let at = off + k as u64 * digest::BLOCK;
+            dst.write_all_at(block, at)
+                .map_err(|e| format!("write at {at}: {e}"))?;
+            c.written += block.len() as u64;
+            digests.set(first + k, sum);
+        }
+        off += n as u64;
+        progress.update(c.read, size);
+    }
+    Ok(c)
+}
+
+/// Digests `blocks` again from the backup file `path`.
+pub fn rehash(path: &Path, digests: &mut Digests, blocks: &[usize]) -> Result<(), String> {
+    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut buf = vec![0u8; digest::BLOCK as usize];
+    for &i in blocks {
+        let (s, e) = digests.span(i);
+        let data = &mut buf[..(e - s) as usize];
+        f.read_exact_at(data, s)
+            .map_err(|e| format!("{}: read at {s}: {e}", path.display()))?;
+        digests.set(i, digest::hash(data));
+    }
+    Ok(())
 }
 
 /// SHA-256 of a file's first `size` bytes (a sparse tail reads as zeroes).
@@ -346,6 +467,8 @@ pub struct Outcome {
     pub device: String,
     /// What was made (a fallback shows here).
     pub kind: Kind,
+    /// How it found what to copy.
+    pub method: Method,
     /// Device size in bytes.
     pub size: u64,
     /// The counts.
@@ -361,6 +484,9 @@ struct Device {
     tracker: Tracker,
     previous: Option<Manifest>,
     kind: Kind,
+    method: Method,
+    /// The digests of the previous backup's image, for an incremental.
+    digests: Option<Digests>,
 }
 
 /// Destroys the snapshot when dropped.
@@ -413,6 +539,12 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             tracker,
             previous,
             kind,
+            method: if kind == Kind::Full {
+                Method::Full
+            } else {
+                Method::Cbt
+            },
+            digests: None,
         });
     }
 
@@ -432,30 +564,65 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             continue;
         };
         let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
-        let why = if m.size != info.device_capacity {
-            Some(format!(
-                "the device size changed from {} to {}",
-                m.size, info.device_capacity
-            ))
-        } else if m.generation != info.generation {
-            Some(format!(
-                "the change tracking generation changed ({} -> {}): tracking was restarted",
-                m.generation, info.generation
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = why {
+        if m.size != info.device_capacity {
             (opts.log)(&format!(
-                "{}: {why}; making a full backup instead",
-                d.path.display()
+                "{}: the device size changed from {} to {}; making a full backup instead",
+                d.path.display(),
+                m.size,
+                info.device_capacity
             ));
             d.kind = Kind::Full;
+            d.method = Method::Full;
+        } else if m.generation != info.generation {
+            let why = format!(
+                "{}: the change tracking generation changed ({} -> {}): tracking was restarted",
+                d.path.display(),
+                m.generation,
+                info.generation
+            );
+            if d.kind == Kind::Incremental && m.digests.is_some() {
+                d.method = Method::Digest;
+            } else {
+                (opts.log)(&format!("{why}; making a full backup instead"));
+                d.kind = Kind::Full;
+                d.method = Method::Full;
+            }
+        }
+    }
+    // The digests an incremental compares (digest method) or keeps up to
+    // date (change map).
+    for d in devices.iter_mut() {
+        let (Some(m), Kind::Incremental) = (&d.previous, d.kind) else {
+            continue;
+        };
+        let Some(f) = &m.digests else {
+            continue;
+        };
+        match load_digests(opts.dir, f, m.size) {
+            Ok(digests) => d.digests = Some(digests),
+            Err(e) if d.method == Method::Digest => {
+                (opts.log)(&format!(
+                    "{}: the change map cannot be used and {e}; making a full backup instead",
+                    d.path.display()
+                ));
+                d.kind = Kind::Full;
+                d.method = Method::Full;
+            }
+            Err(e) => (opts.log)(&format!(
+                "{}: {e}; the image's digests are dropped",
+                d.path.display()
+            )),
+        }
+        if d.method == Method::Digest {
+            (opts.log)(&format!(
+                "{}: the change map cannot be used (tracking was restarted); reading the whole device and writing the blocks whose digest changed",
+                d.path.display()
+            ));
         }
     }
 
     let mut out = Vec::new();
-    for d in &devices {
+    for d in devices.iter_mut() {
         out.push(backup_device(d, opts)?);
     }
     let snapshot = if opts.keep_snapshot {
@@ -470,7 +637,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     })
 }
 
-fn backup_device(d: &Device, opts: &Options<'_>) -> Result<Outcome, String> {
+fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> {
     let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
     let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
     if snap.error_code != 0 {
@@ -482,6 +649,7 @@ fn backup_device(d: &Device, opts: &Options<'_>) -> Result<Outcome, String> {
     }
     let image = PathBuf::from(format!("/dev/{}", snap.image));
     let (img_path, manifest_path, diff_path) = paths(opts.dir, &d.path);
+    let digest_path = img_path.with_extension("digests");
     let size = info.device_capacity;
 
     let mut m = Manifest {
@@ -501,26 +669,28 @@ fn backup_device(d: &Device, opts: &Options<'_>) -> Result<Outcome, String> {
         bytes_read: 0,
         bytes_written: 0,
         ranges: Vec::new(),
+        method: Some(d.method),
+        digests: None,
     };
+    let mut method = d.method;
     let (copied, manifest) = match d.kind {
         Kind::Full => {
             m.store(&manifest_path)?;
-            let (c, sum) = copy_to_new_file(&image, &img_path, &[(0, size)], size, opts)?;
+            let mut digests = Digests::new(size);
+            let (c, sum) = copy_to_new_file(
+                &image,
+                &img_path,
+                &[(0, size)],
+                size,
+                Some(&mut digests),
+                opts,
+            )?;
             m.sha256 = sum;
+            m.digests = Some(store_digests(&digests, &digest_path)?);
             (c, manifest_path)
         }
         Kind::Incremental | Kind::Differential => {
             let prev = d.previous.as_ref().ok_or("no previous manifest")?;
-            let since = if d.kind == Kind::Incremental {
-                prev.snapshot_number
-            } else {
-                prev.base_number
-            };
-            let map = d
-                .tracker
-                .read_cbt_map(MapKind::Snapshot)
-                .map_err(|e| e.to_string())?;
-            let extents = plan(&map, since, info.block_size, size);
             m.base_number = prev.base_number;
             let img_len = std::fs::metadata(&img_path).map(|md| md.len()).unwrap_or(0);
             if img_len != size {
@@ -531,6 +701,14 @@ fn backup_device(d: &Device, opts: &Options<'_>) -> Result<Outcome, String> {
                     size
                 ));
             }
+            // The digests of the image as it is, if it has usable ones.
+            let mut digests = d.digests.take();
+            if method == Method::Digest && digests.is_none() {
+                return Err(format!(
+                    "{}: the change map cannot be used and the image has no usable digests: make a full backup",
+                    d.path.display()
+                ));
+            }
             if d.kind == Kind::Incremental {
                 let mut inprogress = prev.clone();
                 inprogress.status = Status::InProgress;
@@ -539,22 +717,63 @@ fn backup_device(d: &Device, opts: &Options<'_>) -> Result<Outcome, String> {
                     .write(true)
                     .open(&img_path)
                     .map_err(|e| format!("{}: {e}", img_path.display()))?;
-                let c = copy_extents(&image, &f, &extents, false, None, opts.stop, opts.progress)
-                    .map_err(|e| format!("{}: {e}", img_path.display()))?;
+                let c = match (method, digests.as_mut()) {
+                    (Method::Digest, Some(digests)) => {
+                        copy_changed_blocks(&image, &f, digests, opts.stop, opts.progress)
+                            .map_err(|e| format!("{}: {e}", img_path.display()))?
+                    }
+                    (_, digests) => {
+                        method = Method::Cbt;
+                        let map = d
+                            .tracker
+                            .read_cbt_map(MapKind::Snapshot)
+                            .map_err(|e| e.to_string())?;
+                        let extents = plan(&map, prev.snapshot_number, info.block_size, size);
+                        let mut tap = digests.map(|digests| Tap {
+                            digests,
+                            partial: Vec::new(),
+                        });
+                        let c = copy_extents(
+                            &image,
+                            &f,
+                            &extents,
+                            false,
+                            None,
+                            tap.as_mut(),
+                            opts.stop,
+                            opts.progress,
+                        )
+                        .map_err(|e| format!("{}: {e}", img_path.display()))?;
+                        if let Some(t) = tap {
+                            f.sync_all().map_err(|e| e.to_string())?;
+                            rehash(&img_path, t.digests, &t.partial)?;
+                        }
+                        c
+                    }
+                };
                 f.sync_all().map_err(|e| e.to_string())?;
                 m.sha256 = sha256_file(&img_path, size)?;
+                if let Some(digests) = &digests {
+                    m.digests = Some(store_digests(digests, &digest_path)?);
+                }
                 (c, manifest_path)
             } else {
                 // The base and its manifest stay untouched; the changes go
                 // to a new file with a manifest of its own.
+                let map = d
+                    .tracker
+                    .read_cbt_map(MapKind::Snapshot)
+                    .map_err(|e| e.to_string())?;
+                let extents = plan(&map, prev.base_number, info.block_size, size);
                 m.image = diff_path.file_name().unwrap().to_string_lossy().to_string();
-                let (c, sum) = copy_to_new_file(&image, &diff_path, &extents, size, opts)?;
+                let (c, sum) = copy_to_new_file(&image, &diff_path, &extents, size, None, opts)?;
                 m.sha256 = sum;
                 m.ranges = extents;
                 (c, manifest_path.with_extension("diff.json"))
             }
         }
     };
+    m.method = Some(method);
     m.bytes_read = copied.read;
     m.bytes_written = copied.written;
     m.status = Status::Complete;
@@ -562,6 +781,7 @@ fn backup_device(d: &Device, opts: &Options<'_>) -> Result<Outcome, String> {
     Ok(Outcome {
         device: m.device,
         kind: d.kind,
+        method,
         size,
         copied,
         manifest,
@@ -569,15 +789,56 @@ fn backup_device(d: &Device, opts: &Options<'_>) -> Result<Outcome, String> {
     })
 }
 
+/// Writes `digests` to `path`; returns what the manifest says of them.
+fn store_digests(digests: &Digests, path: &Path) -> Result<DigestFile, String> {
+    digests.store(path)?;
+    Ok(DigestFile {
+        file: path.file_name().unwrap().to_string_lossy().to_string(),
+        algorithm: digest::ALGORITHM.into(),
+        block_size: digest::BLOCK as u32,
+        sha256: sha256_file(
+            path,
+            std::fs::metadata(path).map_err(|e| e.to_string())?.len(),
+        )?,
+    })
+}
+
+/// Reads the digests a manifest names, checking them against it.
+fn load_digests(dir: &Path, f: &DigestFile, size: u64) -> Result<Digests, String> {
+    if f.algorithm != digest::ALGORITHM || u64::from(f.block_size) != digest::BLOCK {
+        return Err(format!(
+            "digests of {} bytes by {} are not ours ({} bytes by {})",
+            f.block_size,
+            f.algorithm,
+            digest::BLOCK,
+            digest::ALGORITHM
+        ));
+    }
+    let path = dir.join(&f.file);
+    let len = std::fs::metadata(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    let sum = sha256_file(&path, len)?;
+    if sum != f.sha256 {
+        return Err(format!(
+            "{}: checksum {sum} does not match the manifest's {}",
+            path.display(),
+            f.sha256
+        ));
+    }
+    Digests::load(&path, size)
+}
+
 /// Copies `extents` of the snapshot image into a new sparse file `path` of
 /// `size` bytes, written as `path.partial` and renamed when complete.
 /// Returns the counts and the file's SHA-256, computed while copying when the
-/// extents are the whole device.
+/// extents are the whole device. Sets `digests` to those of the new file.
 fn copy_to_new_file(
     image: &Path,
     path: &Path,
     extents: &[Extent],
     size: u64,
+    digests: Option<&mut Digests>,
     opts: &Options<'_>,
 ) -> Result<(Copied, String), String> {
     let tmp = path.with_extension("img.partial");
@@ -586,12 +847,17 @@ fn copy_to_new_file(
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
     let whole = extents == [(0, size)];
     let mut hash = Sha256::new();
+    let mut tap = digests.map(|digests| Tap {
+        digests,
+        partial: Vec::new(),
+    });
     let c = copy_extents(
         image,
         &f,
         extents,
         true,
         whole.then_some(&mut hash),
+        tap.as_mut(),
         opts.stop,
         opts.progress,
     )
@@ -599,6 +865,11 @@ fn copy_to_new_file(
     f.sync_all()
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(t) = tap {
+        // Blocks the copy did not read whole (none for a whole device):
+        // digested from the file, zeroes where it did not write.
+        rehash(path, t.digests, &t.partial)?;
+    }
     let sum = if whole {
         hex(&hash.finalize())
     } else {

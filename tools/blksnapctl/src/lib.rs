@@ -9,6 +9,7 @@
 //! Every error carries the errno and what was attempted.
 
 pub mod backup;
+pub mod digest;
 pub mod stack;
 
 use blk_snap_logic::uapi::{self, ctl};

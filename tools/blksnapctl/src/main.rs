@@ -472,9 +472,14 @@ fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
                 }
                 for o in report.devices {
                     println!(
-                        "{}: {:?} backup, device {}, read {}, wrote {} ({:.1}% of the device) -> {}",
+                        "{}: {:?} backup ({}), device {}, read {}, wrote {} ({:.1}% of the device) -> {}",
                         o.device,
                         o.kind,
+                        match o.method {
+                            backup::Method::Full => "whole device",
+                            backup::Method::Cbt => "changed blocks by the change map",
+                            backup::Method::Digest => "changed blocks by digest",
+                        },
                         mib(o.size),
                         mib(o.copied.read),
                         mib(o.copied.written),

@@ -3,9 +3,10 @@
 //! Full and incremental backups with the blksnap library and blksnapctl.
 
 use crate::dev::{self, SECTOR};
-use crate::snap::{disk, e, sha256, Tracked};
+use crate::snap::{disk, e, sha256, write_pattern, Tracked};
 use crate::{check_eq, fail, TestResult};
-use blksnap::backup::{self, Kind, Manifest, Status};
+use blksnap::backup::{self, Kind, Manifest, Method, Status};
+use blksnap::digest;
 use blksnap::{Control, MapKind, SnapshotId, Tracker};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +22,10 @@ pub const ALL: &[Test] = &[
         full_then_incrementals,
     ),
     ("backup_differential_keeps_the_base", differential),
-    ("backup_generation_reset_forces_full", generation_reset),
+    (
+        "backup_digest_incremental_after_tracking_restart",
+        generation_reset,
+    ),
     ("backup_bad_input", bad_input),
     ("backup_interrupted_is_marked_incomplete", interrupted),
 ];
@@ -214,31 +218,94 @@ fn differential() -> TestResult {
     r
 }
 
+/// Tracking restarts (a detach and an attach, as after a reboot) and the
+/// device is written while nothing tracks it: the next incremental cannot
+/// use the change map, so it reads the whole device and writes only the
+/// 64 KiB blocks whose digest changed; the image equals the device, and the
+/// incremental after it uses the map again.
 fn generation_reset() -> TestResult {
     let c = disk("blksnap-c")?;
     let dir = dev::scratch().join("gen-out");
     let _ = std::fs::remove_dir_all(&dir);
     let devices = vec![c.clone()];
     let stop = AtomicBool::new(false);
+    let sectors = dev::size_sectors(&c)?;
+    let size = sectors * SECTOR;
+    let (img, manifest, _) = backup::paths(&dir, &c);
     {
         let _t = Tracked::new(&c)?;
+        write_pattern(&c, 0, sectors, 61)?;
         backup::run(&opts(&devices, &dir, Kind::Full, &stop, false))?;
         let r = backup::run(&opts(&devices, &dir, Kind::Incremental, &stop, false))?;
         check_eq!(r.devices[0].kind, Kind::Incremental, "second backup");
     }
-    // Detaching dropped the CBT; a new generation starts at attach.
+    // Detaching dropped the CBT; these writes happen while nothing tracks
+    // the device: 4 KiB, 512 bytes at the end of a block, 200 KiB across
+    // four blocks, the last sector of the device.
+    let writes = [
+        ((1 << 20) / SECTOR + 16, 8),
+        ((5 << 20) / SECTOR + 127, 1),
+        ((10 << 20) / SECTOR + 64, 400),
+        (sectors - 1, 1),
+    ];
+    let block = digest::BLOCK / SECTOR;
+    let mut blocks = std::collections::BTreeSet::new();
+    for (i, &(sector, count)) in writes.iter().enumerate() {
+        write_pattern(&c, sector, count, 62 + i as u64)?;
+        blocks.extend(sector / block..=(sector + count - 1) / block);
+    }
+    let want: u64 = blocks
+        .iter()
+        .map(|b| ((b + 1) * digest::BLOCK).min(size) - b * digest::BLOCK)
+        .sum();
+    // A new generation starts at attach.
     let _t = Tracked::new(&c)?;
     let r = backup::run(&opts(&devices, &dir, Kind::Incremental, &stop, false))?;
-    check_eq!(
-        r.devices[0].kind,
-        Kind::Full,
-        "incremental after a generation reset"
+    let o = &r.devices[0];
+    println!(
+        "    after the restart: {:?} backup by {:?}, read {} bytes, wrote {} ({} blocks of 64 KiB changed)",
+        o.kind,
+        o.method,
+        o.copied.read,
+        o.copied.written,
+        blocks.len()
     );
     check_eq!(
-        r.devices[0].copied.read,
-        dev::size_sectors(&c)? * SECTOR,
-        "bytes read by the fallback"
+        o.kind,
+        Kind::Incremental,
+        "incremental after a tracking restart"
     );
+    check_eq!(o.method, Method::Digest, "how it found the changes");
+    check_eq!(o.copied.read, size, "bytes read by the digest incremental");
+    check_eq!(
+        o.copied.written,
+        want,
+        "bytes written by the digest incremental"
+    );
+    same(&img, &c, size)?;
+    let m = Manifest::load(&manifest)?;
+    check_eq!(m.method, Some(Method::Digest), "the manifest's method");
+    check_eq!(m.bytes_written, want, "the manifest's bytes written");
+    // The map works again for the next one, and keeps the digests right.
+    write_pattern(&c, (20 << 20) / SECTOR, 8, 70)?;
+    let r = backup::run(&opts(&devices, &dir, Kind::Incremental, &stop, false))?;
+    check_eq!(
+        r.devices[0].method,
+        Method::Cbt,
+        "the incremental after that"
+    );
+    same(&img, &c, size)?;
+    let digests = digest::Digests::load(&img.with_extension("digests"), size)?;
+    let mut data = vec![0u8; digest::BLOCK as usize];
+    let f = std::fs::File::open(&c).map_err(|x| x.to_string())?;
+    for i in 0..digests.blocks() {
+        let (s, end) = digests.span(i);
+        let d = &mut data[..(end - s) as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, d, s).map_err(|x| x.to_string())?;
+        if digests.get(i) != Some(&digest::hash(d)) {
+            fail!("the digest of block {i} does not match the device");
+        }
+    }
     Ok(())
 }
 

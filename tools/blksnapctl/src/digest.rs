@@ -1,0 +1,213 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Per-block digests of a backup image: what an incremental backup compares
+//! when the change map cannot be used (tracking restarted after a reboot, a
+//! detach or a module reload).
+//!
+//! The image is cut into blocks of [`BLOCK`] bytes (the last one may be
+//! shorter); each has the BLAKE3 hash of its content. BLAKE3 because a
+//! changed block whose digest matched the old one would be silently left
+//! out of the backup: the hash must be collision resistant (256 bits,
+//! cryptographic, unlike xxHash or CRC), and it must not make the backup
+//! CPU bound (several times faster than SHA-256 in software, and parallel
+//! within a block). 64 KiB blocks keep the digests at 1/2048 of the
+//! device (512 MiB per TiB) while an incremental that found 4 KiB changed
+//! writes 64 KiB.
+//!
+//! The file, `<name>.digests` beside the image: a header (`BLKSNAPD`, a
+//! format version, the block size and the device size, little endian) and
+//! then one 32-byte digest per block.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// Bytes of the blocks hashed.
+pub const BLOCK: u64 = 64 << 10;
+/// Bytes of one digest.
+pub const LEN: usize = 32;
+/// The hash, as the manifest names it.
+pub const ALGORITHM: &str = "blake3";
+
+const MAGIC: &[u8; 8] = b"BLKSNAPD";
+const VERSION: u32 = 1;
+const HEADER: usize = 8 + 4 + 4 + 8;
+
+/// The digests of an image of `size` bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Digests {
+    size: u64,
+    sums: Vec<[u8; LEN]>,
+}
+
+/// The digest of one block.
+pub fn hash(block: &[u8]) -> [u8; LEN] {
+    *blake3::hash(block).as_bytes()
+}
+
+impl Digests {
+    /// Digests of an image of `size` bytes, all unset (zero).
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            sums: vec![[0; LEN]; size.div_ceil(BLOCK) as usize],
+        }
+    }
+
+    /// Device size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of blocks.
+    pub fn blocks(&self) -> usize {
+        self.sums.len()
+    }
+
+    /// The byte range of block `i`.
+    pub fn span(&self, i: usize) -> (u64, u64) {
+        let start = i as u64 * BLOCK;
+        (start, (start + BLOCK).min(self.size))
+    }
+
+    /// The digest of block `i`.
+    pub fn get(&self, i: usize) -> Option<&[u8; LEN]> {
+        self.sums.get(i)
+    }
+
+    /// Sets the digest of block `i`.
+    pub fn set(&mut self, i: usize, sum: [u8; LEN]) {
+        if let Some(s) = self.sums.get_mut(i) {
+            *s = sum;
+        }
+    }
+
+    /// Takes `data`, the image's bytes from `off`: the digest of every
+    /// block it holds whole is set. Returns the blocks it holds only part
+    /// of (at most two), whose digests must be computed again from the
+    /// whole block.
+    pub fn absorb(&mut self, off: u64, data: &[u8]) -> Vec<usize> {
+        let end = (off + data.len() as u64).min(self.size);
+        let mut partial = Vec::new();
+        if off >= end {
+            return partial;
+        }
+        let first = (off / BLOCK) as usize;
+        let last = ((end - 1) / BLOCK) as usize;
+        for i in first..=last {
+            let (s, e) = self.span(i);
+            if s < off || e > end {
+                partial.push(i);
+                continue;
+            }
+            let from = (s - off) as usize;
+            let sum = hash(&data[from..from + (e - s) as usize]);
+            self.set(i, sum);
+        }
+        partial
+    }
+
+    /// Reads a digest file for an image of `size` bytes.
+    pub fn load(path: &Path, size: u64) -> Result<Self, String> {
+        let mut f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let bad = |why: &str| format!("{}: not a digest file of this image: {why}", path.display());
+        if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+            return Err(bad("no header"));
+        }
+        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        if word(8) != VERSION {
+            return Err(bad("another format version"));
+        }
+        if u64::from(word(12)) != BLOCK {
+            return Err(bad("another block size"));
+        }
+        if u64::from_le_bytes(bytes[16..24].try_into().unwrap()) != size {
+            return Err(bad("another device size"));
+        }
+        let mut d = Self::new(size);
+        if bytes.len() != HEADER + d.sums.len() * LEN {
+            return Err(bad("truncated"));
+        }
+        for (s, b) in d.sums.iter_mut().zip(bytes[HEADER..].chunks_exact(LEN)) {
+            s.copy_from_slice(b);
+        }
+        Ok(d)
+    }
+
+    /// The file's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER + self.sums.len() * LEN);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(BLOCK as u32).to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        for s in &self.sums {
+            out.extend_from_slice(s);
+        }
+        out
+    }
+
+    /// Writes the digest file atomically (temporary file, fsync, rename).
+    pub fn store(&self, path: &Path) -> Result<(), String> {
+        let tmp = path.with_extension("digests.tmp");
+        let mut f = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.write_all(&self.to_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absorb_sets_whole_blocks_and_reports_parts() {
+        let size = 3 * BLOCK + 4096;
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let mut d = Digests::new(size);
+        assert_eq!(d.blocks(), 4);
+        assert!(d.absorb(0, &data).is_empty());
+        for i in 0..4 {
+            let (s, e) = d.span(i);
+            assert_eq!(d.get(i).unwrap(), &hash(&data[s as usize..e as usize]));
+        }
+        let mut e = Digests::new(size);
+        // From the middle of block 0 to the middle of block 2.
+        let (from, to) = (BLOCK / 2, 2 * BLOCK + 100);
+        assert_eq!(
+            e.absorb(from, &data[from as usize..to as usize]),
+            vec![0, 2]
+        );
+        assert_eq!(e.get(1), d.get(1));
+        assert_eq!(e.get(0), Some(&[0; LEN]));
+        // The short last block is whole when the data reaches the end.
+        assert!(e.absorb(3 * BLOCK, &data[3 * BLOCK as usize..]).is_empty());
+        assert_eq!(e.get(3), d.get(3));
+    }
+
+    #[test]
+    fn file_round_trip_and_checks() {
+        let dir = std::env::temp_dir().join(format!("digest-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.digests");
+        let mut d = Digests::new(5 * BLOCK - 512);
+        d.set(2, [9; LEN]);
+        d.store(&p).unwrap();
+        assert_eq!(Digests::load(&p, 5 * BLOCK - 512).unwrap(), d);
+        assert!(Digests::load(&p, 5 * BLOCK)
+            .unwrap_err()
+            .contains("device size"));
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes.pop();
+        std::fs::write(&p, &bytes).unwrap();
+        assert!(Digests::load(&p, 5 * BLOCK - 512)
+            .unwrap_err()
+            .contains("truncated"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -786,8 +786,15 @@ impl DiffArea {
             return;
         }
         let c = chunks.start;
-        let mut reservation = RBTreeNodeReservation::new(GFP_NOIO).ok();
-        match self.source(c, &mut reservation) {
+        // A node is needed only to register as a reader of a chunk that has
+        // none: reserved on a miss, not for every read.
+        let mut reservation = None;
+        let mut source = self.source(c, &mut reservation);
+        if matches!(source, Err(e) if e == ENOMEM) {
+            reservation = RBTreeNodeReservation::new(GFP_NOIO).ok();
+            source = self.source(c, &mut reservation);
+        }
+        match source {
             Ok(Source::Origin) => {
                 let orig = self.orig.clone();
                 if let Err(bio) = self.send_image_read(bio, &orig, sector, Some(c), None) {

@@ -582,17 +582,26 @@ fn stuck_store() -> TestResult {
 /// O_DIRECT write to a chunk not yet copied fails at once with EAGAIN and
 /// changes nothing; the writes that may wait land, and the image keeps the
 /// old data.
-fn nowait_backlog() -> TestResult {
-    const CHUNK: u64 = 512; // sectors: the 256 KiB chunks of a 64 MiB disk
+/// A taken snapshot of `blksnap-c`, filled with the pattern `seed` first,
+/// whose store is 32 MiB of the write-throttled disk `blksnap-g` (64 KiB/s
+/// after a first write that passes at once): the disk, its tracker, the
+/// snapshot and its image.
+fn slow_store_snapshot(seed: u64) -> Result<(PathBuf, Tracked, Snap, PathBuf), String> {
     let c = disk("blksnap-c")?;
     let g = disk("blksnap-g")?;
     let t = Tracked::new(&c)?;
-    write_pattern(&c, 0, 64 * MIB, 101)?;
-    let _queue = dev::ModuleParam::set("chunk_maximum_in_queue", "1")?;
+    write_pattern(&c, 0, 64 * MIB, seed)?;
     let snap = Snap::devices(&g, &[(0, 32 * MIB)])?;
     snap.add(&t.0)?;
     snap.take()?;
     let image = t.image()?;
+    Ok((c, t, snap, image))
+}
+
+fn nowait_backlog() -> TestResult {
+    const CHUNK: u64 = 512; // sectors: the 256 KiB chunks of a 64 MiB disk
+    let _queue = dev::ModuleParam::set("chunk_maximum_in_queue", "1")?;
+    let (c, t, snap, image) = slow_store_snapshot(101)?;
     // Three writes that may wait, to chunks 1, 2 and 3: three copies of
     // 256 KiB to a disk that takes 64 KiB/s (the first passes at once).
     let writers: Vec<_> = (1..=3u64)
@@ -1460,14 +1469,7 @@ fn fill_block(buf: &mut [u8], block: u64, gen: u32) {
 /// chunk meanwhile waits until it is stored and returns the old data.
 fn cow_releases_after_read() -> TestResult {
     const CHUNK: u64 = 512; // sectors: the 256 KiB chunks of a 64 MiB disk
-    let c = disk("blksnap-c")?;
-    let g = disk("blksnap-g")?;
-    let t = Tracked::new(&c)?;
-    write_pattern(&c, 0, 64 * MIB, 111)?;
-    let snap = Snap::devices(&g, &[(0, 32 * MIB)])?;
-    snap.add(&t.0)?;
-    snap.take()?;
-    let image = t.image()?;
+    let (c, t, snap, image) = slow_store_snapshot(111)?;
     // Spends the store's write that passes the throttle at once.
     write_pattern(&c, CHUNK, 8, 112)?;
     let at = Instant::now();

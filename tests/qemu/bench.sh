@@ -453,7 +453,7 @@ release() { # cfg
 # the freeze to the thaw that the module logs (memory store), and the time
 # of the take ioctl that blksnapctl measures; dm: see dm_switch.
 take_latency() {
-	local cfg=$1 n=$2 load=$3 disks=() i ms t0 fio_pid="" targets=() switch=()
+	local cfg=$1 n=$2 load=$3 disks=() i ms fio_pid="" targets=() switch=()
 	read -ra disks <<<"$TAKE_DISKS"
 	disks=("${disks[@]:0:$n}")
 	case $cfg in
@@ -514,10 +514,6 @@ take_latency() {
 	esac
 	stamp "$cfg: $n-device snapshot gone"
 }
-elapsed_ms() { # EPOCHREALTIME at the start
-	local now=$EPOCHREALTIME
-	awk -v a="$1" -v b="$now" 'BEGIN { printf "%.3f", (b - a) * 1000 }'
-}
 
 # start_writers DEVS...: fio in the background ($!), 2 s of 64 KiB random
 # writes at QD4 over the first TAKE_MB MiB of each device; returns once
@@ -549,7 +545,7 @@ start_writers() {
 # run_config CFG: every job of one round for one configuration, each
 # first-touch run on a fresh snapshot.
 run_config() {
-	local cfg=$1 d t0
+	local cfg=$1 d qd
 	case $cfg in raw | dm-*) ;; *) blksnapctl attach "$ORIGIN" >/dev/null ;; esac
 	case $cfg in raw | file | memory | devices) measure_cbt "$cfg" ;; esac
 
@@ -574,21 +570,18 @@ run_config() {
 	# the block size; any blockalign= would turn the random map off), each
 	# once (random map), so each lies in one chunk and the region ends up
 	# fully written.
-	take "$cfg"
-	job rnd_qd1 write "$TARGET" --rw=randwrite --bs=64k --iodepth=1
-	run_jobs "$cfg"
-	release "$cfg"
-	take "$cfg"
-	job rnd_qd8 write "$TARGET" --rw=randwrite --bs=64k --iodepth=8
-	run_jobs "$cfg"
-	release "$cfg"
+	for qd in 1 8; do
+		take "$cfg"
+		job "rnd_qd$qd" write "$TARGET" --rw=randwrite --bs=64k --iodepth="$qd"
+		run_jobs "$cfg"
+		release "$cfg"
+	done
 	# Image reads under random writes to the origin.
-	take "$cfg"
-	measure_under_writes rdW_qd1 "$cfg" 1
-	release "$cfg"
-	take "$cfg"
-	measure_under_writes rdW_qd4 "$cfg" 4
-	release "$cfg"
+	for qd in 1 4; do
+		take "$cfg"
+		measure_under_writes "rdW_qd$qd" "$cfg" "$qd"
+		release "$cfg"
+	done
 
 	case $cfg in
 	dm-* | memory)

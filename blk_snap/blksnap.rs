@@ -28,6 +28,10 @@ mod ctl;
 mod diff_area;
 mod diff_storage;
 mod event_queue;
+#[allow(dead_code, unreachable_pub)]
+#[path = "logic/fine.rs"]
+mod fine;
+mod fine_map;
 mod io;
 mod params;
 mod snapimage;

@@ -3,7 +3,8 @@
 //! The change block tracking map of a tracked device.
 //!
 //! The arithmetic lives in [`crate::cbt`], which the host tests cover; this
-//! file owns the two byte maps and the lock that the submit path takes.
+//! file owns the two byte maps, the fine map of 4 KiB blocks
+//! ([`crate::fine_map`]) and the lock that the submit path takes.
 //!
 //! The map is sized for the device's capacity when tracking starts. If the
 //! capacity changed when a snapshot is taken, the map starts over with the
@@ -11,6 +12,8 @@
 //! generation and knows that its earlier change numbers are void.
 
 use crate::cbt::{merge_ranges, CbtError, CbtGeometry, CbtParams, CbtState};
+use crate::fine_map::{self, FineMap};
+use crate::params;
 use core::ops::Range;
 use kernel::{
     alloc::{flags::GFP_KERNEL, KVVec, KVec},
@@ -37,6 +40,7 @@ struct Maps {
     state: CbtState,
     active: KVVec<u8>,
     read: KVVec<u8>,
+    fine: FineMap,
 }
 
 /// The CBT map of one device.
@@ -58,6 +62,14 @@ pub(crate) struct Reset {
     geometry: CbtGeometry,
     active: KVVec<u8>,
     read: KVVec<u8>,
+    fine: FineMap,
+}
+
+/// What a take needs allocated before it: a reset if the capacity changed,
+/// and the fine map's next interval.
+pub(crate) struct Prepared {
+    reset: Option<Reset>,
+    fine: fine_map::Prepared,
 }
 
 /// Bytes copied to user space per lock hold when reading a map.
@@ -84,18 +96,21 @@ fn geometry_for(capacity_sectors: u64, params: &CbtParams) -> Result<CbtGeometry
 }
 
 impl CbtMap {
-    /// Creates the map of a device of `capacity_sectors` sectors.
+    /// Creates the map of a device of `capacity_sectors` sectors, whose fine
+    /// blocks have the sector shift `fine_shift`.
     pub(crate) fn new(
         capacity_sectors: u64,
         params: &CbtParams,
+        fine_shift: u32,
     ) -> Result<impl PinInit<Self, Error>> {
         let geometry = geometry_for(capacity_sectors, params)?;
         let n = geometry.block_count as usize;
         let active = KVVec::from_elem(0u8, n, GFP_KERNEL)?;
         let read = KVVec::from_elem(0u8, n, GFP_KERNEL)?;
+        let fine = FineMap::new(capacity_sectors, fine_shift, params::fine_map_limit())?;
         let state = CbtState::new(*Uuid::new_random().as_bytes());
         Ok(try_pin_init!(Self {
-            maps <- new_spinlock!(Maps { geometry, state, active, read }, "CbtMap::maps"),
+            maps <- new_spinlock!(Maps { geometry, state, active, read, fine }, "CbtMap::maps"),
         }))
     }
 
@@ -118,6 +133,7 @@ impl CbtMap {
         if !blocks.is_empty() {
             state.mark_write(active, blocks);
         }
+        maps.fine.mark(sector, count);
     }
 
     /// Checks a user-supplied sector range and returns its blocks.
@@ -142,13 +158,21 @@ impl CbtMap {
                 {
                     let mut maps = self.maps.lock();
                     let Maps {
+                        geometry,
                         state,
                         active,
                         read,
-                        ..
+                        fine,
                     } = &mut *maps;
                     let len = active.len();
-                    state.mark_dirty(active, read, pos.min(len)..end.min(len));
+                    let blocks = pos.min(len)..end.min(len);
+                    state.mark_dirty(active, read, blocks.clone());
+                    // Copied by coarse blocks: the fine map does not know
+                    // them (the containers they touch become unknown).
+                    let shift = geometry.block_shift - 9;
+                    let sector = (blocks.start as u64) << shift;
+                    let count = ((blocks.end - blocks.start) as u64) << shift;
+                    fine.lose(sector, count, state.previous);
                 }
                 pos = end;
                 if ktime_ms_delta(Ktime::ktime_get(), since) >= MARK_SLICE_MS {
@@ -159,14 +183,30 @@ impl CbtMap {
         }
     }
 
-    /// Prepares a reset if the device no longer has the capacity the map
-    /// was made for. May sleep.
-    pub(crate) fn prepare_reset(
+    /// Allocates what the next take needs: a reset if the device no longer
+    /// has the capacity the map was made for, and the fine map's next
+    /// interval. May sleep.
+    pub(crate) fn prepare_take(
         &self,
         capacity_sectors: u64,
         params: &CbtParams,
-    ) -> Result<Option<Reset>> {
-        let old = self.geometry();
+    ) -> Result<Prepared> {
+        let reset = self.prepare_reset(capacity_sectors, params)?;
+        let fine = match &reset {
+            Some(r) => r.fine.prepare()?,
+            None => {
+                let containers = self.maps.lock().fine.containers();
+                fine_map::Prepared::new(containers)?
+            }
+        };
+        Ok(Prepared { reset, fine })
+    }
+
+    fn prepare_reset(&self, capacity_sectors: u64, params: &CbtParams) -> Result<Option<Reset>> {
+        let (old, fine_shift) = {
+            let maps = self.maps.lock();
+            (maps.geometry, maps.fine.shift())
+        };
         if old.capacity_sectors == capacity_sectors {
             return Ok(None);
         }
@@ -181,35 +221,84 @@ impl CbtMap {
             geometry,
             active: KVVec::from_elem(0u8, n, GFP_KERNEL)?,
             read: KVVec::from_elem(0u8, n, GFP_KERNEL)?,
+            fine: FineMap::new(capacity_sectors, fine_shift, params::fine_map_limit())?,
         }))
     }
 
     /// Takes a snapshot: the read map becomes a copy of the active map and
-    /// the numbers advance, or a new generation starts (with `reset`, or
-    /// when the numbers are exhausted).
-    pub(crate) fn take_snapshot(&self, reset: Option<Reset>) {
-        // The maps a reset replaces are freed outside the spinlock.
+    /// the numbers advance, or a new generation starts (with a reset, or
+    /// when the numbers are exhausted). The fine map's active interval is
+    /// frozen under the number its writes carry.
+    pub(crate) fn take_snapshot(&self, prepared: Prepared) {
+        // The maps a reset replaces, and the fine intervals let go of, are
+        // freed outside the spinlock.
+        let Prepared { reset, fine } = prepared;
         let mut old = reset;
-        let exhausted = {
+        let (exhausted, dropped) = {
             let mut maps = self.maps.lock();
+            let restarted = old.is_some();
             if let Some(r) = old.as_mut() {
                 maps.geometry = core::mem::replace(&mut r.geometry, maps.geometry);
                 core::mem::swap(&mut maps.active, &mut r.active);
                 core::mem::swap(&mut maps.read, &mut r.read);
+                core::mem::swap(&mut maps.fine, &mut r.fine);
                 maps.state = CbtState::new(*Uuid::new_random().as_bytes());
             }
             let Maps {
                 state,
                 active,
                 read,
+                fine: fine_map,
                 ..
             } = &mut *maps;
-            state.take_snapshot(active, read, || *Uuid::new_random().as_bytes())
+            let number = state.active;
+            let exhausted = state.take_snapshot(active, read, || *Uuid::new_random().as_bytes());
+            let dropped = fine_map.take(fine, number, restarted || exhausted);
+            (exhausted, dropped)
         };
+        drop(dropped);
         drop(old);
         if exhausted {
             pr_info!("change numbers exhausted: new CBT generation\n");
         }
+    }
+
+    /// The fine map's block shift (sectors), its block count, and the bytes
+    /// its containers take and may take.
+    pub(crate) fn fine_info(&self) -> (u32, u64, usize, usize) {
+        let maps = self.maps.lock();
+        let (bytes, limit) = maps.fine.usage();
+        (maps.fine.shift(), maps.fine.blocks(), bytes, limit)
+    }
+
+    /// Copies to user space what the fine map says of `count` fine blocks
+    /// from `first` for the writes after the take numbered `since` up to
+    /// the last take (see [`fine_map::answer`]). Fails with `ENODATA` if
+    /// the blocks are not all on the device (which may have changed size).
+    pub(crate) fn fine_to_user(
+        &self,
+        since: u8,
+        first: u64,
+        count: u64,
+        out: &mut UserSliceWriter,
+    ) -> Result {
+        let mut bounce = KVec::from_elem(0u8, COPY_CHUNK, GFP_KERNEL)?;
+        let mut pos = first;
+        let end = first.checked_add(count).ok_or(EINVAL)?;
+        while pos < end {
+            let len = (end - pos).min(COPY_CHUNK as u64) as usize;
+            {
+                let maps = self.maps.lock();
+                if end > maps.fine.blocks() {
+                    return Err(ENODATA);
+                }
+                maps.fine
+                    .answer(since, maps.state.previous, pos, &mut bounce[..len]);
+            }
+            out.write_slice(&bounce[..len])?;
+            pos += len as u64;
+        }
+        Ok(())
     }
 
     /// Returns the geometry and current numbers.

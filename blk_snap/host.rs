@@ -18,3 +18,6 @@ pub mod chunk;
 
 #[path = "logic/store.rs"]
 pub mod store;
+
+#[path = "logic/fine.rs"]
+pub mod fine;

@@ -86,3 +86,15 @@ pub(crate) fn chunk_params() -> crate::chunk::ChunkParams {
         maximum_shift: chunk_maximum_shift.get(),
     }
 }
+kernel::module_param_u32!(
+    "blksnap",
+    fine_map_limit_kib,
+    8192,
+    0o644,
+    "Our extension: KiB the 4 KiB change map of one device may take; past it, a region is tracked by the coarse map only"
+);
+
+/// Bytes the fine change map of one device may take.
+pub(crate) fn fine_map_limit() -> usize {
+    (fine_map_limit_kib.get() as usize).saturating_mul(1024)
+}

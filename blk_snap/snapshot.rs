@@ -561,7 +561,10 @@ impl Snapshot {
                 .zip(areas.iter())
                 .zip(resets.iter_mut())
             {
-                if let Err(e) = t.switch_to(a, r.take().flatten()) {
+                let Some(prepared) = r.take() else {
+                    continue;
+                };
+                if let Err(e) = t.switch_to(a, prepared) {
                     switched = Err(e);
                 }
             }

@@ -44,6 +44,14 @@ unsafe impl FromBytes for uapi::BlksnapSectors {}
 unsafe impl FromBytes for uapi::BlksnapSnapshotadd {}
 // SAFETY: An i32 followed by bytes: no padding, any bit pattern is valid.
 unsafe impl AsBytes for uapi::BlksnapSnapshotinfo {}
+// SAFETY: Eight bytes, then u64s: no padding (48 bytes on every ABI), any
+// bit pattern is valid.
+unsafe impl FromBytes for uapi::BlksnapCbtfine {}
+// SAFETY: As above.
+unsafe impl AsBytes for uapi::BlksnapCbtfine {}
+
+/// Fine blocks one `CBTFINE` call may ask about (16 MiB of answers).
+const CBTFINE_MAX: u64 = 1 << 24;
 
 /// The snapshot side of a tracker.
 struct Cow {
@@ -81,7 +89,11 @@ pub(crate) struct Tracker {
 
 impl Tracker {
     fn new(bdev: &BlockDevice) -> Result<Arc<Self>> {
-        let cbt = CbtMap::new(bdev.nr_sectors(), &params::cbt_params())?;
+        let cbt = CbtMap::new(
+            bdev.nr_sectors(),
+            &params::cbt_params(),
+            crate::fine::fine_shift(bdev.logical_block_size()),
+        )?;
         let tracker = Arc::pin_init(
             try_pin_init!(Self {
                 dev: bdev.dev(),
@@ -201,10 +213,10 @@ impl Tracker {
     }
 
     /// Prepares what switching to a new snapshot needs, sleeping: new CBT
-    /// maps if the device changed size.
-    pub(crate) fn prepare_switch(&self) -> Result<Option<crate::cbt_map::Reset>> {
+    /// maps if the device changed size, the fine map's next interval.
+    pub(crate) fn prepare_switch(&self) -> Result<crate::cbt_map::Prepared> {
         self.cbt
-            .prepare_reset(self.bdev.nr_sectors(), &params::cbt_params())
+            .prepare_take(self.bdev.nr_sectors(), &params::cbt_params())
     }
 
     /// Switches the CBT maps and starts copy-on-write with `area`, while
@@ -213,9 +225,9 @@ impl Tracker {
     pub(crate) fn switch_to(
         &self,
         area: &Arc<DiffArea>,
-        reset: Option<crate::cbt_map::Reset>,
+        prepared: crate::cbt_map::Prepared,
     ) -> Result {
-        self.cbt.take_snapshot(reset);
+        self.cbt.take_snapshot(prepared);
         {
             let mut cow = self.cow.lock();
             if !cow.detached {
@@ -401,6 +413,48 @@ impl Tracker {
         Ok(0)
     }
 
+    fn cbtfine(&self, opt: UserSlice, optlen: &mut u32) -> Result<i32> {
+        check_len(*optlen, size_of::<uapi::BlksnapCbtfine>(), "CBTFINE")?;
+        let (mut reader, mut writer) = opt.reader_writer();
+        let mut arg: uapi::BlksnapCbtfine = reader.read()?;
+        if arg.reserved != [0; 6] || arg.count > CBTFINE_MAX {
+            pr_err!(
+                "{}: CBTFINE of {} blocks (at most {}), reserved bytes {:?} (must be zero)\n",
+                self.dev,
+                arg.count,
+                CBTFINE_MAX,
+                arg.reserved
+            );
+            return Err(EINVAL);
+        }
+        let (shift, blocks, memory, limit) = self.cbt.fine_info();
+        if !arg
+            .offset
+            .checked_add(arg.count)
+            .is_some_and(|end| end <= blocks)
+        {
+            pr_err!(
+                "{}: CBTFINE of {} blocks at {} is outside the {} fine blocks of the device\n",
+                self.dev,
+                arg.count,
+                arg.offset,
+                blocks
+            );
+            return Err(ENODATA);
+        }
+        if arg.count > 0 {
+            let mut out = UserSlice::new(arg.buffer as usize, arg.count as usize).writer();
+            self.cbt
+                .fine_to_user(arg.since, arg.offset, arg.count, &mut out)?;
+        }
+        arg.block_shift = (shift + 9) as u8;
+        arg.memory = memory as u64;
+        arg.memory_limit = limit as u64;
+        writer.write(&arg)?;
+        *optlen = size_of::<uapi::BlksnapCbtfine>() as u32;
+        Ok(0)
+    }
+
     fn cbtdirty(&self, opt: UserSlice, optlen: u32) -> Result<i32> {
         let arg = if in_compat_syscall() {
             check_len(
@@ -574,6 +628,7 @@ impl Filter for TrackerFilter {
             ctl::CBTINFO => tracker.cbtinfo(opt, optlen),
             ctl::CBTMAP => tracker.cbtmap(Map::Read, opt, *optlen),
             ctl::CBTMAP_ACTIVE => tracker.cbtmap(Map::Active, opt, *optlen),
+            ctl::CBTFINE => tracker.cbtfine(opt, optlen),
             ctl::CBTDIRTY => tracker.cbtdirty(opt, *optlen),
             ctl::SNAPSHOTADD => tracker.snapshotadd(opt, *optlen),
             ctl::SNAPSHOTINFO => tracker.snapshotinfo(opt, optlen),

@@ -99,6 +99,40 @@ pub mod ctl {
     /// Extension: read the active CBT map, which records changes as they
     /// happen.
     pub const CBTMAP_ACTIVE: u32 = 128;
+    /// Extension: which fine blocks were written between two takes.
+    pub const CBTFINE: u32 = 129;
+}
+
+/// `enum blksnap_fine`: what `CBTFINE` says of a block.
+pub mod fine {
+    /// Not written in the intervals asked about.
+    pub const CLEAN: u8 = 0;
+    /// Written.
+    pub const WRITTEN: u8 = 1;
+    /// Not known: the CBT map has the answer.
+    pub const UNKNOWN: u8 = 2;
+}
+
+/// `struct blksnap_cbtfine`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapCbtfine {
+    /// Change number of an earlier snapshot.
+    pub since: u8,
+    /// Output: log2 of the bytes of a fine block.
+    pub block_shift: u8,
+    /// Must be zero.
+    pub reserved: [u8; 6],
+    /// First fine block.
+    pub offset: u64,
+    /// Number of fine blocks.
+    pub count: u64,
+    /// User address of `count` bytes.
+    pub buffer: u64,
+    /// Output: bytes the fine map takes.
+    pub memory: u64,
+    /// Output: bytes it may take.
+    pub memory_limit: u64,
 }
 
 /// `struct blksnap_uuid`.

@@ -177,6 +177,14 @@ fn extensions_agree_between_c_and_rust() {
         "ioctl IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE {:#x}\n",
         IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE
     );
+    size!(s, "blksnap_cbtfine", BlksnapCbtfine);
+    off!(s, "blksnap_cbtfine", BlksnapCbtfine, block_shift);
+    off!(s, "blksnap_cbtfine", BlksnapCbtfine, reserved);
+    off!(s, "blksnap_cbtfine", BlksnapCbtfine, offset);
+    off!(s, "blksnap_cbtfine", BlksnapCbtfine, count);
+    off!(s, "blksnap_cbtfine", BlksnapCbtfine, buffer);
+    off!(s, "blksnap_cbtfine", BlksnapCbtfine, memory);
+    off!(s, "blksnap_cbtfine", BlksnapCbtfine, memory_limit);
     s += &format!(
         "enum CBTMAP_ACTIVE {} MEMORY {} DEVICES {} low_free_space {}\n",
         ctl::CBTMAP_ACTIVE,
@@ -184,9 +192,17 @@ fn extensions_agree_between_c_and_rust() {
         storage::DEVICES,
         event::LOW_FREE_SPACE
     );
+    s += &format!(
+        "enum CBTFINE {} CLEAN {} WRITTEN {} UNKNOWN {}\n",
+        ctl::CBTFINE,
+        fine::CLEAN,
+        fine::WRITTEN,
+        fine::UNKNOWN
+    );
     assert_eq!(c_layout(&["ext"]), s);
     // Extensions must not reuse upstream numbers.
     const { assert!(ctl::CBTMAP_ACTIVE > ctl::SNAPSHOTINFO && event::LOW_FREE_SPACE > event::NO_SPACE) };
+    const { assert!(ctl::CBTFINE > ctl::CBTMAP_ACTIVE) };
 }
 
 #[test]

@@ -705,6 +705,54 @@ row|take ioctl, 4 devices, under writes|take4_writes_ioctl|%.1f
 EOT
 }
 
+# ---------------------------------------------------------------- precision
+
+# measure_precision: how close an incremental backup comes to the bytes
+# that changed. A full backup of the 1 GiB disk blksnap-i (unthrottled),
+# then fio writes PRECISION_MB MiB of 4 KiB blocks at random over it (each
+# block once), then an incremental: the bytes it read from the snapshot
+# image against the bytes that differ between the two backups' images,
+# compared 4 KiB by 4 KiB, and what the CBT blocks alone would have copied.
+PRECISION_MB=${BLKSNAP_BENCH_PRECISION_MB:-16}
+measure_precision() {
+	local dev dir=$BLKSNAP_SCRATCH/precision name json read info bs
+	dev=$(serial_disk blksnap-i)
+	[ -b "$dev" ] || fail "no precision disk (serial blksnap-i)"
+	name=${dev#/dev/}
+	rm -rf "$dir"
+	mkdir -p "$dir/store"
+	blksnapctl attach "$dev" >/dev/null
+	blksnapctl backup full "$dev" --store "$dir/store" --limit 64M --to "$dir" >/dev/null
+	cp --sparse=always "$dir/$name.img" "$dir/before.img"
+	fio_run precision --name=p --filename="$dev" --rw=randwrite --bs=4k --iodepth=16 \
+		--size=1G --io_size="${PRECISION_MB}M"
+	json=$(blksnapctl --json backup incremental "$dev" --store "$dir/store" --limit 64M --to "$dir")
+	read=$(jq -r '.devices[0].copied.read' <<<"$json")
+	info=$(blksnapctl --json cbt info "$dev")
+	bs=$(jq -r .block_size <<<"$info")
+	python3 - "$dir/before.img" "$dir/$name.img" "$bs" "$read" <<'PY' | sed 's/^/bench: /'
+import sys
+a, b, bs, read = open(sys.argv[1], "rb"), open(sys.argv[2], "rb"), int(sys.argv[3]), int(sys.argv[4])
+blocks, coarse, i = 0, set(), 0
+while True:
+    x, y = a.read(1 << 20), b.read(1 << 20)
+    if not x and not y:
+        break
+    for o in range(0, max(len(x), len(y)), 4096):
+        if x[o:o + 4096] != y[o:o + 4096]:
+            blocks += 1
+            coarse.add((i + o) // bs)
+    i += 1 << 20
+differ = blocks * 4096
+print("precision: the two images differ in %d blocks of 4 KiB (%d bytes)" % (blocks, differ))
+print("precision: incremental read %d bytes: %.2f x the bytes that differ (CBT blocks of %d KiB alone: %.2f x)"
+      % (read, read / max(differ, 1), bs >> 10, len(coarse) * bs / max(differ, 1)))
+PY
+	say "precision: fine map $(jq -r '.fine.memory' <<<"$info") bytes for this run (limit $(jq -r '.fine.memory_limit' <<<"$info"), fine blocks $(jq -r '.fine.block_size' <<<"$info") bytes)"
+	blksnapctl detach "$dev" >/dev/null
+	rm -rf "$dir"
+}
+
 # ---------------------------------------------------------------- main
 
 cleanup() {
@@ -779,3 +827,5 @@ for ROUND in $(seq "$ROUNDS"); do
 done
 say "all rounds: $((SECONDS - start)) s"
 print_table
+say "==== incremental precision ($PRECISION_MB MiB of 4 KiB random writes over a 1 GiB disk)"
+measure_precision

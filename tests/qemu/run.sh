@@ -17,7 +17,8 @@
 # (zeros), the region plus 32 MiB, at least 96 MiB; blksnap-b, -c, -d, 16
 # MiB of random data each; all five throttled to BLKSNAP_BENCH_BPS bytes/s
 # and BLKSNAP_BENCH_IOPS I/Os per second (each; 0: not throttled); and
-# blksnap-t, read-only, a tar archive of the tools bench.sh starts often.
+# blksnap-i, 1 GiB, sparse and not throttled, for the incremental precision
+# line; blksnap-t, read-only, a tar archive of the tools bench.sh starts often.
 # Then runs tests/qemu/guest.sh MODE in the guest.
 #
 # usage: run.sh test|soak|demo|bench [test name filters...]
@@ -102,6 +103,9 @@ bench_disks() {
 	for d in a b c d e; do
 		QEMU_DRIVES+="$(drive "$RESULTS/disk-$d.img" "blksnap-$d" "$throttle") "
 	done
+	# The incremental precision disk: 1 GiB, sparse, not throttled.
+	truncate -s 1G "$RESULTS/disk-i.img"
+	QEMU_DRIVES+="$(drive "$RESULTS/disk-i.img" blksnap-i ,cache=none) "
 	bench_tools
 	QEMU_DRIVES+="$(drive "$RESULTS/disk-t.img" blksnap-t ,cache=none,readonly=on) "
 }

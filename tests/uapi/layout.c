@@ -27,9 +27,20 @@ static void extensions(void)
 	SIZE(blksnap_event_low_free_space);
 	IOCTL(IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE);
 	IOCTL(IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE);
+	SIZE(blksnap_cbtfine);
+	OFF(blksnap_cbtfine, block_shift);
+	OFF(blksnap_cbtfine, reserved);
+	OFF(blksnap_cbtfine, offset);
+	OFF(blksnap_cbtfine, count);
+	OFF(blksnap_cbtfine, buffer);
+	OFF(blksnap_cbtfine, memory);
+	OFF(blksnap_cbtfine, memory_limit);
 	printf("enum CBTMAP_ACTIVE %d MEMORY %d DEVICES %d low_free_space %d\n",
 	       BLKFILTER_CTL_BLKSNAP_CBTMAP_ACTIVE, BLKSNAP_STORAGE_MEMORY,
 	       BLKSNAP_STORAGE_DEVICES, blksnap_event_code_low_free_space);
+	printf("enum CBTFINE %d CLEAN %d WRITTEN %d UNKNOWN %d\n",
+	       BLKFILTER_CTL_BLKSNAP_CBTFINE, BLKSNAP_FINE_CLEAN,
+	       BLKSNAP_FINE_WRITTEN, BLKSNAP_FINE_UNKNOWN);
 }
 
 int main(int argc, char **argv __attribute__((unused)))

@@ -57,6 +57,9 @@
  * @BLKFILTER_CTL_BLKSNAP_CBTMAP_ACTIVE:
  *	Extension: like @BLKFILTER_CTL_BLKSNAP_CBTMAP, but reads the active
  *	map, which records changes as they happen.
+ * @BLKFILTER_CTL_BLKSNAP_CBTFINE:
+ *	Extension: which 4 KiB blocks (or logical blocks, if larger) were
+ *	written between two takes, described by &struct blksnap_cbtfine.
  */
 enum blkfilter_ctl_blksnap {
 	BLKFILTER_CTL_BLKSNAP_CBTINFO = 0,
@@ -65,6 +68,7 @@ enum blkfilter_ctl_blksnap {
 	BLKFILTER_CTL_BLKSNAP_SNAPSHOTADD = 3,
 	BLKFILTER_CTL_BLKSNAP_SNAPSHOTINFO = 4,
 	BLKFILTER_CTL_BLKSNAP_CBTMAP_ACTIVE = 128,
+	BLKFILTER_CTL_BLKSNAP_CBTFINE = 129,
 };
 
 /**
@@ -105,6 +109,49 @@ struct blksnap_cbtmap {
 	__u32 offset;
 	__u32 length;
 	__u64 buffer;
+};
+
+/**
+ * enum blksnap_fine - What &BLKFILTER_CTL_BLKSNAP_CBTFINE says of a block.
+ * @BLKSNAP_FINE_CLEAN: Not written in the intervals asked about.
+ * @BLKSNAP_FINE_WRITTEN: Written.
+ * @BLKSNAP_FINE_UNKNOWN: Not known (the fine map's memory limit, no
+ *	memory, a range marked dirty, or an interval no longer kept): the
+ *	change tracking map (&BLKFILTER_CTL_BLKSNAP_CBTMAP) has the answer.
+ */
+enum blksnap_fine {
+	BLKSNAP_FINE_CLEAN = 0,
+	BLKSNAP_FINE_WRITTEN = 1,
+	BLKSNAP_FINE_UNKNOWN = 2,
+};
+
+/**
+ * struct blksnap_cbtfine - Argument of &BLKFILTER_CTL_BLKSNAP_CBTFINE.
+ * @since: Input: the change number of an earlier snapshot; the blocks
+ *	written after it was taken, up to the last take, are reported.
+ * @block_shift: Output: log2 of the bytes of a fine block.
+ * @reserved: Must be zero.
+ * @offset: Input: first fine block.
+ * @count: Input: number of fine blocks, at most 1 << 24; 0 only fills
+ *	the outputs.
+ * @buffer: Input: user space address of @count bytes, each set to a
+ *	&enum blksnap_fine.
+ * @memory: Output: bytes the device's fine map takes.
+ * @memory_limit: Output: bytes it may take (module parameter
+ *	fine_map_limit_kib); past it, regions are tracked by the change
+ *	tracking map alone.
+ *
+ * A range not all on the device fails with ENODATA, bad input with EINVAL.
+ */
+struct blksnap_cbtfine {
+	__u8 since;
+	__u8 block_shift;
+	__u8 reserved[6];
+	__u64 offset;
+	__u64 count;
+	__u64 buffer;
+	__u64 memory;
+	__u64 memory_limit;
 };
 
 /**

@@ -176,6 +176,61 @@ pub fn plan(map: &[u8], since: u8, block_size: u32, size: u64) -> Vec<Extent> {
         .collect()
 }
 
+/// Appends the byte ranges of the fine blocks from `first` whose answer
+/// in `answers` is not `CLEAN` (written, or unknown to the fine map) to
+/// `out`, merged with its last range where they touch, clipped to `size`.
+pub fn fine_extents(first: u64, answers: &[u8], block_size: u64, size: u64, out: &mut Vec<Extent>) {
+    for (i, &a) in answers.iter().enumerate() {
+        if a == blk_snap_logic::uapi::fine::CLEAN {
+            continue;
+        }
+        let start = (first + i as u64) * block_size;
+        let end = (start + block_size).min(size);
+        if start >= end {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == start => last.1 += end - start,
+            _ => out.push((start, end - start)),
+        }
+    }
+}
+
+/// Narrows `extents`, the changed CBT blocks since the take numbered
+/// `since`, to the fine blocks that the module's fine map says were written
+/// in them (or does not know about: those stay whole). Without the
+/// extension (an upstream module) they stay as they are. Returns the
+/// extents and the fine block size (0 without the extension).
+pub fn refine(
+    tracker: &Tracker,
+    since: u8,
+    extents: &[Extent],
+    size: u64,
+) -> Result<(Vec<Extent>, u32), String> {
+    let info = match tracker.read_fine(since, 0, &mut []) {
+        Ok(info) => info,
+        Err(e) if e.errno == nix::errno::Errno::ENOTTY => return Ok((extents.to_vec(), 0)),
+        Err(e) => return Err(e.to_string()),
+    };
+    let bs = u64::from(info.block_size);
+    let mut out = Vec::new();
+    let mut answers = Vec::new();
+    for &(start, len) in extents {
+        let mut pos = start / bs;
+        let end = (start + len).div_ceil(bs);
+        while pos < end {
+            let n = (end - pos).min(1 << 20);
+            answers.resize(n as usize, 0);
+            tracker
+                .read_fine(since, pos, &mut answers)
+                .map_err(|e| e.to_string())?;
+            fine_extents(pos, &answers, bs, size, &mut out);
+            pos += n;
+        }
+    }
+    Ok((out, info.block_size))
+}
+
 /// Total bytes of `extents`.
 pub fn total(extents: &[Extent]) -> u64 {
     extents.iter().map(|e| e.1).sum()
@@ -728,7 +783,8 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
                             .tracker
                             .read_cbt_map(MapKind::Snapshot)
                             .map_err(|e| e.to_string())?;
-                        let extents = plan(&map, prev.snapshot_number, info.block_size, size);
+                        let coarse = plan(&map, prev.snapshot_number, info.block_size, size);
+                        let (extents, _) = refine(&d.tracker, prev.snapshot_number, &coarse, size)?;
                         let mut tap = digests.map(|digests| Tap {
                             digests,
                             partial: Vec::new(),
@@ -764,7 +820,8 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
                     .tracker
                     .read_cbt_map(MapKind::Snapshot)
                     .map_err(|e| e.to_string())?;
-                let extents = plan(&map, prev.base_number, info.block_size, size);
+                let coarse = plan(&map, prev.base_number, info.block_size, size);
+                let (extents, _) = refine(&d.tracker, prev.base_number, &coarse, size)?;
                 m.image = diff_path.file_name().unwrap().to_string_lossy().to_string();
                 let (c, sum) = copy_to_new_file(&image, &diff_path, &extents, size, None, opts)?;
                 m.sha256 = sum;

@@ -119,6 +119,17 @@ pub struct CbtInfo {
     pub changes_number: u8,
 }
 
+/// What the fine change map takes (`struct blksnap_cbtfine`'s outputs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FineInfo {
+    /// Bytes of a fine block.
+    pub block_size: u32,
+    /// Bytes the device's fine map takes now.
+    pub memory: u64,
+    /// Bytes it may take.
+    pub memory_limit: u64,
+}
+
 /// Formats 16 bytes as a UUID string.
 pub fn uuid_string(b: &[u8; 16]) -> String {
     let mut s = String::with_capacity(36);
@@ -263,6 +274,36 @@ impl Tracker {
         };
         self.ctl(cmd, bytes, "read the CBT map")?;
         Ok(())
+    }
+
+    /// Asks the fine change map (our `CBTFINE` extension) about the
+    /// `out.len()` fine blocks from `offset`: each byte of `out` becomes
+    /// `uapi::fine::CLEAN`, `WRITTEN` or `UNKNOWN` for the writes after the
+    /// take numbered `since` up to the last take. `out` may be empty: then
+    /// only the information comes back. Fails with `ENOTTY` on a module
+    /// without the extension.
+    pub fn read_fine(&self, since: u8, offset: u64, out: &mut [u8]) -> Result<FineInfo> {
+        let mut arg = uapi::BlksnapCbtfine {
+            since,
+            offset,
+            count: out.len() as u64,
+            buffer: out.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        // SAFETY: as in `read_cbt_map_range`; the kernel writes the struct
+        // back, and `out.len()` bytes at `buffer`.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&mut arg as *mut uapi::BlksnapCbtfine).cast::<u8>(),
+                std::mem::size_of::<uapi::BlksnapCbtfine>(),
+            )
+        };
+        self.ctl(ctl::CBTFINE, bytes, "read the fine change map")?;
+        Ok(FineInfo {
+            block_size: 1 << arg.block_shift,
+            memory: arg.memory,
+            memory_limit: arg.memory_limit,
+        })
     }
 
     /// Reads a whole CBT map, in pieces of at most 1 MiB.

@@ -231,9 +231,14 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
             }
         }
         Command::Cbt(CbtCommand::Info { device }) => {
-            let info = Tracker::open(&device)?.cbt_info()?;
+            let t = Tracker::open(&device)?;
+            let info = t.cbt_info()?;
+            // The fine map is our extension: absent on an upstream module.
+            let fine = t.read_fine(0, 0, &mut []).ok();
             if cli.json {
-                println!("{}", serde_json::to_string(&info).unwrap());
+                let mut v = serde_json::to_value(&info).unwrap();
+                v["fine"] = serde_json::to_value(fine).unwrap();
+                println!("{v}");
             } else {
                 println!("device:         {}", device.display());
                 println!("capacity:       {} bytes", info.device_capacity);
@@ -241,6 +246,13 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
                 println!("blocks:         {}", info.block_count);
                 println!("generation:     {}", info.generation);
                 println!("changes number: {}", info.changes_number);
+                if let Some(f) = fine {
+                    println!("fine blocks:    {} bytes", f.block_size);
+                    println!(
+                        "fine map:       {} bytes (limit {})",
+                        f.memory, f.memory_limit
+                    );
+                }
             }
         }
         Command::Cbt(CbtCommand::Read {

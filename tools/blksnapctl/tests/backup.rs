@@ -199,3 +199,19 @@ proptest! {
         prop_assert_eq!(total(&extents), covered.iter().filter(|c| **c).count() as u64);
     }
 }
+
+#[test]
+fn fine_answers_become_merged_extents() {
+    use blksnap::backup::fine_extents;
+    let mut out = Vec::new();
+    // Blocks 10.. of 4 KiB: written, clean, unknown, written, then clean.
+    fine_extents(10, &[1, 0, 2, 1, 0], 4096, 1 << 30, &mut out);
+    assert_eq!(out, vec![(40960, 4096), (49152, 8192)]);
+    // The next call's first block touches the last range: merged.
+    fine_extents(14, &[1], 4096, 1 << 30, &mut out);
+    assert_eq!(out, vec![(40960, 4096), (49152, 12288)]);
+    // Clipped to a device size that ends inside a block.
+    let mut out = Vec::new();
+    fine_extents(0, &[0, 1], 4096, 4096 + 512, &mut out);
+    assert_eq!(out, vec![(4096, 512)]);
+}

@@ -3,7 +3,7 @@
 //! Full and incremental backups with the blksnap library and blksnapctl.
 
 use crate::dev::{self, SECTOR};
-use crate::snap::{disk, e, sha256, write_pattern, Tracked};
+use crate::snap::{disk, e, sha256, write_pattern, Rng, Snap, Tracked};
 use crate::{check_eq, fail, TestResult};
 use blksnap::backup::{self, Kind, Manifest, Method, Status};
 use blksnap::digest;
@@ -25,6 +25,10 @@ pub const ALL: &[Test] = &[
     (
         "backup_digest_incremental_after_tracking_restart",
         generation_reset,
+    ),
+    (
+        "backup_incremental_copies_the_4k_blocks_written",
+        fine_incrementals,
     ),
     ("backup_bad_input", bad_input),
     ("backup_interrupted_is_marked_incomplete", interrupted),
@@ -306,6 +310,152 @@ fn generation_reset() -> TestResult {
             fail!("the digest of block {i} does not match the device");
         }
     }
+    Ok(())
+}
+
+/// `n` distinct 4 KiB blocks of a device of `blocks` 4 KiB blocks, at
+/// random, each rewritten with the pattern `seed`.
+fn scatter(
+    dev: &Path,
+    blocks: u64,
+    n: usize,
+    rng: &mut Rng,
+    seed: u64,
+) -> Result<std::collections::BTreeSet<u64>, String> {
+    let mut set = std::collections::BTreeSet::new();
+    while set.len() < n {
+        set.insert(rng.below(blocks));
+    }
+    for b in &set {
+        write_pattern(dev, b * 8, 8, seed)?;
+    }
+    Ok(set)
+}
+
+/// The distinct CBT blocks of `block_size` bytes that `blocks` (4 KiB
+/// each) fall in, in bytes.
+fn coarse_bytes(blocks: &std::collections::BTreeSet<u64>, block_size: u64) -> u64 {
+    let per = block_size / 4096;
+    blocks
+        .iter()
+        .map(|b| b / per)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64
+        * block_size
+}
+
+/// Scattered 4 KiB writes between two backups: the incremental copies the
+/// 4 KiB blocks written (the module's fine map, `CBTFINE`), not the 64 KiB
+/// CBT blocks around them, also when other snapshots were taken in between;
+/// the image equals the device. With the fine map's memory limit at 0, or
+/// more takes in between than the map keeps, it copies the CBT blocks, and
+/// the image still equals the device.
+fn fine_incrementals() -> TestResult {
+    let d = disk("blksnap-d")?;
+    let dir = dev::scratch().join("fine-out");
+    let _ = std::fs::remove_dir_all(&dir);
+    let devices = vec![d.clone()];
+    let stop = AtomicBool::new(false);
+    let sectors = dev::size_sectors(&d)?;
+    let size = sectors * SECTOR;
+    let blocks = size / 4096;
+    let (img, _, _) = backup::paths(&dir, &d);
+    let mut rng = Rng(0x4b1d_5eed);
+    let t = Tracked::new(&d)?;
+    write_pattern(&d, 0, sectors, 81)?;
+    backup::run(&opts(&devices, &dir, Kind::Full, &stop, false))?;
+    let bs = u64::from(t.0.cbt_info().map_err(e)?.block_size);
+    // The answer the module gives, and what it costs.
+    let report = |what: &str, written: &std::collections::BTreeSet<u64>, copied: u64| {
+        let fine = t.0.read_fine(0, 0, &mut []).map_err(e)?;
+        println!(
+            "    {what}: {} blocks of 4 KiB written, incremental read {} bytes: {:.2} x the bytes that differ (CBT blocks: {:.2} x); fine map {} of {} bytes",
+            written.len(),
+            copied,
+            copied as f64 / (written.len() as u64 * 4096) as f64,
+            coarse_bytes(written, bs) as f64 / (written.len() as u64 * 4096) as f64,
+            fine.memory,
+            fine.memory_limit
+        );
+        Ok::<(), String>(())
+    };
+
+    // 1. Between two backups.
+    let written = scatter(&d, blocks, 400, &mut rng, 82)?;
+    let r = backup::run(&opts(&devices, &dir, Kind::Incremental, &stop, false))?;
+    report("between two backups", &written, r.devices[0].copied.read)?;
+    check_eq!(r.devices[0].method, Method::Cbt, "method");
+    check_eq!(
+        r.devices[0].copied.read,
+        written.len() as u64 * 4096,
+        "bytes the incremental read"
+    );
+    same(&img, &d, size)?;
+
+    // 2. Two snapshots of others taken in between (the map keeps four
+    // intervals): still the 4 KiB blocks of all three intervals.
+    let mut all = scatter(&d, blocks, 100, &mut rng, 83)?;
+    for seed in [84, 85] {
+        let snap = Snap::memory(64 << 11)?;
+        snap.add(&t.0)?;
+        snap.take()?;
+        snap.destroy()?;
+        all.extend(scatter(&d, blocks, 100, &mut rng, seed)?);
+    }
+    let r = backup::run(&opts(&devices, &dir, Kind::Incremental, &stop, false))?;
+    report("three intervals", &all, r.devices[0].copied.read)?;
+    check_eq!(
+        r.devices[0].copied.read,
+        all.len() as u64 * 4096,
+        "bytes read over three intervals"
+    );
+    same(&img, &d, size)?;
+
+    // 3. Five takes in between: the oldest interval is gone, the CBT
+    // blocks are copied.
+    let mut all = std::collections::BTreeSet::new();
+    for seed in 86..91 {
+        all.extend(scatter(&d, blocks, 40, &mut rng, seed)?);
+        let snap = Snap::memory(64 << 11)?;
+        snap.add(&t.0)?;
+        snap.take()?;
+        snap.destroy()?;
+    }
+    all.extend(scatter(&d, blocks, 40, &mut rng, 91)?);
+    let r = backup::run(&opts(&devices, &dir, Kind::Incremental, &stop, false))?;
+    report("six intervals", &all, r.devices[0].copied.read)?;
+    check_eq!(
+        r.devices[0].copied.read,
+        coarse_bytes(&all, bs),
+        "bytes read over six intervals"
+    );
+    same(&img, &d, size)?;
+    drop(t);
+
+    // 4. No memory for the fine map: the CBT blocks.
+    let c = disk("blksnap-c")?;
+    let cdir = dev::scratch().join("fine-out-c");
+    let _ = std::fs::remove_dir_all(&cdir);
+    let cdevices = vec![c.clone()];
+    let _limit = dev::ModuleParam::set("fine_map_limit_kib", "0")?;
+    let tc = Tracked::new(&c)?;
+    let csectors = dev::size_sectors(&c)?;
+    write_pattern(&c, 0, csectors, 92)?;
+    backup::run(&opts(&cdevices, &cdir, Kind::Full, &stop, false))?;
+    let written = scatter(&c, csectors * SECTOR / 4096, 200, &mut rng, 93)?;
+    let r = backup::run(&opts(&cdevices, &cdir, Kind::Incremental, &stop, false))?;
+    let cbs = u64::from(tc.0.cbt_info().map_err(e)?.block_size);
+    check_eq!(
+        r.devices[0].copied.read,
+        coarse_bytes(&written, cbs),
+        "bytes read without a fine map"
+    );
+    check_eq!(
+        tc.0.read_fine(0, 0, &mut []).map_err(e)?.memory,
+        0,
+        "fine map memory at limit 0"
+    );
+    same(&backup::paths(&cdir, &c).0, &c, csectors * SECTOR)?;
     Ok(())
 }
 

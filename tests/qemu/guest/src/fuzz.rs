@@ -60,6 +60,7 @@ enum Op {
     CbtDirty,
     SnapshotAdd,
     SnapshotInfo,
+    CbtFine,
     UnknownCmd,
 }
 
@@ -215,6 +216,12 @@ const OPS: &[OpInfo] = &[
         name: "CTL SNAPSHOTINFO",
         weight: 80,
         allowed: &[EFAULT, ENOENT, EINVAL, ENODEV],
+    },
+    OpInfo {
+        op: Op::CbtFine,
+        name: "CTL CBTFINE",
+        weight: 60,
+        allowed: &[EFAULT, ENOENT, EINVAL, ENODEV, ENODATA, ENOMEM],
     },
     OpInfo {
         op: Op::UnknownCmd,
@@ -1048,6 +1055,36 @@ impl Fuzzer {
                     format!("count {count} ({n} ranges written), ranges {first:?}... at {ranges_ptr:#x} ({sectors} sectors)"),
                 )
             }
+            Op::CbtFine => {
+                // Fine blocks of 4 KiB (the test disks' logical blocks are
+                // at most that).
+                let fine = sectors.div_ceil(8);
+                let (offset, count) = if self.chance(75) {
+                    let off = self.below(fine);
+                    (off, self.below((fine - off + 1).min(1 << 16)))
+                } else {
+                    (self.u64_near(fine), self.u64_near(1 << 24))
+                };
+                let buf = self.place(&[], (count as usize).min(RW));
+                let mut s = Vec::with_capacity(48);
+                s.push(self.rng.next() as u8);
+                s.push(self.rng.next() as u8);
+                if self.chance(90) {
+                    s.extend_from_slice(&[0u8; 6]);
+                } else {
+                    s.extend_from_slice(&self.rng.next().to_le_bytes()[..6]);
+                }
+                s.extend_from_slice(&offset.to_le_bytes());
+                s.extend_from_slice(&count.to_le_bytes());
+                s.extend_from_slice(&buf.to_le_bytes());
+                s.extend_from_slice(&[0u8; 16]);
+                (
+                    ctl::CBTFINE,
+                    self.place(&s, 48),
+                    48,
+                    format!("since {}, offset {offset}, count {count}, buffer {buf:#x} ({fine} fine blocks)", s[0]),
+                )
+            }
             Op::SnapshotAdd => {
                 let id = self.id();
                 (
@@ -1061,10 +1098,10 @@ impl Fuzzer {
                 let cmd = loop {
                     let c = match self.rng.below(4) {
                         0 => self.below(256) as u32,
-                        1 => 129 + self.below(16) as u32,
+                        1 => 130 + self.below(16) as u32,
                         _ => self.rng.next() as u32,
                     };
-                    if !matches!(c, 0..=4 | 128) {
+                    if !matches!(c, 0..=4 | 128 | 129) {
                         break c;
                     }
                 };

@@ -25,12 +25,16 @@ say "a writer appends to $MNT/log while we back up"
 ( i=0; while :; do echo "line $i $(date +%s.%N)" >>"$MNT/log"; i=$((i + 1)); sleep 0.05; done ) &
 WRITER=$!
 dd if=/dev/urandom of="$MNT/big" bs=1M count=20 status=none
-run blksnapctl backup full "$DISK" --store "$STORE" --to "$OUT"
+# A store of at most 256 MiB (the default, 1 GiB, would grow by 1 GiB at
+# once): the next backup's store must fit on the same tmpfs while the space
+# of this one may still be in use for a few seconds after its snapshot is
+# destroyed (freed when the destroyed image's last user lets go of it).
+run blksnapctl backup full "$DISK" --store "$STORE" --limit 256M --to "$OUT"
 say "writing 3 MiB more"
 dd if=/dev/urandom of="$MNT/more" bs=1M count=3 status=none
 sync
-echo "\$ blksnapctl backup incremental $DISK --store $STORE --to $OUT --keep-snapshot"
-blksnapctl --json backup incremental "$DISK" --store "$STORE" --to "$OUT" --keep-snapshot >"$BLKSNAP_SCRATCH/report.json"
+echo "\$ blksnapctl backup incremental $DISK --store $STORE --limit 256M --to $OUT --keep-snapshot"
+blksnapctl --json backup incremental "$DISK" --store "$STORE" --limit 256M --to "$OUT" --keep-snapshot >"$BLKSNAP_SCRATCH/report.json"
 ID=$(jq -r .snapshot "$BLKSNAP_SCRATCH/report.json")
 IMAGE=$(jq -r '.devices[0].image' "$BLKSNAP_SCRATCH/report.json")
 READ=$(jq -r '.devices[0].copied.read' "$BLKSNAP_SCRATCH/report.json")

@@ -332,26 +332,21 @@ pub struct Tap<'a> {
     pub partial: Vec<usize>,
 }
 
-/// Copies `extents` of the snapshot image `src` into `dst` at the same
-/// offsets, with O_DIRECT reads of up to [`IO_SIZE`]. Runs of zeroes are not
-/// written when `sparse` (a new, empty file). Every byte read goes through
-/// `hash` too, if given, and updates the digests of `tap`. Stops with an
-/// error when `stop` is set.
-#[allow(clippy::too_many_arguments)]
-pub fn copy_extents(
+/// Reads `extents` of the snapshot image `src` with O_DIRECT, in pieces of
+/// up to [`IO_SIZE`] that start on multiples of it within each extent, and
+/// hands each to `piece` with its offset. Stops with an error when `stop`
+/// is set. Returns the bytes read.
+fn read_extents(
     src: &Path,
-    dst: &File,
     extents: &[Extent],
-    sparse: bool,
-    mut hash: Option<&mut Sha256>,
-    mut tap: Option<&mut Tap<'_>>,
     stop: &AtomicBool,
     progress: &dyn Progress,
-) -> Result<Copied, String> {
+    mut piece: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<u64, String> {
     let img = open_image(src)?;
     let mut buf = Buffer::new(IO_SIZE);
-    let mut c = Copied::default();
     let all = total(extents);
+    let mut read = 0;
     for &(start, len) in extents {
         let mut off = start;
         while off < start + len {
@@ -363,38 +358,60 @@ pub fn copy_extents(
             let data = buf.get(n);
             img.read_exact_at(data, off)
                 .map_err(|e| format!("read {} at {off}: {e}", src.display()))?;
-            c.read += n as u64;
-            if let Some(h) = hash.as_mut() {
-                h.update(&*data);
-            }
-            if let Some(t) = tap.as_mut() {
-                let partial = t.digests.absorb(off, data);
-                for i in partial {
-                    if t.partial.last() != Some(&i) {
-                        t.partial.push(i);
-                    }
-                }
-            }
-            if sparse {
-                // Write only the 4 KiB blocks that are not all zero.
-                for (i, block) in data.chunks(4096).enumerate() {
-                    if block.iter().any(|&b| b != 0) {
-                        let at = off + (i * 4096) as u64;
-                        dst.write_all_at(block, at)
-                            .map_err(|e| format!("write at {at}: {e}"))?;
-                        c.written += block.len() as u64;
-                    }
-                }
-            } else {
-                dst.write_all_at(data, off)
-                    .map_err(|e| format!("write at {off}: {e}"))?;
-                c.written += n as u64;
-            }
+            read += n as u64;
+            piece(off, data)?;
             off += n as u64;
-            progress.update(c.read, all);
+            progress.update(read, all);
         }
     }
-    Ok(c)
+    Ok(read)
+}
+
+/// Copies `extents` of the snapshot image `src` into `dst` at the same
+/// offsets ([`read_extents`]). Runs of zeroes are not written when `sparse`
+/// (a new, empty file). Every byte read goes through `hash` too, if given,
+/// and updates the digests of `tap`. Stops with an error when `stop` is set.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_extents(
+    src: &Path,
+    dst: &File,
+    extents: &[Extent],
+    sparse: bool,
+    mut hash: Option<&mut Sha256>,
+    mut tap: Option<&mut Tap<'_>>,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<Copied, String> {
+    let mut written = 0;
+    let read = read_extents(src, extents, stop, progress, |off, data| {
+        if let Some(h) = hash.as_mut() {
+            h.update(data);
+        }
+        if let Some(t) = tap.as_mut() {
+            for i in t.digests.absorb(off, data) {
+                if t.partial.last() != Some(&i) {
+                    t.partial.push(i);
+                }
+            }
+        }
+        if sparse {
+            // Write only the 4 KiB blocks that are not all zero.
+            for (i, block) in data.chunks(4096).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    let at = off + (i * 4096) as u64;
+                    dst.write_all_at(block, at)
+                        .map_err(|e| format!("write at {at}: {e}"))?;
+                    written += block.len() as u64;
+                }
+            }
+        } else {
+            dst.write_all_at(data, off)
+                .map_err(|e| format!("write at {off}: {e}"))?;
+            written += data.len() as u64;
+        }
+        Ok(())
+    })?;
+    Ok(Copied { read, written })
 }
 
 /// Reads the whole snapshot image `src` and writes to `dst` the blocks of
@@ -407,21 +424,11 @@ pub fn copy_changed_blocks(
     stop: &AtomicBool,
     progress: &dyn Progress,
 ) -> Result<Copied, String> {
-    let img = open_image(src)?;
-    let mut buf = Buffer::new(IO_SIZE);
-    let mut c = Copied::default();
-    let size = digests.size();
-    let mut off = 0;
-    while off < size {
-        if stop.load(Ordering::Relaxed) {
-            return Err("interrupted".into());
-        }
-        let n = (size - off).min(IO_SIZE as u64) as usize;
-        let data = buf.get(n);
-        img.read_exact_at(data, off)
-            .map_err(|e| format!("read {} at {off}: {e}", src.display()))?;
-        c.read += n as u64;
-        // IO_SIZE is a multiple of the block: every block here is whole.
+    let mut written = 0;
+    let whole = [(0, digests.size())];
+    let read = read_extents(src, &whole, stop, progress, |off, data| {
+        // Pieces start on multiples of IO_SIZE, a multiple of the block:
+        // every block here is whole.
         let first = (off / digest::BLOCK) as usize;
         for (k, block) in data.chunks(digest::BLOCK as usize).enumerate() {
             let sum = digest::hash(block);
@@ -431,13 +438,12 @@ pub fn copy_changed_blocks(
             let at = off + k as u64 * digest::BLOCK;
             dst.write_all_at(block, at)
                 .map_err(|e| format!("write at {at}: {e}"))?;
-            c.written += block.len() as u64;
+            written += block.len() as u64;
             digests.set(first + k, sum);
         }
-        off += n as u64;
-        progress.update(c.read, size);
-    }
-    Ok(c)
+        Ok(())
+    })?;
+    Ok(Copied { read, written })
 }
 
 /// Digests `blocks` again from the backup file `path`.
@@ -629,16 +635,15 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             d.kind = Kind::Full;
             d.method = Method::Full;
         } else if m.generation != info.generation {
-            let why = format!(
-                "{}: the change tracking generation changed ({} -> {}): tracking was restarted",
-                d.path.display(),
-                m.generation,
-                info.generation
-            );
             if d.kind == Kind::Incremental && m.digests.is_some() {
                 d.method = Method::Digest;
             } else {
-                (opts.log)(&format!("{why}; making a full backup instead"));
+                (opts.log)(&format!(
+                    "{}: the change tracking generation changed ({} -> {}): tracking was restarted; making a full backup instead",
+                    d.path.display(),
+                    m.generation,
+                    info.generation
+                ));
                 d.kind = Kind::Full;
                 d.method = Method::Full;
             }

@@ -111,9 +111,10 @@ struct Range {
     target: Target,
 }
 
-/// The storage kind, with what it needs beyond the ranges.
+/// The storage kind.
 enum Kind {
-    File(File),
+    /// A file; it is in [`Space::file`] until the storage is released.
+    File,
     Memory,
     Devices,
 }
@@ -135,6 +136,12 @@ struct Space {
     /// A file is being grown, without the lock: other allocations that
     /// need it to grow wait for [`DiffStorage::grown`].
     growing: bool,
+    /// For a file: the file. I/O takes a reference under the lock and does
+    /// its work without; [`DiffStorage::release`] takes it out, and the
+    /// file closes when the last I/O in flight lets go of it.
+    file: Option<Arc<File>>,
+    /// [`DiffStorage::release`] was called: no I/O, no allocation.
+    released: bool,
 }
 
 /// Why the storage could not provide room.
@@ -234,14 +241,9 @@ impl DiffStorage {
             target: Target::File,
         };
         let extent = Extent::new(sectors, align);
-        Self::new(
-            Kind::File(file),
-            events,
-            home,
-            one(range)?,
-            one(extent)?,
-            limit,
-        )
+        let s = Self::new(Kind::File, events, home, one(range)?, one(extent)?, limit)?;
+        s.space.lock().file = Some(Arc::new(file, GFP_KERNEL)?);
+        Ok(s)
     }
 
     /// A storage in memory of up to `limit` sectors, at most half of the
@@ -300,6 +302,8 @@ impl DiffStorage {
                     low_signalled: false,
                     no_space_signalled: false,
                     growing: false,
+                    file: None,
+                    released: false,
                 }, "DiffStorage::space"),
                 grown <- new_condvar!("DiffStorage::grown"),
                 grow_busy: AtomicBool::new(false),
@@ -459,7 +463,7 @@ impl DiffStorage {
 
     fn free(&self, space: &Space) -> u64 {
         let mut free = free_from(&space.extents, space.cursor);
-        if let Kind::File(_) = self.kind {
+        if let Kind::File = self.kind {
             // The file may still grow.
             free += space
                 .limit
@@ -474,6 +478,9 @@ impl DiffStorage {
     pub(crate) fn alloc(&self, sectors: u64) -> core::result::Result<u64, NoRoom> {
         let mut space = self.space.lock();
         loop {
+            if space.released {
+                return Err(NoRoom::Error(EIO));
+            }
             if let Some(p) = place(&space.extents, space.cursor, sectors) {
                 space.cursor = p.next;
                 space.used += p.sectors;
@@ -485,7 +492,7 @@ impl DiffStorage {
                 return Ok(base + p.at);
             }
             // A file grows; other kinds are full.
-            let Kind::File(file) = &self.kind else {
+            let Some(file) = space.file.clone() else {
                 return Err(self.full(&mut space, sectors));
             };
             if space.growing {
@@ -527,6 +534,10 @@ impl DiffStorage {
                 })?;
                 pr_info!("difference storage grew to {} MiB\n", to >> 11);
             }
+            if space.released {
+                // Released while it grew.
+                return Err(NoRoom::Error(EIO));
+            }
             space.extents[0] = Extent::new(to, align);
         }
     }
@@ -542,7 +553,7 @@ impl DiffStorage {
             self.events
                 .push(uapi::event::LOW_FREE_SPACE, &free.to_ne_bytes());
         }
-        if matches!(self.kind, Kind::File(_))
+        if matches!(self.kind, Kind::File)
             && space.extents[0].len >= align_down(space.limit, space.extents[0].align)
         {
             self.no_space(space);
@@ -567,7 +578,7 @@ impl DiffStorage {
     /// does not, as upstream.
     fn full(&self, space: &mut Space, sectors: u64) -> NoRoom {
         pr_err!("difference storage is full: {} sectors needed\n", sectors);
-        if matches!(self.kind, Kind::File(_)) || self.events.extensions() {
+        if matches!(self.kind, Kind::File) || self.events.extensions() {
             self.no_space(space);
         }
         NoRoom::Full
@@ -576,6 +587,9 @@ impl DiffStorage {
     /// Finds the range that holds the `sectors` sectors from `addr`.
     fn locate(&self, addr: u64, sectors: u64) -> Result<Located> {
         let space = self.space.lock();
+        if space.released {
+            return Err(EIO);
+        }
         let mut base = 0;
         for (r, e) in space.ranges.iter().zip(space.extents.iter()) {
             if addr < base + e.len {
@@ -585,7 +599,7 @@ impl DiffStorage {
                     return Err(EIO);
                 }
                 let target = match &r.target {
-                    Target::File => Target2::File,
+                    Target::File => Target2::File(space.file.clone().ok_or(EIO)?),
                     Target::Memory => Target2::Memory,
                     Target::Device { dev, start } => Target2::Device(dev.clone(), *start),
                 };
@@ -665,12 +679,7 @@ impl DiffStorage {
     /// Writes whole blocks to a file or a device.
     fn write_blocks(&self, target: &Target2, at: u64, pages: KVec<Page>, len: usize) -> Result {
         match target {
-            Target2::File => {
-                let Kind::File(f) = &self.kind else {
-                    return Err(EIO);
-                };
-                f.write_pages_at(at << 9, &pages, len)
-            }
+            Target2::File(f) => f.write_pages_at(at << 9, &pages, len),
             Target2::Device(dev, start) => {
                 io::write_pages(dev.bdev(), start + at, pages, len, false).map(|_| ())
             }
@@ -681,10 +690,7 @@ impl DiffStorage {
     /// Reads whole blocks of a file or a device into new pages.
     fn read_blocks(&self, target: &Target2, at: u64, len: usize) -> Result<KVec<Page>> {
         match target {
-            Target2::File => {
-                let Kind::File(f) = &self.kind else {
-                    return Err(EIO);
-                };
+            Target2::File(f) => {
                 let mut pages = io::alloc_pages(len)?;
                 f.read_pages_at(at << 9, &mut pages, len)?;
                 Ok(pages)
@@ -753,6 +759,26 @@ impl DiffStorage {
         self.grow_busy.load(Ordering::Relaxed)
     }
 
+    /// Lets go of the backing at once, when the snapshot is destroyed:
+    /// closes the file (an unnamed one frees its space then) and the block
+    /// devices, frees the memory. Image readers that still hold the storage
+    /// get EIO from here on; I/O in flight ends on the file or the devices
+    /// it already holds, which close when it does.
+    pub(crate) fn release(&self) {
+        let (file, ranges, mem) = {
+            let mut space = self.space.lock();
+            space.released = true;
+            space.extents.clear();
+            (
+                space.file.take(),
+                core::mem::take(&mut space.ranges),
+                core::mem::replace(&mut space.mem, RBTree::new()),
+            )
+        };
+        // Closed here, outside the lock: a file system may do I/O.
+        drop((file, ranges, mem));
+    }
+
     /// Sectors used and sectors that exist now.
     pub(crate) fn usage(&self) -> (u64, u64) {
         let s = self.space.lock();
@@ -788,7 +814,7 @@ fn io_sectors(len: usize, pages: usize) -> Result<u64> {
 
 /// A located range target, cloned out of the lock.
 enum Target2 {
-    File,
+    File(Arc<File>),
     Memory,
     Device(Arc<Device>, u64),
 }

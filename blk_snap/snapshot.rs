@@ -738,6 +738,11 @@ impl Snapshot {
         // Nothing is queued now; the last work items may still be ending.
         self.copy_wq.flush();
         let (used, available) = self.store.usage();
+        // The storage's space and devices are free when destroy returns,
+        // not when the last image opener or work item lets go of it: an
+        // agent may create the next snapshot on the same file system or
+        // device right away.
+        self.store.release();
         pr_info!(
             "snapshot {} destroyed; its storage held {} of {} MiB\n",
             self.id,

@@ -25,10 +25,8 @@ say "a writer appends to $MNT/log while we back up"
 ( i=0; while :; do echo "line $i $(date +%s.%N)" >>"$MNT/log"; i=$((i + 1)); sleep 0.05; done ) &
 WRITER=$!
 dd if=/dev/urandom of="$MNT/big" bs=1M count=20 status=none
-# A store of at most 256 MiB (the default, 1 GiB, would grow by 1 GiB at
-# once): the next backup's store must fit on the same tmpfs while the space
-# of this one may still be in use for a few seconds after its snapshot is
-# destroyed (freed when the destroyed image's last user lets go of it).
+# A store of at most 256 MiB: the default, 1 GiB, would grow by 1 GiB at
+# once on the guest's tmpfs, which holds the backups too.
 run blksnapctl backup full "$DISK" --store "$STORE" --limit 256M --to "$OUT"
 say "writing 3 MiB more"
 dd if=/dev/urandom of="$MNT/more" bs=1M count=3 status=none

@@ -34,6 +34,10 @@ mod fine;
 mod fine_map;
 mod io;
 mod params;
+mod persist;
+#[allow(dead_code, unreachable_pub)]
+#[path = "logic/persist.rs"]
+mod persist_format;
 mod snapimage;
 mod snapshot;
 #[allow(dead_code, unreachable_pub)]

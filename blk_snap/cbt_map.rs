@@ -14,6 +14,9 @@
 use crate::cbt::{merge_ranges, CbtError, CbtGeometry, CbtParams, CbtState};
 use crate::fine_map::{self, FineMap};
 use crate::params;
+use crate::persist_format::{
+    check_restore, record_len, RecordHeader, Refusal, ID_LEN, RECORD_HEADER_LEN,
+};
 use core::ops::Range;
 use kernel::{
     alloc::{flags::GFP_KERNEL, KVVec, KVec},
@@ -298,6 +301,84 @@ impl CbtMap {
             out.write_slice(&bounce[..len])?;
             pos += len as u64;
         }
+        Ok(())
+    }
+
+    /// The device's record for the CBT state device: the record header
+    /// under `id`, then the active and the read map, padded to 8 bytes.
+    /// The maps are copied at once under the lock, so the record is one
+    /// point in time. Sleeps (to allocate).
+    pub(crate) fn save_record(&self, id: &[u8; ID_LEN]) -> Result<KVVec<u8>> {
+        loop {
+            let g = self.geometry();
+            let n = g.block_count as usize;
+            let len = record_len(u64::from(g.block_count)).ok_or(ENOMEM)?;
+            let mut buf = KVVec::from_elem(0u8, len, GFP_KERNEL)?;
+            let maps = self.maps.lock();
+            if maps.geometry != g {
+                // A take started over with a new size meanwhile.
+                continue;
+            }
+            let h = RecordHeader {
+                id: *id,
+                capacity_sectors: g.capacity_sectors,
+                block_shift: g.block_shift,
+                block_count: u64::from(g.block_count),
+                active: maps.state.active,
+                previous: maps.state.previous,
+                generation: maps.state.generation,
+            };
+            buf[..RECORD_HEADER_LEN].copy_from_slice(&h.encode());
+            let at = RECORD_HEADER_LEN;
+            buf[at..at + n].copy_from_slice(&maps.active);
+            buf[at + n..at + 2 * n].copy_from_slice(&maps.read);
+            drop(maps);
+            return Ok(buf);
+        }
+    }
+
+    /// Replaces the state of a freshly attached device with one saved at
+    /// the last shutdown (`clean`: it was saved clean). Refused unless the
+    /// geometry is the same and the device saw no write and no take since
+    /// it was attached, checked under the lock that writes take, so no
+    /// write can slip between the check and the switch. The fine map knows
+    /// nothing of the writes before: its active interval becomes unknown.
+    pub(crate) fn restore(
+        &self,
+        clean: bool,
+        saved: &RecordHeader,
+        mut active: KVVec<u8>,
+        mut read: KVVec<u8>,
+    ) -> core::result::Result<(), Refusal> {
+        {
+            let mut maps = self.maps.lock();
+            let g = maps.geometry;
+            let fresh = maps.state.active == 1
+                && maps.state.previous == 0
+                && maps.active.iter().all(|&b| b == 0);
+            check_restore(
+                clean,
+                saved,
+                g.capacity_sectors,
+                g.block_shift,
+                u64::from(g.block_count),
+                fresh,
+            )?;
+            if active.len() != maps.active.len() || read.len() != maps.read.len() {
+                return Err(Refusal::Geometry);
+            }
+            core::mem::swap(&mut maps.active, &mut active);
+            core::mem::swap(&mut maps.read, &mut read);
+            maps.state = CbtState {
+                active: saved.active,
+                previous: saved.previous,
+                generation: saved.generation,
+            };
+            let previous = maps.state.previous;
+            maps.fine.lose(0, g.capacity_sectors, previous);
+        }
+        // The fresh maps are freed here, outside the spinlock.
+        drop((active, read));
         Ok(())
     }
 

@@ -31,6 +31,13 @@ unsafe impl AsBytes for uapi::BlksnapUuid {}
 unsafe impl FromBytes for uapi::BlksnapSnapshotCreateStorage {}
 // SAFETY: Integers only; any bit pattern is valid.
 unsafe impl FromBytes for uapi::BlksnapSnapshotAppendStorage {}
+// SAFETY: A u64 and four u32: 24 bytes without padding; any bit pattern is
+// valid.
+unsafe impl FromBytes for uapi::BlksnapCbtStateDevice {}
+// SAFETY: As above.
+unsafe impl AsBytes for uapi::BlksnapCbtStateDevice {}
+// SAFETY: Two u32 and a u64: 16 bytes without padding.
+unsafe impl AsBytes for uapi::BlksnapCbtSave {}
 
 /// The control device's operations.
 pub(crate) struct Control;
@@ -90,6 +97,18 @@ impl MiscDevice for Control {
             uapi::IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT => wait_event(arg),
             uapi::IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE => create_storage(arg),
             uapi::IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE => append_storage(arg),
+            uapi::IOCTL_BLKSNAP_CBT_STATE_DEVICE => cbt_state_device(arg),
+            uapi::IOCTL_BLKSNAP_CBT_SAVE => {
+                let (devices, bytes) = crate::snapshot::save_cbt()?;
+                UserSlice::new(arg, size_of::<uapi::BlksnapCbtSave>())
+                    .writer()
+                    .write(&uapi::BlksnapCbtSave {
+                        devices,
+                        reserved: 0,
+                        bytes,
+                    })?;
+                Ok(0)
+            }
             _ => {
                 pr_err!("unknown control ioctl {:#x}\n", cmd);
                 Err(ENOTTY)
@@ -224,6 +243,29 @@ fn append_storage(arg: usize) -> Result<isize> {
         ranges.push((r.offset, r.count), kernel::alloc::flags::GFP_KERNEL)?;
     }
     Snapshot::find(&Uuid(req.id.b))?.append_storage(path, &ranges)?;
+    Ok(0)
+}
+
+/// `IOCTL_BLKSNAP_CBT_STATE_DEVICE`.
+fn cbt_state_device(arg: usize) -> Result<isize> {
+    let size = size_of::<uapi::BlksnapCbtStateDevice>();
+    let (mut reader, mut writer) = UserSlice::new(arg, size).reader_writer();
+    let mut req: uapi::BlksnapCbtStateDevice = reader.read()?;
+    if req.flags & !uapi::CBT_STATE_FORMAT != 0 || req.reserved != 0 {
+        pr_err!(
+            "CBT state device: flags {:#x}, reserved {} (must be 0)\n",
+            req.flags,
+            req.reserved
+        );
+        return Err(EINVAL);
+    }
+    let path = read_path(req.bdev_path as usize)?;
+    let path = CStr::from_bytes_with_nul(&path)?;
+    let format = req.flags & uapi::CBT_STATE_FORMAT != 0;
+    let (records, clean) = crate::snapshot::globals()?.persist().open(path, format)?;
+    req.records = records;
+    req.clean = u32::from(clean);
+    writer.write(&req)?;
     Ok(0)
 }
 

@@ -67,7 +67,8 @@ pub(crate) struct Device {
 }
 
 impl Device {
-    fn open(path: &CStr) -> Result<Self> {
+    /// Opens the block device at `path` exclusively.
+    pub(crate) fn open(path: &CStr) -> Result<Self> {
         let holder = KBox::new(0u8, GFP_KERNEL)?;
         // SAFETY: The holder is a unique allocation kept until the file is
         // closed, as the device is dropped before it.
@@ -772,7 +773,7 @@ impl DiffStorage {
             (
                 space.file.take(),
                 core::mem::take(&mut space.ranges),
-                core::mem::replace(&mut space.mem, RBTree::new()),
+                core::mem::take(&mut space.mem),
             )
         };
         // Closed here, outside the lock: a file system may do I/O.

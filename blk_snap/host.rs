@@ -21,3 +21,6 @@ pub mod store;
 
 #[path = "logic/fine.rs"]
 pub mod fine;
+
+#[path = "logic/persist.rs"]
+pub mod persist;

@@ -37,6 +37,7 @@ fn transfer(
     pages: KVec<Page>,
     len: usize,
     bypass: bool,
+    extra: u32,
 ) -> Result<KVec<Page>> {
     if len == 0 || len % 512 != 0 || len > pages.len() * PAGE_SIZE {
         return Err(EINVAL);
@@ -61,7 +62,7 @@ fn transfer(
     while done < len {
         let bytes = (len - done).min(BIO_PAGES * PAGE_SIZE);
         let n = bytes.div_ceil(PAGE_SIZE);
-        let mut bio = OwnedBio::new(bdev, n as u16, op.raw() | flags::SYNC, GFP_NOIO)?;
+        let mut bio = OwnedBio::new(bdev, n as u16, op.raw() | flags::SYNC | extra, GFP_NOIO)?;
         bio.set_sector(sector + (done >> 9) as u64);
         if bypass {
             bio.bypass_filter();
@@ -93,7 +94,7 @@ pub(crate) fn read_pages(
     len: usize,
     bypass: bool,
 ) -> Result<KVec<Page>> {
-    transfer(bdev, ReqOp::Read, sector, alloc_pages(len)?, len, bypass)
+    transfer(bdev, ReqOp::Read, sector, alloc_pages(len)?, len, bypass, 0)
 }
 
 /// Writes `len` bytes of `pages` at `sector` of `bdev`.
@@ -104,7 +105,30 @@ pub(crate) fn write_pages(
     len: usize,
     bypass: bool,
 ) -> Result<KVec<Page>> {
-    transfer(bdev, ReqOp::Write, sector, pages, len, bypass)
+    transfer(bdev, ReqOp::Write, sector, pages, len, bypass, 0)
+}
+
+/// Writes `len` bytes of `pages` at `sector` of `bdev`, after the writes
+/// that completed before it are on stable storage (a preflush), and itself
+/// durably (FUA): a commit record. At most one bio's worth.
+pub(crate) fn write_pages_durably(
+    bdev: &BlockDevice,
+    sector: u64,
+    pages: KVec<Page>,
+    len: usize,
+) -> Result<KVec<Page>> {
+    if len > BIO_PAGES * PAGE_SIZE {
+        return Err(EINVAL);
+    }
+    transfer(
+        bdev,
+        ReqOp::Write,
+        sector,
+        pages,
+        len,
+        false,
+        flags::PREFLUSH | flags::FUA,
+    )
 }
 
 /// Copies `len` bytes from byte `from` of the pages `src` to byte `to` of

@@ -15,6 +15,7 @@ use crate::{
     diff_storage::DiffStorage,
     event_queue::{Event, EventQueue},
     params,
+    persist::Persist,
     snapimage::{Image, ImageSlots},
     store::storage_cycle,
     tracker::Tracker,
@@ -68,6 +69,9 @@ pub(crate) struct Globals {
     /// The images whose data is not freed yet.
     disks: Pin<KBox<DiskCount>>,
     module: &'static ThisModule,
+    /// The CBT state device.
+    #[pin]
+    persist: Persist,
 }
 
 /// Where the module's [`Globals`] are, for the entry points that have no
@@ -111,6 +115,27 @@ pub(crate) fn drop_later<T: Send + 'static>(flags: kernel::alloc::Flags, value: 
     }
 }
 
+impl Globals {
+    /// The CBT state device.
+    pub(crate) fn persist(&self) -> &Persist {
+        &self.persist
+    }
+}
+
+/// `IOCTL_BLKSNAP_CBT_SAVE`.
+pub(crate) fn save_cbt() -> Result<(u32, u64)> {
+    let g = globals()?;
+    g.persist.save(&g.watch_wq)
+}
+
+/// A write met a sealed device (see [`crate::persist`]): the seal breaks
+/// in a work item of the watchdog queue, which has a rescuer. Never sleeps.
+pub(crate) fn break_seal() {
+    if let Ok(g) = globals() {
+        g.persist.break_seal(&g.watch_wq);
+    }
+}
+
 /// Sets up the module-wide state, owned by the returned `Arc`.
 pub(crate) fn init_globals(module: &'static ThisModule) -> Result<Arc<Globals>> {
     // Image I/O may be what memory reclaim waits for (a file system on an
@@ -140,6 +165,7 @@ pub(crate) fn init_globals(module: &'static ThisModule) -> Result<Arc<Globals>> 
             watch_wq,
             disks: KBox::pin_init(DiskCount::new(), GFP_KERNEL)?,
             module,
+            persist <- Persist::new(),
         }),
         GFP_KERNEL,
     )?;

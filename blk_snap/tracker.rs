@@ -49,6 +49,11 @@ unsafe impl AsBytes for uapi::BlksnapSnapshotinfo {}
 unsafe impl FromBytes for uapi::BlksnapCbtfine {}
 // SAFETY: As above.
 unsafe impl AsBytes for uapi::BlksnapCbtfine {}
+// SAFETY: Bytes, then a u32 and an i32, then bytes: 88 bytes without
+// padding; any bit pattern is valid.
+unsafe impl FromBytes for uapi::BlksnapCbtpersist {}
+// SAFETY: As above.
+unsafe impl AsBytes for uapi::BlksnapCbtpersist {}
 
 /// Fine blocks one `CBTFINE` call may ask about (16 MiB of answers).
 const CBTFINE_MAX: u64 = 1 << 24;
@@ -63,6 +68,10 @@ struct Cow {
     image: Option<u32>,
     /// Set while a snapshot is being taken: new writes wait in `held`.
     holding: bool,
+    /// Set after the device's CBT state was saved: the first write waits
+    /// in `held` until the saved state is marked not clean (see
+    /// [`crate::persist`]).
+    sealed: bool,
     held: BioList,
     /// The filter was detached: the device is gone or no longer tracked.
     detached: bool,
@@ -104,6 +113,7 @@ impl Tracker {
                     area: None,
                     image: None,
                     holding: false,
+                    sealed: false,
                     held: BioList::new(),
                     detached: false,
                 }, "Tracker::cow"),
@@ -243,15 +253,60 @@ impl Tracker {
         Err(ENODEV)
     }
 
+    /// The CBT map.
+    pub(crate) fn cbt(&self) -> &CbtMap {
+        &self.cbt
+    }
+
+    /// Seals the device: its CBT state is being saved, and the first write
+    /// from now on is held until the saved state is no longer clean.
+    /// Fails with `EBUSY` while a snapshot of it is being taken.
+    pub(crate) fn seal(&self) -> Result {
+        let mut cow = self.cow.lock();
+        if cow.holding {
+            return Err(EBUSY);
+        }
+        cow.sealed = true;
+        Ok(())
+    }
+
+    /// Whether writes are held.
+    pub(crate) fn holds_writes(&self) -> bool {
+        !self.cow.lock().held.is_empty()
+    }
+
+    /// Lifts the seal and lets the writes it held pass, unless a take holds
+    /// them (its release lets them pass then).
+    pub(crate) fn unseal(&self) {
+        let (held, area) = {
+            let mut cow = self.cow.lock();
+            cow.sealed = false;
+            if cow.holding {
+                return;
+            }
+            (cow.held.take(), cow.area.clone())
+        };
+        self.pass_held(held, area);
+    }
+
     /// Stops holding writes and lets the held ones pass, through
     /// copy-on-write if the snapshot is on. Writes in flight together have
     /// no order, so new writes may pass before the held ones.
     pub(crate) fn release_writes(&self) {
-        let (mut held, area) = {
+        let (held, area) = {
             let mut cow = self.cow.lock();
             cow.holding = false;
+            if cow.sealed {
+                // The seal holds them still; its breaking lets them pass.
+                return;
+            }
             (cow.held.take(), cow.area.clone())
         };
+        self.pass_held(held, area);
+    }
+
+    /// Lets held writes pass, through copy-on-write if `area` is on.
+    fn pass_held(&self, mut held: BioList, area: Option<Arc<DiffArea>>) {
         while let Some(bio) = held.pop() {
             let sector = bio.sector_in(&self.bdev);
             let bio = self.passage.admit(bio);
@@ -304,15 +359,21 @@ impl Tracker {
         }
         let (bio, area) = {
             let mut cow = self.cow.lock();
-            if cow.holding {
+            if cow.holding || cow.sealed {
                 if nowait {
-                    // Held writes are resubmitted by the take, where an
-                    // EAGAIN of the block layer would reach the program.
+                    // Held writes are resubmitted by the take or the seal's
+                    // breaking, where an EAGAIN of the block layer would
+                    // reach the program.
                     drop(cow);
                     bio.end(Err(EAGAIN));
                     return;
                 }
                 cow.held.push(bio);
+                let sealed = cow.sealed;
+                drop(cow);
+                if sealed {
+                    crate::snapshot::break_seal();
+                }
                 return;
             }
             (self.passage.admit(bio), cow.area.clone())
@@ -452,6 +513,27 @@ impl Tracker {
         arg.memory_limit = limit as u64;
         writer.write(&arg)?;
         *optlen = size_of::<uapi::BlksnapCbtfine>() as u32;
+        Ok(0)
+    }
+
+    fn cbtpersist(self: &Arc<Self>, opt: UserSlice, optlen: &mut u32) -> Result<i32> {
+        check_len(*optlen, size_of::<uapi::BlksnapCbtpersist>(), "CBTPERSIST")?;
+        let (mut reader, mut writer) = opt.reader_writer();
+        let mut arg: uapi::BlksnapCbtpersist = reader.read()?;
+        if arg.flags != 0 {
+            pr_err!(
+                "{}: CBTPERSIST flags {:#x} (must be 0)\n",
+                self.dev,
+                arg.flags
+            );
+            return Err(EINVAL);
+        }
+        arg.restored = crate::snapshot::globals()?
+            .persist()
+            .register(self, &arg.id)?;
+        arg.generation = self.cbt.info().state.generation;
+        writer.write(&arg)?;
+        *optlen = size_of::<uapi::BlksnapCbtpersist>() as u32;
         Ok(0)
     }
 
@@ -598,6 +680,10 @@ impl Filter for TrackerFilter {
 
     fn detach(tracker: &Arc<Tracker>, bdev: &BlockDevice) {
         pr_info!("stopped tracking {} [{}]\n", bdev, tracker.dev());
+        // Its saved state, if any, stops being clean first.
+        if let Ok(g) = crate::snapshot::globals() {
+            g.persist().forget(tracker);
+        }
         let (area, mut held) = {
             let mut cow = tracker.cow.lock();
             cow.detached = true;
@@ -629,6 +715,7 @@ impl Filter for TrackerFilter {
             ctl::CBTMAP => tracker.cbtmap(Map::Read, opt, *optlen),
             ctl::CBTMAP_ACTIVE => tracker.cbtmap(Map::Active, opt, *optlen),
             ctl::CBTFINE => tracker.cbtfine(opt, optlen),
+            ctl::CBTPERSIST => tracker.cbtpersist(opt, optlen),
             ctl::CBTDIRTY => tracker.cbtdirty(opt, *optlen),
             ctl::SNAPSHOTADD => tracker.snapshotadd(opt, *optlen),
             ctl::SNAPSHOTINFO => tracker.snapshotinfo(opt, optlen),

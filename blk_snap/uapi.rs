@@ -101,6 +101,33 @@ pub mod ctl {
     pub const CBTMAP_ACTIVE: u32 = 128;
     /// Extension: which fine blocks were written between two takes.
     pub const CBTFINE: u32 = 129;
+    /// Extension: save the CBT state at shutdown, restore the saved one.
+    pub const CBTPERSIST: u32 = 130;
+}
+
+/// Extension: `struct blksnap_cbtpersist`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlksnapCbtpersist {
+    /// NUL-terminated name, 1 to 63 bytes.
+    pub id: [u8; 64],
+    /// Must be zero.
+    pub flags: u32,
+    /// Output: 1 restored, 0 nothing saved, or a negative errno.
+    pub restored: i32,
+    /// Output: the generation after the call.
+    pub generation: [u8; 16],
+}
+
+impl Default for BlksnapCbtpersist {
+    fn default() -> Self {
+        Self {
+            id: [0; 64],
+            flags: 0,
+            restored: 0,
+            generation: [0; 16],
+        }
+    }
 }
 
 /// `enum blksnap_fine`: what `CBTFINE` says of a block.
@@ -371,6 +398,42 @@ pub struct BlksnapEventLowFreeSpace {
     /// Sectors still free.
     pub free_sect: u64,
 }
+
+/// Extension: `BLKSNAP_CBT_STATE_FORMAT`.
+pub const CBT_STATE_FORMAT: u32 = 1;
+
+/// Extension: `struct blksnap_cbt_state_device`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapCbtStateDevice {
+    /// User address of the device path.
+    pub bdev_path: u64,
+    /// 0 or `CBT_STATE_FORMAT`.
+    pub flags: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+    /// Output: device states read.
+    pub records: u32,
+    /// Output: 1 if saved clean.
+    pub clean: u32,
+}
+
+/// Extension: `struct blksnap_cbt_save`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BlksnapCbtSave {
+    /// Device states saved.
+    pub devices: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Extension: `IOCTL_BLKSNAP_CBT_STATE_DEVICE`.
+pub const IOCTL_BLKSNAP_CBT_STATE_DEVICE: u32 = iowr::<BlksnapCbtStateDevice>(BLKSNAP, 66);
+/// Extension: `IOCTL_BLKSNAP_CBT_SAVE`.
+pub const IOCTL_BLKSNAP_CBT_SAVE: u32 = ior::<BlksnapCbtSave>(BLKSNAP, 67);
 
 /// Extension: `IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE`.
 pub const IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE: u32 =

@@ -199,10 +199,46 @@ fn extensions_agree_between_c_and_rust() {
         fine::WRITTEN,
         fine::UNKNOWN
     );
+    size!(s, "blksnap_cbtpersist", BlksnapCbtpersist);
+    off!(s, "blksnap_cbtpersist", BlksnapCbtpersist, flags);
+    off!(s, "blksnap_cbtpersist", BlksnapCbtpersist, restored);
+    off!(s, "blksnap_cbtpersist", BlksnapCbtpersist, generation);
+    size!(s, "blksnap_cbt_state_device", BlksnapCbtStateDevice);
+    off!(s, "blksnap_cbt_state_device", BlksnapCbtStateDevice, flags);
+    off!(
+        s,
+        "blksnap_cbt_state_device",
+        BlksnapCbtStateDevice,
+        reserved
+    );
+    off!(
+        s,
+        "blksnap_cbt_state_device",
+        BlksnapCbtStateDevice,
+        records
+    );
+    off!(s, "blksnap_cbt_state_device", BlksnapCbtStateDevice, clean);
+    size!(s, "blksnap_cbt_save", BlksnapCbtSave);
+    off!(s, "blksnap_cbt_save", BlksnapCbtSave, reserved);
+    off!(s, "blksnap_cbt_save", BlksnapCbtSave, bytes);
+    s += &format!(
+        "ioctl IOCTL_BLKSNAP_CBT_STATE_DEVICE {:#x}\n",
+        IOCTL_BLKSNAP_CBT_STATE_DEVICE
+    );
+    s += &format!(
+        "ioctl IOCTL_BLKSNAP_CBT_SAVE {:#x}\n",
+        IOCTL_BLKSNAP_CBT_SAVE
+    );
+    s += &format!(
+        "enum CBTPERSIST {} FORMAT {}\n",
+        ctl::CBTPERSIST,
+        CBT_STATE_FORMAT
+    );
     assert_eq!(c_layout(&["ext"]), s);
     // Extensions must not reuse upstream numbers.
     const { assert!(ctl::CBTMAP_ACTIVE > ctl::SNAPSHOTINFO && event::LOW_FREE_SPACE > event::NO_SPACE) };
     const { assert!(ctl::CBTFINE > ctl::CBTMAP_ACTIVE) };
+    const { assert!(ctl::CBTPERSIST > ctl::CBTFINE) };
 }
 
 #[test]

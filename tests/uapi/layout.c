@@ -41,6 +41,22 @@ static void extensions(void)
 	printf("enum CBTFINE %d CLEAN %d WRITTEN %d UNKNOWN %d\n",
 	       BLKFILTER_CTL_BLKSNAP_CBTFINE, BLKSNAP_FINE_CLEAN,
 	       BLKSNAP_FINE_WRITTEN, BLKSNAP_FINE_UNKNOWN);
+	SIZE(blksnap_cbtpersist);
+	OFF(blksnap_cbtpersist, flags);
+	OFF(blksnap_cbtpersist, restored);
+	OFF(blksnap_cbtpersist, generation);
+	SIZE(blksnap_cbt_state_device);
+	OFF(blksnap_cbt_state_device, flags);
+	OFF(blksnap_cbt_state_device, reserved);
+	OFF(blksnap_cbt_state_device, records);
+	OFF(blksnap_cbt_state_device, clean);
+	SIZE(blksnap_cbt_save);
+	OFF(blksnap_cbt_save, reserved);
+	OFF(blksnap_cbt_save, bytes);
+	IOCTL(IOCTL_BLKSNAP_CBT_STATE_DEVICE);
+	IOCTL(IOCTL_BLKSNAP_CBT_SAVE);
+	printf("enum CBTPERSIST %d FORMAT %d\n",
+	       BLKFILTER_CTL_BLKSNAP_CBTPERSIST, BLKSNAP_CBT_STATE_FORMAT);
 }
 
 int main(int argc, char **argv __attribute__((unused)))

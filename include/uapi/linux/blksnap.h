@@ -59,7 +59,10 @@
  *	map, which records changes as they happen.
  * @BLKFILTER_CTL_BLKSNAP_CBTFINE:
  *	Extension: which 4 KiB blocks (or logical blocks, if larger) were
- *	written between two takes, described by &struct blksnap_cbtfine.
+ *	written between two takes, described by &struct blksnap_cbtfine. * @BLKFILTER_CTL_BLKSNAP_CBTPERSIST:
+ *	Extension: save the device's change tracking state at
+ *	&IOCTL_BLKSNAP_CBT_SAVE under a name, and restore what was saved
+ *	under that name at the last shutdown, &struct blksnap_cbtpersist.
  */
 enum blkfilter_ctl_blksnap {
 	BLKFILTER_CTL_BLKSNAP_CBTINFO = 0,
@@ -69,6 +72,7 @@ enum blkfilter_ctl_blksnap {
 	BLKFILTER_CTL_BLKSNAP_SNAPSHOTINFO = 4,
 	BLKFILTER_CTL_BLKSNAP_CBTMAP_ACTIVE = 128,
 	BLKFILTER_CTL_BLKSNAP_CBTFINE = 129,
+	BLKFILTER_CTL_BLKSNAP_CBTPERSIST = 130,
 };
 
 /**
@@ -152,6 +156,38 @@ struct blksnap_cbtfine {
 	__u64 buffer;
 	__u64 memory;
 	__u64 memory_limit;
+};
+
+/**
+ * struct blksnap_cbtpersist - Argument of &BLKFILTER_CTL_BLKSNAP_CBTPERSIST.
+ * @id: Input: the NUL-terminated name, 1 to 63 bytes, under which the
+ *	device's state is saved: a name that stays the device's across boots,
+ *	such as one of /dev/disk/by-id.  Another tracked device with the same
+ *	name: EEXIST.
+ * @flags: Must be zero.
+ * @restored: Output: 1 if the state saved under @id at the last shutdown
+ *	was restored: the change tracking maps, change numbers and generation
+ *	are the saved ones.  0 if nothing was saved under @id.  Otherwise a
+ *	negative errno saying why the saved state was refused: -ESTALE, it
+ *	was not saved clean (a crash or power cut, a write or detach after the
+ *	save, or a boot that used it already); -EBUSY, the device was written,
+ *	or a snapshot of it taken, since the filter was attached; -EMEDIUMTYPE,
+ *	the device's size or change tracking geometry differs from the saved
+ *	one.  A saved state is used at most once.
+ * @generation: Output: the device's change tracking generation after the
+ *	call.
+ *
+ * Fails with ENXIO if no state device is open (&IOCTL_BLKSNAP_CBT_STATE_DEVICE).
+ * The call registers the device for &IOCTL_BLKSNAP_CBT_SAVE whether or not
+ * a state was restored.  The fine map (&BLKFILTER_CTL_BLKSNAP_CBTFINE) is not
+ * saved: after a restore it answers BLKSNAP_FINE_UNKNOWN for the writes
+ * before it.
+ */
+struct blksnap_cbtpersist {
+	char id[64];
+	__u32 flags;
+	__s32 restored;
+	__u8 generation[16];
 };
 
 /**
@@ -431,6 +467,62 @@ struct blksnap_snapshot_append_storage {
 /* Give a snapshot with device storage more room, before or after take. */
 #define IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE				\
 	_IOW(BLKSNAP, 65, struct blksnap_snapshot_append_storage)
+
+/* Flag of &struct blksnap_cbt_state_device: write an empty state header. */
+#define BLKSNAP_CBT_STATE_FORMAT 1
+
+/**
+ * struct blksnap_cbt_state_device - Argument of
+ *	&IOCTL_BLKSNAP_CBT_STATE_DEVICE.
+ * @bdev_path: User space address of the NUL-terminated path of the block
+ *	device that keeps change tracking state across reboots.  It is opened
+ *	exclusively until the module unloads, and may be neither tracked nor
+ *	a partition or whole disk of a tracked device.
+ * @flags: 0, or BLKSNAP_CBT_STATE_FORMAT to start it empty.  Without it, a
+ *	device that holds no state header is refused with ENODATA.
+ * @reserved: Must be zero.
+ * @records: Output: device states read from it.
+ * @clean: Output: 1 if they were saved clean and may be restored.
+ *
+ * Opening it consumes the saved states: before the call returns, they are
+ * marked not clean on the device, so that a crash later never lets another
+ * boot use them.  A second call with the same device returns the same
+ * outputs; with another device it fails with EBUSY.
+ */
+struct blksnap_cbt_state_device {
+	__u64 bdev_path;
+	__u32 flags;
+	__u32 reserved;
+	__u32 records;
+	__u32 clean;
+};
+
+/* Open the device that keeps change tracking state across reboots. */
+#define IOCTL_BLKSNAP_CBT_STATE_DEVICE					\
+	_IOWR(BLKSNAP, 66, struct blksnap_cbt_state_device)
+
+/**
+ * struct blksnap_cbt_save - Result of &IOCTL_BLKSNAP_CBT_SAVE.
+ * @devices: Device states saved.
+ * @reserved: Zero.
+ * @bytes: Bytes written to the state device.
+ *
+ * Saves the state of every device registered with
+ * &BLKFILTER_CTL_BLKSNAP_CBTPERSIST and marks it clean; meant for the end
+ * of shutdown, after file systems are unmounted or read-only.  From then
+ * on, the first write to one of those devices, or its detach, waits until
+ * the saved state is marked not clean on the state device.  Fails with
+ * ENXIO if no state device is open.
+ */
+struct blksnap_cbt_save {
+	__u32 devices;
+	__u32 reserved;
+	__u64 bytes;
+};
+
+/* Save the change tracking state of the registered devices. */
+#define IOCTL_BLKSNAP_CBT_SAVE						\
+	_IOR(BLKSNAP, 67, struct blksnap_cbt_save)
 
 /*
  * Event extension: the free space of the difference storage dropped below

@@ -9,6 +9,7 @@
 //! Every error carries the errno and what was attempted.
 
 pub mod backup;
+pub mod boot;
 pub mod digest;
 pub mod stack;
 
@@ -59,6 +60,31 @@ fn libc_eio() -> i32 {
     Errno::EIO as i32
 }
 
+/// Length of the id of `struct blksnap_cbtpersist`, with its NUL.
+pub const CBTPERSIST_ID_LEN: usize = 64;
+
+// The layouts of the persistent CBT interface: sizes and offsets, no hidden
+// padding.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    use uapi::{BlksnapCbtSave, BlksnapCbtStateDevice, BlksnapCbtpersist};
+    assert!(size_of::<BlksnapCbtStateDevice>() == 24);
+    assert!(offset_of!(BlksnapCbtStateDevice, bdev_path) == 0);
+    assert!(offset_of!(BlksnapCbtStateDevice, flags) == 8);
+    assert!(offset_of!(BlksnapCbtStateDevice, reserved) == 12);
+    assert!(offset_of!(BlksnapCbtStateDevice, records) == 16);
+    assert!(offset_of!(BlksnapCbtStateDevice, clean) == 20);
+    assert!(size_of::<BlksnapCbtSave>() == 16);
+    assert!(offset_of!(BlksnapCbtSave, devices) == 0);
+    assert!(offset_of!(BlksnapCbtSave, reserved) == 4);
+    assert!(offset_of!(BlksnapCbtSave, bytes) == 8);
+    assert!(size_of::<BlksnapCbtpersist>() == 88);
+    assert!(size_of::<[u8; CBTPERSIST_ID_LEN]>() == 64);
+    assert!(offset_of!(BlksnapCbtpersist, flags) == 64);
+    assert!(offset_of!(BlksnapCbtpersist, restored) == 68);
+    assert!(offset_of!(BlksnapCbtpersist, generation) == 72);
+};
+
 /// Raw ioctls, exported for tests that need to send malformed arguments.
 pub mod raw {
     use blk_snap_logic::uapi::*;
@@ -94,6 +120,12 @@ pub mod raw {
         BlksnapSnapshotEvent
     );
     nix::ioctl_write_ptr_bad!(blksnap_take, IOCTL_BLKSNAP_SNAPSHOT_TAKE, BlksnapUuid);
+    nix::ioctl_readwrite_bad!(
+        blksnap_cbt_state_device,
+        IOCTL_BLKSNAP_CBT_STATE_DEVICE,
+        BlksnapCbtStateDevice
+    );
+    nix::ioctl_read_bad!(blksnap_cbt_save, IOCTL_BLKSNAP_CBT_SAVE, BlksnapCbtSave);
 
     /// A filter name as the ioctls expect it: NUL-padded to 32 bytes.
     pub fn filter_name(name: &str) -> [u8; BLKFILTER_NAME_LENGTH] {
@@ -362,6 +394,136 @@ impl Tracker {
         Ok(SnapshotInfo {
             error_code,
             image: String::from_utf8_lossy(&name[..end]).into_owned(),
+        })
+    }
+}
+
+/// What a state device holds ([`Control::cbt_state_device`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StateDevice {
+    /// Saved device states read from it.
+    pub records: u32,
+    /// They were saved clean: usable. Otherwise every one of them is refused.
+    pub clean: bool,
+}
+
+/// What a save wrote ([`Control::cbt_save`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Saved {
+    /// Device states saved.
+    pub devices: u32,
+    /// Bytes written to the state device.
+    pub bytes: u64,
+}
+
+/// Whether [`Tracker::persist`] restored a saved CBT state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restore {
+    /// The saved state was restored: the CBT map, numbers and generation
+    /// are those of the previous boot.
+    Restored,
+    /// No state was saved under the id.
+    NoneSaved,
+    /// A state was saved under the id but was refused: `ESTALE` (not saved
+    /// clean: a crash, a power cut, a write or detach after the save, or an
+    /// earlier boot used it), `EBUSY` (the
+    /// device was written, or a snapshot taken, since the filter was
+    /// attached) or `EMEDIUMTYPE` (its size or CBT geometry differs).
+    Refused(Errno),
+}
+
+impl Restore {
+    /// Decodes `struct blksnap_cbtpersist`'s `restored`.
+    pub fn from_raw(restored: i32) -> Option<Self> {
+        match restored {
+            1 => Some(Self::Restored),
+            0 => Some(Self::NoneSaved),
+            r if r < 0 => Some(Self::Refused(Errno::from_raw(-r))),
+            _ => None,
+        }
+    }
+
+    /// Why a saved state was refused, in words.
+    pub fn reason(errno: Errno) -> String {
+        match errno {
+            Errno::ESTALE => "not saved clean (a crash, a power cut, a write or detach after \
+                 the save, or an earlier boot used it)"
+                .into(),
+            Errno::EBUSY => {
+                "the device was written, or a snapshot of it taken, since the filter was attached"
+                    .into()
+            }
+            Errno::EMEDIUMTYPE => "its size or CBT geometry differs from the saved one".into(),
+            e => e.desc().to_string(),
+        }
+    }
+}
+
+/// The outcome of [`Tracker::persist`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Persisted {
+    /// Whether the saved state was restored.
+    pub restored: Restore,
+    /// The device's CBT generation after the call.
+    pub generation: [u8; 16],
+}
+
+/// A CBT state id as `CBTPERSIST` takes it: 1 to 63 bytes without a NUL,
+/// NUL-padded to 64.
+pub fn persist_id(id: &str) -> Result<[u8; CBTPERSIST_ID_LEN]> {
+    let b = id.as_bytes();
+    if b.is_empty() || b.len() >= CBTPERSIST_ID_LEN || b.contains(&0) {
+        return Err(err(
+            format!(
+                "CBT id `{}`: it must be 1 to {} bytes without a NUL",
+                id.escape_debug(),
+                CBTPERSIST_ID_LEN - 1
+            ),
+            Errno::EINVAL,
+        ));
+    }
+    let mut out = [0u8; CBTPERSIST_ID_LEN];
+    out[..b.len()].copy_from_slice(b);
+    Ok(out)
+}
+
+impl Tracker {
+    /// Registers the device for [`Control::cbt_save`] under `id` and
+    /// restores the CBT state saved under `id` at the last save, if there is
+    /// one and it may be used (`CBTPERSIST`). Succeeds whether or not it
+    /// restored: [`Persisted::restored`] says. Fails with `ENXIO` when no
+    /// state device is open, `EEXIST` when another tracked device has `id`.
+    pub fn persist(&self, id: &str) -> Result<Persisted> {
+        let mut arg = uapi::BlksnapCbtpersist {
+            id: persist_id(id)?,
+            ..Default::default()
+        };
+        // SAFETY: as in `read_cbt_map_range`; the struct has no padding and
+        // the kernel writes its outputs back.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&mut arg as *mut uapi::BlksnapCbtpersist).cast::<u8>(),
+                std::mem::size_of::<uapi::BlksnapCbtpersist>(),
+            )
+        };
+        self.ctl(
+            ctl::CBTPERSIST,
+            bytes,
+            &format!("persist the CBT under `{id}`"),
+        )?;
+        let restored = Restore::from_raw(arg.restored).ok_or_else(|| {
+            err(
+                format!(
+                    "persist the CBT of {} under `{id}`: unexpected answer {}",
+                    self.path.display(),
+                    arg.restored
+                ),
+                Errno::EPROTO,
+            )
+        })?;
+        Ok(Persisted {
+            restored,
+            generation: arg.generation,
         })
     }
 }
@@ -639,8 +801,104 @@ impl Control {
         }
     }
 
+    /// Opens block device `path` as the CBT state device (kept until the
+    /// module unloads) and reads the saved states, which are marked not
+    /// clean on it at once: they are used at most once. With `format`, an
+    /// empty state header is written first. Calling it again with the same
+    /// device gives the same answer; another device fails with `EBUSY`, a
+    /// device without a state header with `ENODATA`.
+    pub fn cbt_state_device(&self, path: &Path, format: bool) -> Result<StateDevice> {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| err(format!("device path {}", path.display()), Errno::EINVAL))?;
+        let mut arg = uapi::BlksnapCbtStateDevice {
+            bdev_path: c_path.as_ptr() as u64,
+            flags: if format { uapi::CBT_STATE_FORMAT } else { 0 },
+            ..Default::default()
+        };
+        // SAFETY: `arg` is valid and points to the NUL-terminated path.
+        unsafe { raw::blksnap_cbt_state_device(self.file.as_raw_fd(), &mut arg) }.map_err(|e| {
+            err(
+                format!(
+                    "{} {} as the CBT state device",
+                    if format { "format and open" } else { "open" },
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        Ok(StateDevice {
+            records: arg.records,
+            clean: arg.clean != 0,
+        })
+    }
+
+    /// Saves the CBT state of every device registered with
+    /// [`Tracker::persist`] to the state device, marks it clean and seals
+    /// the devices: the first write after it marks the state not clean
+    /// before it passes. Fails with `ENXIO` when no state device is open.
+    pub fn cbt_save(&self) -> Result<Saved> {
+        let mut arg = uapi::BlksnapCbtSave::default();
+        // SAFETY: `arg` is a valid `struct blksnap_cbt_save`.
+        unsafe { raw::blksnap_cbt_save(self.file.as_raw_fd(), &mut arg) }
+            .map_err(|e| err("save the CBT states", e))?;
+        Ok(Saved {
+            devices: arg.devices,
+            bytes: arg.bytes,
+        })
+    }
+
     /// The raw file descriptor, for tests.
     pub fn as_raw_fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn persist_ids_are_1_to_63_bytes_without_nul() {
+        assert_eq!(persist_id("").unwrap_err().errno, Errno::EINVAL);
+        assert_eq!(persist_id("a\0b").unwrap_err().errno, Errno::EINVAL);
+        assert_eq!(
+            persist_id(&"x".repeat(64)).unwrap_err().errno,
+            Errno::EINVAL
+        );
+        let long = "y".repeat(63);
+        let b = persist_id(&long).unwrap();
+        assert_eq!(&b[..63], long.as_bytes());
+        assert_eq!(b[63], 0);
+        let b = persist_id("/dev/disk/by-id/virtio-xyz").unwrap();
+        assert_eq!(&b[..26], b"/dev/disk/by-id/virtio-xyz");
+        assert!(b[26..].iter().all(|&c| c == 0));
+        // Bytes, not characters: 21 three-byte characters are 63 bytes.
+        assert!(persist_id(&"\u{20ac}".repeat(21)).is_ok());
+        assert!(persist_id(&"\u{20ac}".repeat(22)).is_err());
+    }
+
+    #[test]
+    fn persist_ioctl_numbers() {
+        // _IOWR('V', 66, 24) and _IOR('V', 67, 16).
+        assert_eq!(uapi::IOCTL_BLKSNAP_CBT_STATE_DEVICE, 0xc018_5642);
+        assert_eq!(uapi::IOCTL_BLKSNAP_CBT_SAVE, 0x8010_5643);
+        assert_eq!(ctl::CBTPERSIST, 130);
+        assert_eq!(uapi::CBT_STATE_FORMAT, 1);
+    }
+
+    #[test]
+    fn restored_values_decode() {
+        assert_eq!(Restore::from_raw(1), Some(Restore::Restored));
+        assert_eq!(Restore::from_raw(0), Some(Restore::NoneSaved));
+        assert_eq!(
+            Restore::from_raw(-(Errno::ESTALE as i32)),
+            Some(Restore::Refused(Errno::ESTALE))
+        );
+        assert_eq!(
+            Restore::from_raw(-(Errno::EMEDIUMTYPE as i32)),
+            Some(Restore::Refused(Errno::EMEDIUMTYPE))
+        );
+        assert_eq!(Restore::from_raw(2), None);
     }
 }

@@ -3,8 +3,13 @@
 //! blksnapctl: drive the blksnap kernel module from the command line.
 
 use blksnap::backup::{self, Kind, Progress};
-use blksnap::{changed_ranges, Control, MapKind, SectorRange, SnapshotId, Tracker};
+use blksnap::boot::{self, DEFAULT_CONFIG};
+use blksnap::{
+    changed_ranges, uuid_string, Control, MapKind, Persisted, Restore, SectorRange, SnapshotId,
+    Tracker,
+};
 use clap::{CommandFactory, Parser, Subcommand};
+use nix::errno::Errno;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -195,6 +200,54 @@ enum CbtCommand {
         #[arg(required = true, value_parser = parse_range)]
         ranges: Vec<SectorRange>,
     },
+    /// Open the CBT state device and read the CBT states saved on it.
+    ///
+    /// `cbt save` writes the CBT of the devices registered with `cbt
+    /// persist` there. The saved states are used at most once: opening the
+    /// device marks them not clean on it. Opening it again gives the same
+    /// answer.
+    StateDevice {
+        /// A block device of its own, never tracked (16 MiB is plenty).
+        path: PathBuf,
+        /// Write an empty state header first (once, on a new device; it
+        /// drops any saved states).
+        #[arg(long)]
+        format: bool,
+    },
+    /// Register a device for `cbt save` and restore its saved CBT.
+    ///
+    /// Attaches the filter first if needed, registers the device under ID
+    /// and restores the CBT saved under ID at the last shutdown if it may
+    /// be used; if not, says why (the next incremental then reads the whole
+    /// device). Exits with 0 in each case.
+    Persist {
+        device: PathBuf,
+        /// The name its CBT is saved under, 1 to 63 bytes: a stable name
+        /// such as its /dev/disk/by-id/ path.
+        #[arg(long)]
+        id: String,
+    },
+    /// Save the CBT of every registered device to the state device.
+    ///
+    /// Meant for the very end of shutdown (blksnap-cbt.shutdown): the first
+    /// write to one of the devices after it, or its detach, marks the saved
+    /// state not clean before it passes.
+    Save,
+    /// Open the state device and attach + persist the tracked devices.
+    ///
+    /// Run at boot by the udev rule (with --device) and by
+    /// blksnap-cbt.service. Entries whose path does not exist are skipped;
+    /// without a configuration file it exits quietly with 0.
+    Boot {
+        /// The configuration: `state PATH` (one), `track PATH [ID]` (any),
+        /// `#` comments.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Only the entry that resolves to this device node (all of them if
+        /// it is the state device).
+        #[arg(long)]
+        device: Option<PathBuf>,
+    },
 }
 
 fn parse_range(s: &str) -> Result<SectorRange, String> {
@@ -308,11 +361,231 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
         Command::Cbt(CbtCommand::Mark { device, ranges }) => {
             Tracker::open(&device)?.mark_dirty(&ranges)?;
         }
+        Command::Cbt(CbtCommand::StateDevice { path, format }) => {
+            let state = Control::open()?
+                .cbt_state_device(&path, format)
+                .map_err(hint)?;
+            if cli.json {
+                println!("{}", state_json(&path, &state));
+            } else {
+                println!("{}", state_line(&path, &state));
+            }
+        }
+        Command::Cbt(CbtCommand::Persist { device, id }) => {
+            let p = attach_and_persist(&device, &id)?;
+            if cli.json {
+                println!("{}", persist_json(&device, &id, &p));
+            } else {
+                println!("{}", persist_line(&device, &id, &p));
+            }
+        }
+        Command::Cbt(CbtCommand::Save) => {
+            let saved = Control::open()?.cbt_save().map_err(hint)?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&saved).unwrap());
+            } else {
+                println!(
+                    "saved the CBT of {} devices ({} bytes)",
+                    saved.devices, saved.bytes
+                );
+            }
+        }
         Command::Snapshot(cmd) => snapshot(cmd, cli.json)?,
         Command::Store(StoreCommand::Append { id, device, ranges }) => {
             Control::open()?.snapshot_append_storage(&id, &device, &ranges)?
         }
-        Command::Backup(_) | Command::Verify { .. } | Command::Generate(_) => unreachable!(),
+        Command::Backup(_)
+        | Command::Verify { .. }
+        | Command::Generate(_)
+        | Command::Cbt(CbtCommand::Boot { .. }) => unreachable!(),
+    }
+    Ok(())
+}
+
+/// Adds what to do about the errors of persistent CBT that need it.
+fn hint(mut e: blksnap::Error) -> blksnap::Error {
+    let h = match e.errno {
+        Errno::ENXIO => " (no CBT state device is open: `blksnapctl cbt state-device PATH` first)",
+        Errno::ENODATA => " (it has no CBT state header: `--format` writes one, once)",
+        Errno::EBUSY if e.what.contains("state device") => {
+            " (another device is the state device, or this one is tracked)"
+        }
+        _ => "",
+    };
+    e.what += h;
+    e
+}
+
+fn state_line(path: &std::path::Path, s: &blksnap::StateDevice) -> String {
+    format!(
+        "state device {}: {} saved device states, {}",
+        path.display(),
+        s.records,
+        if s.clean {
+            "clean"
+        } else {
+            "not clean: they will not be used"
+        }
+    )
+}
+
+fn state_json(path: &std::path::Path, s: &blksnap::StateDevice) -> serde_json::Value {
+    serde_json::json!({
+        "device": path.display().to_string(),
+        "records": s.records,
+        "clean": s.clean,
+    })
+}
+
+/// Opens `device` and attaches the filter unless it is attached.
+fn open_attached(device: &std::path::Path) -> Result<Tracker, blksnap::Error> {
+    let t = Tracker::open(device)?;
+    match t.attach() {
+        // Attached already (by udev, or an earlier run); another filter
+        // makes the filter commands fail later.
+        Err(e) if !matches!(e.errno, Errno::EALREADY | Errno::EBUSY) => Err(e),
+        _ => Ok(t),
+    }
+}
+
+/// Attaches the filter unless it is attached, then `CBTPERSIST`.
+fn attach_and_persist(device: &std::path::Path, id: &str) -> Result<Persisted, blksnap::Error> {
+    // The id is checked before anything changes on the device.
+    blksnap::persist_id(id)?;
+    open_attached(device)?.persist(id).map_err(hint)
+}
+
+fn persist_line(device: &std::path::Path, id: &str, p: &Persisted) -> String {
+    let d = device.display();
+    match p.restored {
+        Restore::Restored => format!(
+            "{d}: CBT restored (generation {})",
+            uuid_string(&p.generation)
+        ),
+        Restore::NoneSaved => format!("{d}: no saved CBT under {id}"),
+        Restore::Refused(e) => format!(
+            "{d}: saved CBT not used: {e:?}, {}; the next incremental reads the whole device",
+            Restore::reason(e)
+        ),
+    }
+}
+
+fn persist_json(device: &std::path::Path, id: &str, p: &Persisted) -> serde_json::Value {
+    let refused = match p.restored {
+        Restore::Refused(e) => Some(format!("{e:?}")),
+        _ => None,
+    };
+    serde_json::json!({
+        "device": device.display().to_string(),
+        "id": id,
+        "restored": p.restored == Restore::Restored,
+        "refused": refused,
+        "generation": uuid_string(&p.generation),
+    })
+}
+
+fn boot_failed(errors: u32) -> String {
+    format!(
+        "cbt boot: {errors} error{} above",
+        if errors == 1 { "" } else { "s" }
+    )
+}
+
+/// `cbt boot`: the state device of the configuration, then its tracked
+/// devices. Goes on after an error, and fails at the end if there was one.
+fn cbt_boot(
+    config: &std::path::Path,
+    device: Option<&std::path::Path>,
+    json: bool,
+) -> Result<(), (u8, String)> {
+    let Some(conf) = boot::load(config).map_err(|e| (exit::FAILED, e))? else {
+        return Ok(());
+    };
+    let plan = conf.plan(device, |p| std::fs::canonicalize(p).ok());
+    if plan.is_empty() {
+        return Ok(());
+    }
+    let mut errors = 0u32;
+    let mut fail = |e: String| {
+        eprintln!("blksnapctl: {e}");
+        errors += 1;
+    };
+    for p in &plan.problems {
+        fail(format!("{}: {p}", config.display()));
+    }
+    if plan.state_missing {
+        let state = conf.state.as_ref().unwrap();
+        fail(format!(
+            "the state device {} is not there: no saved CBT is restored",
+            state.display()
+        ));
+    }
+    let ctl = match Control::open() {
+        Ok(c) => c,
+        Err(e) => {
+            fail(e.to_string());
+            return Err((exit::FAILED, boot_failed(errors)));
+        }
+    };
+    let mut state_out = serde_json::Value::Null;
+    let mut state_open = false;
+    if let Some(s) = &plan.state {
+        match ctl.cbt_state_device(&s.resolved, false).map_err(hint) {
+            Ok(st) => {
+                state_open = true;
+                if json {
+                    state_out = state_json(&s.path, &st);
+                } else if plan.show_state {
+                    println!("{}", state_line(&s.path, &st));
+                }
+            }
+            Err(e) => fail(format!("state {}: {e}", s.path.display())),
+        }
+    }
+    let mut devices = Vec::new();
+    let mut tracking_only = Vec::new();
+    for (t, _) in &plan.tracks {
+        if !state_open {
+            // Tracking starts before anything writes; the saved CBT waits
+            // for the state device (its own udev event persists this one).
+            match open_attached(&t.path) {
+                Ok(_) => {
+                    if !json {
+                        println!(
+                            "{}: tracking (no state device open: no saved CBT restored now)",
+                            t.path.display()
+                        );
+                    }
+                    tracking_only.push(t.path.display().to_string());
+                }
+                Err(e) => fail(e.to_string()),
+            }
+            continue;
+        }
+        match attach_and_persist(&t.path, &t.id) {
+            Ok(p) => {
+                if json {
+                    devices.push(persist_json(&t.path, &t.id, &p));
+                } else {
+                    println!("{}", persist_line(&t.path, &t.id, &p));
+                }
+            }
+            Err(e) => fail(e.to_string()),
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "config": config.display().to_string(),
+                "state": state_out,
+                "devices": devices,
+                "tracking_only": tracking_only,
+            })
+        );
+    }
+    if errors > 0 {
+        return Err((exit::FAILED, boot_failed(errors)));
     }
     Ok(())
 }
@@ -548,6 +821,9 @@ fn main() -> ExitCode {
             Err(e) => Err((exit::MISMATCH, e)),
         },
         Command::Generate(cmd) => generate(cmd),
+        Command::Cbt(CbtCommand::Boot { config, device }) => {
+            cbt_boot(&config, device.as_deref(), json)
+        }
         command => run(Cli { json, command }).map_err(|e| (exit::FAILED, e.to_string())),
     };
     match r {
@@ -556,5 +832,92 @@ fn main() -> ExitCode {
             eprintln!("blksnapctl: {e}");
             ExitCode::from(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn persisted(restored: Restore) -> Persisted {
+        Persisted {
+            restored,
+            generation: [
+                0x0d, 0x4f, 0x2a, 0x9c, 0, 0, 0x40, 0, 0x80, 0, 0, 0, 0, 0, 0, 1,
+            ],
+        }
+    }
+
+    #[test]
+    fn persist_lines() {
+        let dev = Path::new("/dev/vdb");
+        let id = "/dev/disk/by-id/virtio-b";
+        assert_eq!(
+            persist_line(dev, id, &persisted(Restore::Restored)),
+            "/dev/vdb: CBT restored (generation 0d4f2a9c-0000-4000-8000-000000000001)"
+        );
+        assert_eq!(
+            persist_line(dev, id, &persisted(Restore::NoneSaved)),
+            "/dev/vdb: no saved CBT under /dev/disk/by-id/virtio-b"
+        );
+        assert_eq!(
+            persist_line(dev, id, &persisted(Restore::Refused(Errno::ESTALE))),
+            "/dev/vdb: saved CBT not used: ESTALE, not saved clean (a crash, a power cut, \
+             a write or detach after the save, or an earlier boot used it); \
+             the next incremental reads the whole device"
+        );
+        assert_eq!(
+            persist_line(dev, id, &persisted(Restore::Refused(Errno::EMEDIUMTYPE))),
+            "/dev/vdb: saved CBT not used: EMEDIUMTYPE, its size or CBT geometry differs \
+             from the saved one; the next incremental reads the whole device"
+        );
+    }
+
+    #[test]
+    fn persist_json_keys() {
+        let dev = Path::new("/dev/vdb");
+        let v = persist_json(dev, "b", &persisted(Restore::Restored));
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "device": "/dev/vdb",
+                "id": "b",
+                "restored": true,
+                "refused": null,
+                "generation": "0d4f2a9c-0000-4000-8000-000000000001",
+            })
+        );
+        let v = persist_json(dev, "b", &persisted(Restore::Refused(Errno::EMEDIUMTYPE)));
+        assert_eq!(v["restored"], false);
+        assert_eq!(v["refused"], "EMEDIUMTYPE");
+        let v = persist_json(dev, "b", &persisted(Restore::NoneSaved));
+        assert_eq!(v["restored"], false);
+        assert_eq!(v["refused"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn state_lines() {
+        let p = Path::new("/dev/vdh");
+        let s = blksnap::StateDevice {
+            records: 2,
+            clean: true,
+        };
+        assert_eq!(
+            state_line(p, &s),
+            "state device /dev/vdh: 2 saved device states, clean"
+        );
+        let s = blksnap::StateDevice {
+            records: 2,
+            clean: false,
+        };
+        assert_eq!(
+            state_line(p, &s),
+            "state device /dev/vdh: 2 saved device states, not clean: they will not be used"
+        );
+        assert_eq!(
+            state_json(p, &s),
+            serde_json::json!({"device": "/dev/vdh", "records": 2, "clean": false})
+        );
     }
 }

@@ -29,6 +29,7 @@ test: all
 	@rc=0; \
 	echo "== host tests (cargo test)"; cargo test --workspace --release || rc=1; \
 	echo "== VM tests (debug kernel under QEMU)"; tests/qemu/run.sh test || rc=1; \
+	echo "== VM reboot test (CBT saved at shutdown, three boots)"; tests/qemu/run.sh reboot || rc=1; \
 	echo "== style (checkpatch --strict, rustfmt, clippy)"; scripts/check.sh || rc=1; \
 	if [ $$rc = 0 ]; then echo "== all tests passed"; else echo "== TESTS FAILED"; fi; \
 	exit $$rc

@@ -21,7 +21,20 @@
 # line; blksnap-t, read-only, a tar archive of the tools bench.sh starts often.
 # Then runs tests/qemu/guest.sh MODE in the guest.
 #
-# usage: run.sh test|soak|demo|bench [test name filters...]
+# In reboot mode (`run.sh reboot`, also run by `make test`) there are three
+# fresh disks instead: serial blksnap-p, 64 MiB, the tracked data disk;
+# serial blksnap-s, 16 MiB, the CBT state device; serial blksnap-k, 128 MiB
+# of ext4 for the backup chain (9p is too slow for it); the same kernel boots
+# three times over them, each boot running guest.sh reboot RESULTS REPO
+# bootN (see tests/qemu/guest/src/reboot.rs), with its own console log
+# console-N.log checked like in test mode. Boot 2 ends with a power cut:
+# once the guest prints its marker line with a writer to the data disk
+# running, QEMU is killed (kill -9, its pid from -pidfile) while the writes
+# go on. What a boot tells the next ones (the blocks written, the
+# generation) and a copy of each backup manifest are in RESULTS/backups,
+# which the guest writes through --rwdir.
+#
+# usage: run.sh test|soak|demo|bench|reboot [test name filters...]
 #
 # For `test`, prints one line per test and a final "N passed, N failed"; the
 # run fails if a guest test fails, or if the guest's kernel log shows a BUG,
@@ -38,7 +51,7 @@
 #   BLKSNAP_BENCH_BPS=0 BLKSNAP_BENCH_IOPS=0 BLKSNAP_BENCH_CALIBRATE=1 tests/qemu/run.sh bench
 set -euo pipefail
 
-MODE=${1:?usage: run.sh test|soak|demo|bench [filters...]}
+MODE=${1:?usage: run.sh test|soak|demo|bench|reboot [filters...]}
 shift
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${BLKSNAP_CACHE:-$HOME/.cache/blk-snap}
@@ -56,6 +69,9 @@ if [ "$MODE" = soak ]; then
 	TIMEOUT=${QEMU_TIMEOUT:-7200}
 elif [ "$MODE" = bench ]; then
 	TIMEOUT=${QEMU_TIMEOUT:-3600}
+elif [ "$MODE" = reboot ]; then
+	# Per boot; a boot takes about a minute.
+	TIMEOUT=${QEMU_TIMEOUT:-600}
 else
 	TIMEOUT=${QEMU_TIMEOUT:-1800}
 fi
@@ -125,6 +141,156 @@ bench_tools() {
 	rm -rf "$dir"
 }
 
+# The harness checks of one boot's console log, reported like tests and
+# counted in passed/failed. A boot's own ok/FAIL lines are counted by the
+# caller.
+report() { # name ok|reason
+	if [ "$2" = ok ]; then
+		passed=$((passed + 1))
+		echo "ok $1"
+	else
+		failed=$((failed + 1))
+		echo "FAIL $1: $2"
+	fi
+}
+check_debug_kernel() { # name log
+	if grep -q 'KernelAddressSanitizer initialized' "$2" &&
+		grep -q 'Lock dependency validator' "$2"; then
+		report "$1" ok
+		grep -m1 'Linux version' "$2" | sed 's/^/    | /'
+		grep -m1 'KernelAddressSanitizer initialized' "$2" | sed 's/^/    | /'
+	else
+		report "$1" "no KASAN/lockdep banner in the guest log"
+	fi
+}
+check_splats() { # name log
+	# The kernel command line (hung_task_panic=0) is no report.
+	local splats
+	splats=$(grep -E 'BUG:|WARNING:|KASAN:|Oops|possible circular locking|possible recursive locking|inconsistent lock state|INFO: task .* blocked|Kernel panic|general protection fault|UBSAN:|soft lockup|hung_task|blocked for more than|rcu_sched self-detected stall|self-detected stall|rcu: INFO' \
+		"$2" | grep -v '^FAIL ' | grep -v '^    |' | grep -vi 'command line:' || true)
+	if [ -z "$splats" ]; then
+		report "$1" ok
+	else
+		report "$1" "$(echo "$splats" | head -1)"
+		echo "$splats" | head -20 | sed 's/^/    | /'
+	fi
+}
+check_kmemleak() { # name file
+	if [ ! -f "$2" ]; then
+		report "$1" "no kmemleak report (guest did not finish)"
+	elif grep -q 'unreferenced object' "$2"; then
+		report "$1" "$(grep -c 'unreferenced object' "$2") leaks, see $2"
+		head -30 "$2" | sed 's/^/    | /'
+	else
+		report "$1" ok
+	fi
+}
+
+if [ "$MODE" = reboot ]; then
+	truncate -s 64M "$RESULTS/disk-p.img"
+	truncate -s 16M "$RESULTS/disk-s.img"
+	truncate -s 8M "$RESULTS/disk-q.img"
+	truncate -s 8M "$RESULTS/disk-r.img"
+	truncate -s 128M "$RESULTS/disk-k.img"
+	# Initialized now: no lazy init writing in the guest.
+	mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$RESULTS/disk-k.img"
+	mkdir -p "$RESULTS/backups"
+	QEMU_DRIVES="$(drive "$RESULTS/disk-p.img" blksnap-p) $(drive "$RESULTS/disk-s.img" blksnap-s)"
+	QEMU_DRIVES+=" $(drive "$RESULTS/disk-k.img" blksnap-k)"
+	QEMU_DRIVES+=" $(drive "$RESULTS/disk-q.img" blksnap-q) $(drive "$RESULTS/disk-r.img" blksnap-r)"
+	passed=0 failed=0
+	# Boot 2's power cut, in the background: waits for the marker, then
+	# for the writer's progress after it (writes still going on), samples
+	# the bytes QEMU writes over half a second, and kills QEMU. Writes
+	# "key value" lines to $RESULTS/power-cut.txt.
+	power_cut() { # log pidfile
+		local log=$1 pidfile=$2 out=$RESULTS/power-cut.txt at last pid w0 w1
+		local re='^    (power-cut-now|power cut pending): writer at'
+		until grep -q '^    power-cut-now: writer at' "$log" 2>/dev/null; do sleep 0.2; done
+		at=$(grep -m1 '^    power-cut-now: writer at' "$log" | awk '{print $4}')
+		last=$at
+		for _ in $(seq 100); do
+			last=$(grep -E "$re" "$log" | tail -1 | awk '{print $(NF-1)}')
+			[ "${last:-0}" -gt "${at:-0}" ] && break
+			sleep 0.1
+		done
+		pid=$(cat "$pidfile" 2>/dev/null || true)
+		w0=$(awk '/^wchar:/ {print $2}' "/proc/$pid/io" 2>/dev/null || true)
+		sleep 0.5
+		w1=$(awk '/^wchar:/ {print $2}' "/proc/$pid/io" 2>/dev/null || true)
+		kill -9 "$pid" || true
+		printf 'marker %s\nbefore_kill %s\nqemu_pid %s\nwchar_half_s %s\n' \
+			"${at:-0}" "${last:-0}" "${pid:-none}" $((${w1:-0} - ${w0:-0})) >"$out"
+	}
+	echo "qemu: booting $(cat "$KOUT/include/config/kernel.release") (reboot: 3 boots over the same disks), results in $RESULTS"
+	for n in 1 2 3; do
+		log=$RESULTS/console-$n.log
+		pidfile=$RESULTS/qemu-$n.pid
+		echo "qemu: boot $n"
+		cutter=
+		if [ $n = 2 ]; then
+			power_cut "$log" "$pidfile" &
+			cutter=$!
+			# A saved state of another size: boot 2 must refuse it.
+			truncate -s 12M "$RESULTS/disk-r.img"
+		fi
+		start=$(date +%s)
+		set +e
+		# 1 GiB (not 2): the two kmemleak scans of each boot take half as
+		# long, and nothing here needs more.
+		timeout --foreground "$TIMEOUT" vng --run "$KOUT" --disable-kvm --disable-microvm --force-9p \
+			--cpus 2 --memory 1G --verbose \
+			--append "oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0" \
+			--rwdir "$RESULTS" \
+			--exec "$REPO/tests/qemu/guest.sh reboot $RESULTS $REPO boot$n" \
+			--qemu-opts="$QEMU_DRIVES -pidfile $pidfile" 2>&1 |
+			tee "$log" |
+			grep --line-buffered -E '^(ok |FAIL |--- |    |[0-9]+ passed|guest:)'
+		vng_status=${PIPESTATUS[0]}
+		set -e
+		echo "qemu: boot $n ended after $(($(date +%s) - start)) s (exit status $vng_status)"
+		passed=$((passed + $(grep -c '^ok ' "$log" || true)))
+		failed=$((failed + $(grep -c '^FAIL ' "$log" || true)))
+		if ! grep -qE "^(ok|FAIL) reboot_boot${n}_" "$log"; then
+			report "boot${n}_phase_ran" "the guest ran no test of boot $n"
+		fi
+		check_debug_kernel "boot${n}_debug_kernel" "$log"
+		check_splats "boot${n}_kernel_log_clean" "$log"
+		check_kmemleak "boot${n}_no_memory_leaks" "$RESULTS/kmemleak-boot$n.txt"
+		if [ $n = 2 ]; then
+			if [ -f "$RESULTS/power-cut.txt" ]; then
+				wait "$cutter" || true
+				# shellcheck disable=SC2046
+				set -- $(awk '{print $2}' "$RESULTS/power-cut.txt")
+				if grep -q '^guest-exit' "$log"; then
+					report boot2_power_cut_mid_write "the guest finished before the kill"
+				elif [ "$4" -lt 16384 ]; then
+					report boot2_power_cut_mid_write "QEMU wrote only $4 bytes in the half second before the kill: no writes in flight"
+				else
+					report boot2_power_cut_mid_write ok
+					echo "    | marker at $1 blocks written, $2 at the kill; QEMU (pid $3) wrote $4 bytes in the last half second"
+				fi
+			else
+				kill "$cutter" 2>/dev/null || true
+				wait "$cutter" 2>/dev/null || true
+				report boot2_power_cut_mid_write "no power cut: the guest never printed the marker"
+			fi
+		else
+			if [ $n = 3 ] && ! grep -qE '^(ok|FAIL) module_unloaded' "$log"; then
+				report boot3_module_unloaded "the guest never reached the final rmmod"
+			fi
+			if grep -q '^guest-exit 0$' "$log"; then
+				report "boot${n}_guest_completed" ok
+			else
+				report "boot${n}_guest_completed" "guest did not finish cleanly (vng status $vng_status)"
+			fi
+		fi
+	done
+	echo "$passed passed, $failed failed"
+	[ "$failed" = 0 ]
+	exit
+fi
+
 QEMU_DRIVES=
 if [ "$MODE" = bench ]; then
 	bench_disks
@@ -177,43 +343,10 @@ fi
 # Harness checks, reported like tests.
 passed=$(grep -c '^ok ' "$RESULTS/console.log" || true)
 failed=$(grep -c '^FAIL ' "$RESULTS/console.log" || true)
-report() { # name ok|reason
-	if [ "$2" = ok ]; then
-		passed=$((passed + 1))
-		echo "ok $1"
-	else
-		failed=$((failed + 1))
-		echo "FAIL $1: $2"
-	fi
-}
 
-if grep -q 'KernelAddressSanitizer initialized' "$RESULTS/console.log" &&
-	grep -q 'Lock dependency validator' "$RESULTS/console.log"; then
-	report debug_kernel ok
-	grep -m1 'Linux version' "$RESULTS/console.log" | sed 's/^/    | /'
-	grep -m1 'KernelAddressSanitizer initialized' "$RESULTS/console.log" | sed 's/^/    | /'
-else
-	report debug_kernel "no KASAN/lockdep banner in the guest log"
-fi
-
-# The kernel command line (hung_task_panic=0) is no report.
-splats=$(grep -E 'BUG:|WARNING:|KASAN:|Oops|possible circular locking|possible recursive locking|inconsistent lock state|INFO: task .* blocked|Kernel panic|general protection fault|UBSAN:|soft lockup|hung_task|blocked for more than|rcu_sched self-detected stall|self-detected stall|rcu: INFO' \
-	"$RESULTS/console.log" | grep -v '^FAIL ' | grep -v '^    |' | grep -vi 'command line:' || true)
-if [ -z "$splats" ]; then
-	report kernel_log_clean ok
-else
-	report kernel_log_clean "$(echo "$splats" | head -1)"
-	echo "$splats" | head -20 | sed 's/^/    | /'
-fi
-
-if [ ! -f "$RESULTS/kmemleak.txt" ]; then
-	report no_memory_leaks "no kmemleak report (guest did not finish)"
-elif grep -q 'unreferenced object' "$RESULTS/kmemleak.txt"; then
-	report no_memory_leaks "$(grep -c 'unreferenced object' "$RESULTS/kmemleak.txt") leaks, see $RESULTS/kmemleak.txt"
-	head -30 "$RESULTS/kmemleak.txt" | sed 's/^/    | /'
-else
-	report no_memory_leaks ok
-fi
+check_debug_kernel debug_kernel "$RESULTS/console.log"
+check_splats kernel_log_clean "$RESULTS/console.log"
+check_kmemleak no_memory_leaks "$RESULTS/kmemleak.txt"
 
 # guest.sh reports the final unload as ok/FAIL module_unloaded, counted
 # above; without either line it never got there.

@@ -15,7 +15,9 @@ mod dev;
 mod faults;
 mod fuzz;
 mod odd;
+mod persist;
 mod pressure;
+mod reboot;
 mod removal;
 mod snap;
 mod store;
@@ -230,11 +232,19 @@ fn main() {
         .chain(cut::ALL)
         .chain(compat::ALL)
         .chain(removal::ALL)
+        .chain(persist::ALL)
         .chain(conc::ALL)
         .chain(pressure::ALL)
         .chain(stress::ALL)
         .chain(faults::ALL)
         .chain(fuzz::ALL)
+        // The reboot phases only when asked for by their prefix: each needs
+        // its boot of `run.sh reboot` and that mode's disks.
+        .chain(if filter.iter().any(|f| f.starts_with("reboot_")) {
+            reboot::ALL
+        } else {
+            &[]
+        })
     {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;

@@ -260,7 +260,7 @@ fn loop_device() -> TestResult {
 }
 
 /// The module unloads now that nothing uses it, and is loaded again.
-fn unload_and_reload() -> TestResult {
+pub(crate) fn unload_and_reload() -> TestResult {
     dev::unload_module().map_err(|err| format!("rmmod after the removals: {err}"))?;
     dev::load_module("")
 }

@@ -403,7 +403,13 @@ fn cbtdirty_marks_exact_blocks() -> TestResult {
 }
 
 /// Sends a filter command with an arbitrary argument buffer address.
-fn raw_ctl(dev: &Path, name: &str, cmd: u32, opt: u64, optlen: u32) -> Result<i32, Errno> {
+pub(crate) fn raw_ctl(
+    dev: &Path,
+    name: &str,
+    cmd: u32,
+    opt: u64,
+    optlen: u32,
+) -> Result<i32, Errno> {
     let f = std::fs::File::open(dev).map_err(|_| Errno::EBADF)?;
     let mut arg = uapi::BlkfilterCtl {
         name: raw::filter_name(name),

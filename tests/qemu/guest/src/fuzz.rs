@@ -62,6 +62,8 @@ enum Op {
     SnapshotInfo,
     CbtFine,
     UnknownCmd,
+    CbtPersist,
+    CbtSave,
 }
 
 use Errno::*;
@@ -228,6 +230,20 @@ const OPS: &[OpInfo] = &[
         name: "CTL unknown command",
         weight: 50,
         allowed: &[ENOTTY, EFAULT, ENOENT, EINVAL, ENODEV],
+    },
+    // No state device is open during the fuzzing (none is opened: it
+    // would format a test disk): registration fails with ENXIO at best.
+    OpInfo {
+        op: Op::CbtPersist,
+        name: "CTL CBTPERSIST",
+        weight: 30,
+        allowed: &[EFAULT, ENOENT, EINVAL, ENODEV, ENXIO],
+    },
+    OpInfo {
+        op: Op::CbtSave,
+        name: "control: CBT_SAVE",
+        weight: 20,
+        allowed: &[EFAULT, ENXIO],
     },
 ];
 
@@ -686,6 +702,17 @@ impl Fuzzer {
             Op::CreateStorage => self.create_storage(),
             Op::AppendStorage => self.append_storage(),
             Op::UnknownIoctl => self.unknown_ioctl(),
+            Op::CbtSave => {
+                let arg = self.place(&[], 16);
+                let fd = self.ctl.as_raw_fd();
+                self.call(
+                    Op::CbtSave,
+                    fd,
+                    uapi::IOCTL_BLKSNAP_CBT_SAVE as u64,
+                    arg,
+                    &|| format!("arg {arg:#x}"),
+                );
+            }
             Op::Attach => self.attach(),
             Op::Detach => self.detach(),
             _ => self.filter_ctl(op),
@@ -905,7 +932,7 @@ impl Fuzzer {
 
     fn unknown_ioctl(&mut self) {
         // Type 'V', a number or an encoding the module does not know.
-        let known = [0u64, 1, 2, 3, 4, 5, 64, 65];
+        let known = [0u64, 1, 2, 3, 4, 5, 64, 65, 66, 67];
         let nr = loop {
             let nr = self.below(256);
             if !known.contains(&nr) || self.chance(30) {
@@ -928,6 +955,8 @@ impl Fuzzer {
             uapi::IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT,
             uapi::IOCTL_BLKSNAP_SNAPSHOT_CREATE_STORAGE,
             uapi::IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE,
+            uapi::IOCTL_BLKSNAP_CBT_STATE_DEVICE,
+            uapi::IOCTL_BLKSNAP_CBT_SAVE,
         ];
         if real.contains(&(req as u32)) {
             req ^= 1 << 16;
@@ -1085,6 +1114,30 @@ impl Fuzzer {
                     format!("since {}, offset {offset}, count {count}, buffer {buf:#x} ({fine} fine blocks)", s[0]),
                 )
             }
+            Op::CbtPersist => {
+                let mut s = Vec::with_capacity(88);
+                let n = self.below(70) as usize;
+                for i in 0..64 {
+                    s.push(if i < n {
+                        b'a' + (self.below(26) as u8)
+                    } else {
+                        0
+                    });
+                }
+                let flags = if self.chance(90) {
+                    0
+                } else {
+                    self.rng.next() as u32
+                };
+                s.extend_from_slice(&flags.to_le_bytes());
+                s.extend_from_slice(&[0u8; 20]);
+                (
+                    ctl::CBTPERSIST,
+                    self.place(&s, 88),
+                    88,
+                    format!("id of {n} bytes, flags {flags:#x}"),
+                )
+            }
             Op::SnapshotAdd => {
                 let id = self.id();
                 (
@@ -1098,10 +1151,10 @@ impl Fuzzer {
                 let cmd = loop {
                     let c = match self.rng.below(4) {
                         0 => self.below(256) as u32,
-                        1 => 130 + self.below(16) as u32,
+                        1 => 131 + self.below(16) as u32,
                         _ => self.rng.next() as u32,
                     };
-                    if !matches!(c, 0..=4 | 128 | 129) {
+                    if !matches!(c, 0..=4 | 128..=130) {
                         break c;
                     }
                 };

@@ -75,17 +75,14 @@ struct Registered {
 
 struct Inner {
     dev: Option<Arc<Device>>,
-    /// What opening the device found: records, and whether they were clean.
+    /// What opening the device found: records, and whether they were
+    /// saved clean (and so may be restored).
     found: (u32, bool),
     saved: KVec<Saved>,
-    /// Whether `saved` may be restored.
-    clean: bool,
     registered: KVec<Registered>,
-    /// The header on the device.
+    /// The header on the device. While it says clean (after a save), the
+    /// registered devices are sealed.
     header: Header,
-    /// The header on the device says clean, and the registered devices
-    /// are sealed.
-    sealed: bool,
 }
 
 /// The module's CBT state device.
@@ -112,10 +109,8 @@ impl Persist {
                 dev: None,
                 found: (0, false),
                 saved: KVec::new(),
-                clean: false,
                 registered: KVec::new(),
                 header: Header::default(),
-                sealed: false,
             }, "Persist::inner"),
             breaker <- new_spinlock!(None, "Persist::breaker"),
         })
@@ -225,7 +220,6 @@ impl Persist {
         );
         inner.header = consumed;
         inner.saved = saved;
-        inner.clean = clean;
         inner.found = (records, clean);
         inner.dev = Some(dev);
         Ok(inner.found)
@@ -305,7 +299,7 @@ impl Persist {
         // Used at most once, restored or not. Restored under the lock, so
         // that a save cannot come between.
         let s = inner.saved.remove(k).ok_or(EINVAL)?;
-        let clean = inner.clean;
+        let clean = inner.found.1;
         let restored = Self::restore(tracker, name, clean, s);
         inner.registered[i].restored = restored;
         Ok(restored)
@@ -366,7 +360,7 @@ impl Persist {
         };
         let bdev = dev.bdev();
         // A state clean on the device stops being so before it changes.
-        if inner.sealed {
+        if inner.header.clean() {
             self.unseal(&mut inner, bdev);
         }
         // Sealed first: what passed before is in the maps, what comes after
@@ -386,7 +380,6 @@ impl Persist {
         match r {
             Ok(header) => {
                 inner.header = header;
-                inner.sealed = true;
                 *self.breaker.lock() = Some(later);
                 // A write held while the state was written found no work
                 // item to break the seal: it gets one now.
@@ -426,7 +419,7 @@ impl Persist {
     /// Marks the state on the device not clean, then lets the sealed
     /// devices' held writes go.
     fn unseal(&self, inner: &mut Inner, bdev: &BlockDevice) {
-        if !inner.sealed {
+        if !inner.header.clean() {
             return;
         }
         let header = Header {
@@ -445,7 +438,6 @@ impl Persist {
             );
         }
         inner.header = header;
-        inner.sealed = false;
         drop(self.breaker.lock().take());
         for r in inner.registered.iter() {
             r.tracker.unseal();

@@ -278,26 +278,24 @@ impl Tracker {
     /// Lifts the seal and lets the writes it held pass, unless a take holds
     /// them (its release lets them pass then).
     pub(crate) fn unseal(&self) {
-        let (held, area) = {
-            let mut cow = self.cow.lock();
-            cow.sealed = false;
-            if cow.holding {
-                return;
-            }
-            (cow.held.take(), cow.area.clone())
-        };
-        self.pass_held(held, area);
+        self.lift(|cow| cow.sealed = false);
     }
 
     /// Stops holding writes and lets the held ones pass, through
-    /// copy-on-write if the snapshot is on. Writes in flight together have
-    /// no order, so new writes may pass before the held ones.
+    /// copy-on-write if the snapshot is on, unless a seal holds them (its
+    /// breaking lets them pass then). Writes in flight together have no
+    /// order, so new writes may pass before the held ones.
     pub(crate) fn release_writes(&self) {
+        self.lift(|cow| cow.holding = false);
+    }
+
+    /// Lifts one of the two holds with `lift`; the held writes pass once
+    /// neither holds them.
+    fn lift(&self, lift: impl FnOnce(&mut Cow)) {
         let (held, area) = {
             let mut cow = self.cow.lock();
-            cow.holding = false;
-            if cow.sealed {
-                // The seal holds them still; its breaking lets them pass.
+            lift(&mut cow);
+            if cow.holding || cow.sealed {
                 return;
             }
             (cow.held.take(), cow.area.clone())

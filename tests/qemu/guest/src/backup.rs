@@ -541,19 +541,7 @@ fn bad_input() -> TestResult {
             "status=none",
         ],
     )?;
-    let small = scratch.join("small");
-    std::fs::create_dir_all(&small).map_err(|e| e.to_string())?;
-    dev::run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=8M",
-            "none",
-            small.to_str().unwrap(),
-        ],
-    )?;
+    let small = dev::mount_tmpfs(&scratch.join("small"), "8M")?;
     let r = (|| {
         let (code, err) = ctl(&[
             "backup",

@@ -184,6 +184,18 @@ pub fn zeroout(dev: &Path, offset: u64, len: u64) -> Result<(), String> {
     range_ioctl(dev, "BLKZEROOUT", blkzeroout, offset, len)
 }
 
+/// Mounts a tmpfs of `size` (as mount's `size=`) on `dir`, made if needed;
+/// returns `dir`.
+pub fn mount_tmpfs(dir: &Path, size: &str) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let opt = format!("size={size}");
+    run(
+        "mount",
+        &["-t", "tmpfs", "-o", &opt, "none", dir.to_str().unwrap()],
+    )?;
+    Ok(dir.to_path_buf())
+}
+
 /// Runs a command, failing with its output if it fails.
 pub fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new(cmd)

@@ -747,19 +747,7 @@ fn released_at_destroy() -> TestResult {
     let size = dev::size_sectors(&c)?;
     write_pattern(&c, 0, size, 61)?;
     // File stores in a 40 MiB tmpfs: two 24 MiB stores fit one at a time.
-    let small = dev::scratch().join("release");
-    std::fs::create_dir_all(&small).map_err(|e| e.to_string())?;
-    dev::run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=40M",
-            "none",
-            small.to_str().unwrap(),
-        ],
-    )?;
+    let small = dev::mount_tmpfs(&dev::scratch().join("release"), "40M")?;
     let r = (|| {
         let create = || Snap::create(&small, 32 * MIB_SECTORS);
         let base = used_bytes(&small)?;

@@ -125,6 +125,23 @@ pub struct Manifest {
     /// versions before they were, and for differential files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digests: Option<DigestFile>,
+    /// A restore point's number in its chain ([`crate::points`]); absent
+    /// for the raw layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<u32>,
+    /// The image format: `qcow2` for restore points; absent for raw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_format: Option<String>,
+    /// A restore point's backing image (the previous point), a file name
+    /// in the same directory; absent for a base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<String>,
+    /// When the snapshot was taken, seconds since the epoch (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<u64>,
+    /// The point was an overlay that a prune merged into a new base.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merged: bool,
 }
 
 /// The current manifest format.
@@ -336,7 +353,7 @@ pub struct Tap<'a> {
 /// up to [`IO_SIZE`] that start on multiples of it within each extent, and
 /// hands each to `piece` with its offset. Stops with an error when `stop`
 /// is set. Returns the bytes read.
-fn read_extents(
+pub(crate) fn read_extents(
     src: &Path,
     extents: &[Extent],
     stop: &AtomicBool,
@@ -367,16 +384,53 @@ fn read_extents(
     Ok(read)
 }
 
+/// Where a copy writes: a backup file or a restore point.
+pub trait Sink {
+    /// Writes `data` at byte `off`; returns the bytes it wrote (runs of
+    /// zeroes that need no write are not counted).
+    fn put(&self, data: &[u8], off: u64) -> Result<u64, String>;
+}
+
+/// A backup file updated in place: every byte is written.
+pub struct InPlace<'a>(pub &'a File);
+
+impl Sink for InPlace<'_> {
+    fn put(&self, data: &[u8], off: u64) -> Result<u64, String> {
+        self.0
+            .write_all_at(data, off)
+            .map_err(|e| format!("write at {off}: {e}"))?;
+        Ok(data.len() as u64)
+    }
+}
+
+/// A new, empty (sparse) file: 4 KiB blocks of zeroes are not written.
+pub struct Sparse<'a>(pub &'a File);
+
+impl Sink for Sparse<'_> {
+    fn put(&self, data: &[u8], off: u64) -> Result<u64, String> {
+        let mut written = 0;
+        for (i, block) in data.chunks(4096).enumerate() {
+            if block.iter().any(|&b| b != 0) {
+                let at = off + (i * 4096) as u64;
+                self.0
+                    .write_all_at(block, at)
+                    .map_err(|e| format!("write at {at}: {e}"))?;
+                written += block.len() as u64;
+            }
+        }
+        Ok(written)
+    }
+}
+
 /// Copies `extents` of the snapshot image `src` into `dst` at the same
-/// offsets ([`read_extents`]). Runs of zeroes are not written when `sparse`
-/// (a new, empty file). Every byte read goes through `hash` too, if given,
-/// and updates the digests of `tap`. Stops with an error when `stop` is set.
+/// offsets ([`read_extents`]). Every byte read goes through `hash` too, if
+/// given, and updates the digests of `tap`. Stops with an error when
+/// `stop` is set.
 #[allow(clippy::too_many_arguments)]
 pub fn copy_extents(
     src: &Path,
-    dst: &File,
+    dst: &dyn Sink,
     extents: &[Extent],
-    sparse: bool,
     mut hash: Option<&mut Sha256>,
     mut tap: Option<&mut Tap<'_>>,
     stop: &AtomicBool,
@@ -394,21 +448,7 @@ pub fn copy_extents(
                 }
             }
         }
-        if sparse {
-            // Write only the 4 KiB blocks that are not all zero.
-            for (i, block) in data.chunks(4096).enumerate() {
-                if block.iter().any(|&b| b != 0) {
-                    let at = off + (i * 4096) as u64;
-                    dst.write_all_at(block, at)
-                        .map_err(|e| format!("write at {at}: {e}"))?;
-                    written += block.len() as u64;
-                }
-            }
-        } else {
-            dst.write_all_at(data, off)
-                .map_err(|e| format!("write at {off}: {e}"))?;
-            written += data.len() as u64;
-        }
+        written += dst.put(data, off)?;
         Ok(())
     })?;
     Ok(Copied { read, written })
@@ -419,7 +459,7 @@ pub fn copy_extents(
 /// incremental backup without a change map.
 pub fn copy_changed_blocks(
     src: &Path,
-    dst: &File,
+    dst: &dyn Sink,
     digests: &mut Digests,
     stop: &AtomicBool,
     progress: &dyn Progress,
@@ -435,10 +475,7 @@ pub fn copy_changed_blocks(
             if digests.get(first + k) == Some(&sum) {
                 continue;
             }
-            let at = off + k as u64 * digest::BLOCK;
-            dst.write_all_at(block, at)
-                .map_err(|e| format!("write at {at}: {e}"))?;
-            written += block.len() as u64;
+            written += dst.put(block, off + k as u64 * digest::BLOCK)?;
             digests.set(first + k, sum);
         }
         Ok(())
@@ -484,7 +521,7 @@ pub fn sha256_file(path: &Path, size: u64) -> Result<String, String> {
     Ok(hex(&h.finalize()))
 }
 
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -510,6 +547,19 @@ pub struct Options<'a> {
     /// Leave the snapshot in place after a successful backup, to compare
     /// its images with the backups; the caller destroys it.
     pub keep_snapshot: bool,
+    /// How the backups are kept.
+    pub layout: Layout,
+}
+
+/// How the backups of a device are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// One raw image `DIR/<name>.img` updated in place by incrementals.
+    Raw,
+    /// A chain of restore points in qcow2, `DIR/<name>/point-NNNN.qcow2`
+    /// ([`crate::points`]).
+    Points,
 }
 
 /// The result of a backup run.
@@ -538,16 +588,23 @@ pub struct Outcome {
     pub manifest: PathBuf,
     /// The snapshot image the backup was read from.
     pub image: PathBuf,
+    /// The restore point made, for the points layout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub point: Option<u32>,
+    /// The backup file written.
+    pub file: PathBuf,
 }
 
-struct Device {
-    path: PathBuf,
-    tracker: Tracker,
-    previous: Option<Manifest>,
-    kind: Kind,
-    method: Method,
+pub(crate) struct Device {
+    pub(crate) path: PathBuf,
+    pub(crate) tracker: Tracker,
+    pub(crate) previous: Option<Manifest>,
+    pub(crate) kind: Kind,
+    pub(crate) method: Method,
     /// The digests of the previous backup's image, for an incremental.
-    digests: Option<Digests>,
+    pub(crate) digests: Option<Digests>,
+    /// The chain's lock, for the points layout.
+    pub(crate) _lock: Option<crate::points::Lock>,
 }
 
 /// Destroys the snapshot when dropped.
@@ -565,12 +622,35 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     crate::stack::check_store(opts.store, opts.devices)?;
     let ctl = Control::open().map_err(|e| e.to_string())?;
     let mut devices = Vec::new();
+    if opts.layout == Layout::Points && opts.kind == Kind::Differential {
+        return Err(
+            "a differential backup is made in the raw layout (--format raw); restore points are incrementals"
+                .into(),
+        );
+    }
     for path in opts.devices {
         let tracker = Tracker::open(path).map_err(|e| e.to_string())?;
         let (_, manifest, _) = paths(opts.dir, path);
         let mut kind = opts.kind;
         let mut previous = None;
-        if kind != Kind::Full {
+        let mut lock = None;
+        if opts.layout == Layout::Points {
+            let chain = crate::points::chain_dir(opts.dir, path);
+            let l = crate::points::Lock::take(&chain)?;
+            if kind != Kind::Full {
+                match crate::points::latest(&chain)? {
+                    Some(p) => previous = Some(p.manifest),
+                    None => {
+                        return Err(format!(
+                            "{}: no complete restore point in {} for an incremental backup; make a full backup first",
+                            path.display(),
+                            chain.display()
+                        ))
+                    }
+                }
+            }
+            lock = Some(l);
+        } else if kind != Kind::Full {
             // Checked before anything changes on the device.
             match Manifest::load(&manifest) {
                 Ok(m) => previous = Some(m),
@@ -606,6 +686,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
                 Method::Cbt
             },
             digests: None,
+            _lock: lock,
         });
     }
 
@@ -658,7 +739,12 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
         let Some(f) = &m.digests else {
             continue;
         };
-        match load_digests(opts.dir, f, m.size) {
+        let digest_dir = if opts.layout == Layout::Points {
+            crate::points::chain_dir(opts.dir, &d.path)
+        } else {
+            opts.dir.to_path_buf()
+        };
+        match load_digests(&digest_dir, f, m.size) {
             Ok(digests) => d.digests = Some(digests),
             Err(e) if d.method == Method::Digest => {
                 (opts.log)(&format!(
@@ -683,7 +769,10 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
 
     let mut out = Vec::new();
     for d in devices.iter_mut() {
-        out.push(backup_device(d, opts)?);
+        out.push(match opts.layout {
+            Layout::Raw => backup_device(d, opts)?,
+            Layout::Points => crate::points::backup_device(d, opts)?,
+        });
     }
     let snapshot = if opts.keep_snapshot {
         std::mem::forget(guard);
@@ -731,6 +820,11 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
         ranges: Vec::new(),
         method: Some(d.method),
         digests: None,
+        point: None,
+        image_format: None,
+        backing: None,
+        time: None,
+        merged: false,
     };
     let mut method = d.method;
     let (copied, manifest) = match d.kind {
@@ -779,7 +873,7 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
                     .map_err(|e| format!("{}: {e}", img_path.display()))?;
                 let c = match (method, digests.as_mut()) {
                     (Method::Digest, Some(digests)) => {
-                        copy_changed_blocks(&image, &f, digests, opts.stop, opts.progress)
+                        copy_changed_blocks(&image, &InPlace(&f), digests, opts.stop, opts.progress)
                             .map_err(|e| format!("{}: {e}", img_path.display()))?
                     }
                     (_, digests) => {
@@ -796,9 +890,8 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
                         });
                         let c = copy_extents(
                             &image,
-                            &f,
+                            &InPlace(&f),
                             &extents,
-                            false,
                             None,
                             tap.as_mut(),
                             opts.stop,
@@ -848,11 +941,13 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
         copied,
         manifest,
         image,
+        point: None,
+        file: opts.dir.join(&m.image),
     })
 }
 
 /// Writes `digests` to `path`; returns what the manifest says of them.
-fn store_digests(digests: &Digests, path: &Path) -> Result<DigestFile, String> {
+pub(crate) fn store_digests(digests: &Digests, path: &Path) -> Result<DigestFile, String> {
     digests.store(path)?;
     Ok(DigestFile {
         file: path.file_name().unwrap().to_string_lossy().to_string(),
@@ -915,9 +1010,8 @@ fn copy_to_new_file(
     });
     let c = copy_extents(
         image,
-        &f,
+        &Sparse(&f),
         extents,
-        true,
         whole.then_some(&mut hash),
         tap.as_mut(),
         opts.stop,

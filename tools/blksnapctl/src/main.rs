@@ -4,6 +4,7 @@
 
 use blksnap::backup::{self, Kind, Progress};
 use blksnap::boot::{self, DEFAULT_CONFIG};
+use blksnap::points;
 use blksnap::{
     changed_ranges, uuid_string, Control, MapKind, Persisted, Restore, SectorRange, SnapshotId,
     Tracker,
@@ -11,7 +12,7 @@ use blksnap::{
 use clap::{CommandFactory, Parser, Subcommand};
 use nix::errno::Errno;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,7 +32,7 @@ mod exit {
     name = "blksnapctl",
     version,
     about = "Change block tracking and snapshots of block devices (blksnap)",
-    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl verify /backup/vdb.img --manifest /backup/vdb.manifest.json\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
+    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of text.
@@ -61,11 +62,33 @@ enum Command {
     /// Back up devices: a full image, or the blocks changed since.
     #[command(subcommand)]
     Backup(BackupCommand),
-    /// Check a backup image against its manifest's checksum.
+    /// Check backups: every restore point of a chain (DIR), or a raw image
+    /// against its manifest (IMAGE --manifest FILE).
     Verify {
-        image: PathBuf,
+        /// A backup directory (or one device's chain in it), or a raw image.
+        path: PathBuf,
+        /// The raw image's manifest.
         #[arg(long)]
-        manifest: PathBuf,
+        manifest: Option<PathBuf>,
+        /// The device whose chain to check, when DIR has several.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Write a restore point's content to a device or a raw file.
+    Restore {
+        /// The point's number (see `backup list`).
+        #[arg(long)]
+        point: u32,
+        /// The backup directory (or one device's chain in it).
+        dir: PathBuf,
+        /// A block device, or a raw file (created, or overwritten).
+        target: PathBuf,
+        /// The device whose point, when DIR has points of several.
+        #[arg(long)]
+        device: Option<String>,
+        /// Write even to a mounted or in-use device, or one in a snapshot.
+        #[arg(long)]
+        force: bool,
     },
     /// Generate the man pages or shell completions.
     #[command(subcommand, hide = true)]
@@ -90,20 +113,49 @@ struct BackupArgs {
     /// or compare its images; destroy it with `snapshot destroy`.
     #[arg(long)]
     keep_snapshot: bool,
+    /// qcow2: each backup is a new restore point in DIR/<name>/ (a base,
+    /// then overlays); raw: one image DIR/<name>.img updated in place.
+    #[arg(long, value_enum, default_value = "qcow2")]
+    format: Format,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Qcow2,
+    Raw,
 }
 
 #[derive(Subcommand)]
 enum BackupCommand {
-    /// Copy each whole device into DIR/<name>.img (sparse) with a manifest.
+    /// Copy each whole device: a new base restore point (or, with
+    /// --format raw, DIR/<name>.img) with a manifest.
     Full(BackupArgs),
-    /// Copy the blocks changed since the last backup into the images.
+    /// Copy the blocks changed since the last backup: a new restore point
+    /// backed by the previous one (or, raw, into the image).
     Incremental {
         #[command(flatten)]
         args: BackupArgs,
-        /// Keep the base image and write the changes since it to
-        /// DIR/<name>.diff.img instead.
+        /// Raw format only: keep the base image and write the changes
+        /// since it to DIR/<name>.diff.img instead.
         #[arg(long)]
         differential: bool,
+    },
+    /// List the restore points in DIR.
+    List { dir: PathBuf },
+    /// Keep the newest N restore points of each chain in DIR: the oldest
+    /// kept becomes a base holding what the older ones did.
+    Prune {
+        dir: PathBuf,
+        /// How many points to keep.
+        #[arg(long)]
+        keep: usize,
+        /// Only this device's chain.
+        #[arg(long)]
+        device: Option<String>,
+        /// For tests: exit after this step (merge, manifest, remove), as a
+        /// crash would.
+        #[arg(long, hide = true)]
+        crash_after: Option<String>,
     },
 }
 
@@ -396,6 +448,7 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
         }
         Command::Backup(_)
         | Command::Verify { .. }
+        | Command::Restore { .. }
         | Command::Generate(_)
         | Command::Cbt(CbtCommand::Boot { .. }) => unreachable!(),
     }
@@ -707,6 +760,13 @@ fn mib(b: u64) -> String {
 
 fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
     let (args, kind) = match cmd {
+        BackupCommand::List { dir } => return list_cmd(&dir, json),
+        BackupCommand::Prune {
+            dir,
+            keep,
+            device,
+            crash_after,
+        } => return prune_cmd(&dir, keep, device.as_deref(), crash_after.as_deref(), json),
         BackupCommand::Full(args) => (args, Kind::Full),
         BackupCommand::Incremental { args, differential } => (
             args,
@@ -722,19 +782,8 @@ fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
         let stop = stop.clone();
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed));
     }
-    let quiet = backup::Quiet;
-    let bar;
-    let progress: &dyn Progress = if std::io::stderr().is_terminal() && !json {
-        bar = Bar(indicatif::ProgressBar::new(0).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-            )
-            .unwrap(),
-        ));
-        &bar
-    } else {
-        &quiet
-    };
+    let progress = progress(json);
+    let progress = progress.as_ref();
     let log = |m: &str| eprintln!("blksnapctl: {m}");
     let result = backup::run(&backup::Options {
         devices: &args.devices,
@@ -746,6 +795,10 @@ fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
         progress,
         log: &log,
         keep_snapshot: args.keep_snapshot,
+        layout: match args.format {
+            Format::Qcow2 => backup::Layout::Points,
+            Format::Raw => backup::Layout::Raw,
+        },
     });
     match result {
         Ok(report) => {
@@ -769,7 +822,10 @@ fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
                         mib(o.copied.read),
                         mib(o.copied.written),
                         100.0 * o.copied.read as f64 / o.size.max(1) as f64,
-                        o.manifest.display()
+                        match o.point {
+                            Some(n) => format!("point {n}, {}", o.file.display()),
+                            None => o.manifest.display().to_string(),
+                        }
                     );
                 }
             }
@@ -777,12 +833,245 @@ fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
         }
         Err(e) if stop.load(Ordering::Relaxed) => Err((
             exit::INTERRUPTED,
-            format!(
-                "interrupted ({e}); the snapshot is destroyed and the backup is marked in-progress"
-            ),
+            match args.format {
+                Format::Raw => format!(
+                    "interrupted ({e}); the snapshot is destroyed and the backup is marked in-progress"
+                ),
+                Format::Qcow2 => format!(
+                    "interrupted ({e}); the snapshot is destroyed and no restore point was made"
+                ),
+            },
         )),
         Err(e) => Err((exit::FAILED, e)),
     }
+}
+
+/// A progress bar on a terminal, else nothing.
+fn progress(json: bool) -> Box<dyn Progress> {
+    if std::io::stderr().is_terminal() && !json {
+        Box::new(Bar(indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .unwrap(),
+        )))
+    } else {
+        Box::new(backup::Quiet)
+    }
+}
+
+fn list_cmd(dir: &Path, json: bool) -> Result<(), (u8, String)> {
+    let failed = |e: String| (exit::FAILED, e);
+    let chains = points::chains(dir).map_err(failed)?;
+    if chains.is_empty() {
+        return Err(failed(format!("{}: no restore points", dir.display())));
+    }
+    let mut rows = Vec::new();
+    for (name, chain) in &chains {
+        for p in points::scan(chain).map_err(failed)? {
+            rows.push((name.clone(), p));
+        }
+    }
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(name, p)| {
+                serde_json::json!({
+                    "device": name,
+                    "point": p.number,
+                    "time": p.manifest.time,
+                    "kind": p.manifest.kind,
+                    "method": p.manifest.method,
+                    "status": p.manifest.status,
+                    "backing": p.manifest.backing,
+                    "merged": p.manifest.merged,
+                    "size": p.manifest.size,
+                    "bytes_read": p.manifest.bytes_read,
+                    "bytes_written": p.manifest.bytes_written,
+                    "allocated": p.allocated,
+                    "sha256": p.manifest.sha256,
+                    "image": p.image,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:>5}  {:<19}  {:<11}  {:<6}  {:>10}  {:>10}  {:<11}  BACKING",
+        "DEVICE", "POINT", "TIME (UTC)", "KIND", "METHOD", "COPIED", "FILE", "STATUS"
+    );
+    for (name, p) in rows {
+        let m = &p.manifest;
+        let kind = match (m.kind, m.merged) {
+            (_, true) => "base*",
+            (Kind::Full, _) => "full",
+            (Kind::Incremental, _) => "incremental",
+            (Kind::Differential, _) => "differential",
+        };
+        println!(
+            "{:<10} {:>5}  {:<19}  {:<11}  {:<6}  {:>10}  {:>10}  {:<11}  {}",
+            name,
+            p.number,
+            m.time.map(points::utc).unwrap_or_default(),
+            kind,
+            match m.method {
+                Some(backup::Method::Full) => "full",
+                Some(backup::Method::Cbt) => "cbt",
+                Some(backup::Method::Digest) => "digest",
+                None => "-",
+            },
+            mib(m.bytes_read),
+            mib(p.allocated),
+            match m.status {
+                backup::Status::Complete => "complete",
+                backup::Status::InProgress => "incomplete",
+            },
+            m.backing.as_deref().unwrap_or("-")
+        );
+    }
+    println!("(COPIED: bytes read from the snapshot; FILE: the point's image on disk; base*: merged by a prune)");
+    Ok(())
+}
+
+fn prune_cmd(
+    dir: &Path,
+    keep: usize,
+    device: Option<&str>,
+    crash_after: Option<&str>,
+    json: bool,
+) -> Result<(), (u8, String)> {
+    let failed = |e: String| (exit::FAILED, e);
+    let chains: Vec<PathBuf> = match device {
+        Some(_) => vec![points::chain(dir, device).map_err(failed)?],
+        None => points::chains(dir)
+            .map_err(failed)?
+            .into_iter()
+            .map(|c| c.1)
+            .collect(),
+    };
+    if chains.is_empty() {
+        return Err(failed(format!("{}: no restore points", dir.display())));
+    }
+    let log = |m: &str| eprintln!("blksnapctl: {m}");
+    let mut out = Vec::new();
+    for chain in chains {
+        let r = points::prune(&chain, keep, &log, crash_after).map_err(|e| {
+            if e.starts_with(points::CRASHED) {
+                (137, e)
+            } else {
+                failed(e)
+            }
+        })?;
+        if !json {
+            println!(
+                "{}: {}{}{}",
+                chain.display(),
+                match r.merged {
+                    Some(n) => format!("point {n} is now a base ({}); ", mib(r.merged_bytes)),
+                    None => String::new(),
+                },
+                if r.removed.is_empty() {
+                    "no point removed".to_string()
+                } else {
+                    format!("removed points {:?}", r.removed)
+                },
+                if r.leftovers.is_empty() {
+                    String::new()
+                } else {
+                    format!("; removed leftovers {:?}", r.leftovers)
+                }
+            );
+        }
+        out.push(serde_json::json!({ "chain": chain, "pruned": r }));
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(out));
+    }
+    Ok(())
+}
+
+fn verify_cmd(dir: &Path, device: Option<&str>, json: bool) -> Result<(), (u8, String)> {
+    let failed = |e: String| (exit::FAILED, e);
+    let chain = points::chain(dir, device).map_err(failed)?;
+    let progress = progress(json);
+    let checked = points::verify(&chain, progress.as_ref()).map_err(failed)?;
+    let bad = checked.iter().filter(|c| c.error.is_some()).count();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "ok": bad == 0, "points": checked })
+        );
+    } else {
+        for c in &checked {
+            match &c.error {
+                None => println!(
+                    "point {}: OK (sha256 {})",
+                    c.number,
+                    c.sha256.as_deref().unwrap_or("")
+                ),
+                Some(e) => println!("point {}: FAILED: {e}", c.number),
+            }
+        }
+    }
+    if checked.is_empty() {
+        return Err(failed(format!(
+            "{}: no complete restore point",
+            chain.display()
+        )));
+    }
+    if bad > 0 {
+        return Err((
+            exit::MISMATCH,
+            format!("{bad} of {} points failed", checked.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn restore_cmd(
+    dir: &Path,
+    point: u32,
+    target: &Path,
+    device: Option<&str>,
+    force: bool,
+    json: bool,
+) -> Result<(), (u8, String)> {
+    let failed = |e: String| (exit::FAILED, e);
+    let chain = points::chain(dir, device).map_err(failed)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed));
+    }
+    let progress = progress(json);
+    let r =
+        points::restore(&chain, point, target, force, &stop, progress.as_ref()).map_err(|e| {
+            if stop.load(Ordering::Relaxed) {
+                (
+                    exit::INTERRUPTED,
+                    format!("interrupted ({e}): {} is partly written", target.display()),
+                )
+            } else if e.contains("manifest says") {
+                (exit::MISMATCH, e)
+            } else {
+                failed(e)
+            }
+        })?;
+    if json {
+        println!("{}", serde_json::to_string(&r).unwrap());
+    } else {
+        println!(
+            "restored point {} of {} to {}: {} in {:.1} s, sha256 {} (matches the manifest)",
+            r.point,
+            chain.display(),
+            r.target.display(),
+            mib(r.size),
+            r.seconds,
+            r.sha256
+        );
+    }
+    Ok(())
 }
 
 fn generate(cmd: GenerateCommand) -> Result<(), (u8, String)> {
@@ -809,17 +1098,33 @@ fn main() -> ExitCode {
     let json = cli.json;
     let r = match cli.command {
         Command::Backup(cmd) => backup_cmd(cmd, json),
-        Command::Verify { image, manifest } => match backup::verify(&image, &manifest) {
+        Command::Verify {
+            path,
+            manifest: Some(manifest),
+            ..
+        } => match backup::verify(&path, &manifest) {
             Ok(sum) => {
                 if json {
                     println!("{}", serde_json::json!({ "ok": true, "sha256": sum }));
                 } else {
-                    println!("{}: OK (sha256 {sum})", image.display());
+                    println!("{}: OK (sha256 {sum})", path.display());
                 }
                 Ok(())
             }
             Err(e) => Err((exit::MISMATCH, e)),
         },
+        Command::Verify {
+            path,
+            manifest: None,
+            device,
+        } => verify_cmd(&path, device.as_deref(), json),
+        Command::Restore {
+            point,
+            dir,
+            target,
+            device,
+            force,
+        } => restore_cmd(&dir, point, &target, device.as_deref(), force, json),
         Command::Generate(cmd) => generate(cmd),
         Command::Cbt(CbtCommand::Boot { config, device }) => {
             cbt_boot(&config, device.as_deref(), json)

@@ -87,17 +87,42 @@ impl PointWriter {
         &self.img
     }
 
-    /// Writes `buf` at byte `offset`. Zero data allocates nothing: a base
-    /// leaves it unallocated (reads as zeros), an overlay marks it as zero
-    /// clusters so that it hides what the backing file holds there.
-    pub fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if buf.iter().all(|&b| b == 0) {
-            if self.overlay {
-                return self.img.write_zeroes(offset, buf.len() as u64);
+    /// Writes `buf` at byte `offset`; returns the bytes of data stored.
+    /// Zero data allocates nothing where it can: whole clusters of zeroes
+    /// are left unallocated in a base (every byte of a base is written at
+    /// most once, and unallocated reads as zeros) and become zero clusters
+    /// in an overlay (hiding what the backing file holds there); zeroes in
+    /// part of a cluster are written as data in an overlay.
+    pub fn write(&self, buf: &[u8], offset: u64) -> io::Result<u64> {
+        // (start in buf, end in buf, zero) of runs split at clusters.
+        let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+        let mut at = 0usize;
+        while at < buf.len() {
+            let abs = offset + at as u64;
+            let to_boundary = CLUSTER - (abs % CLUSTER as u64) as usize;
+            let end = (at + to_boundary).min(buf.len());
+            let whole = end - at == CLUSTER;
+            let zero = buf[at..end].iter().all(|&b| b == 0);
+            // Zeroes in part of a cluster: data in an overlay, nothing in
+            // a base.
+            let kind = zero && (whole || !self.overlay);
+            match runs.last_mut() {
+                Some(last) if last.2 == kind => last.1 = end,
+                _ => runs.push((at, end, kind)),
             }
-            return Ok(());
+            at = end;
         }
-        self.img.write(buf, offset)
+        let mut stored = 0;
+        for (s, e, zero) in runs {
+            let off = offset + s as u64;
+            if !zero {
+                self.img.write(&buf[s..e], off)?;
+                stored += (e - s) as u64;
+            } else if self.overlay {
+                self.img.write_zeroes(off, (e - s) as u64)?;
+            }
+        }
+        Ok(stored)
     }
 
     /// Makes the point durable and visible under its name.
@@ -115,6 +140,13 @@ impl PointWriter {
     pub fn abandon(self) {
         drop(self.img);
         let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+impl crate::backup::Sink for PointWriter {
+    fn put(&self, data: &[u8], off: u64) -> Result<u64, String> {
+        self.write(data, off)
+            .map_err(|e| format!("{}: write at {off}: {e}", self.tmp.display()))
     }
 }
 
@@ -136,14 +168,8 @@ pub fn merge(top: &Path) -> io::Result<u64> {
     while off < size {
         let n = (STEP as u64).min(size - off) as usize;
         src.read(&mut buf[..n], off)?;
-        // Cluster by cluster: zero clusters stay unallocated.
-        for (i, c) in buf[..n].chunks(CLUSTER).enumerate() {
-            let at = off + (i * CLUSTER) as u64;
-            if c.iter().any(|&b| b != 0) {
-                w.write(c, at)?;
-                written += c.len() as u64;
-            }
-        }
+        // Zero clusters stay unallocated in the new base.
+        written += w.write(&buf[..n], off)?;
         off += n as u64;
     }
     drop(src);

@@ -109,6 +109,11 @@ fn manifest(image: &str, sha: &str, size: u64) -> Manifest {
             block_size: 65536,
             sha256: "cd".into(),
         }),
+        point: None,
+        image_format: None,
+        backing: None,
+        time: None,
+        merged: false,
     }
 }
 

@@ -1,0 +1,1037 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Restore points: each backup of a device is a new point of its chain in
+//! `DIR/<name>/`, never an update of an earlier one.
+//!
+//! - `point-NNNN.qcow2`: the image ([`crate::qcow`]); a full backup is a
+//!   base, an incremental an overlay backed by the previous complete point
+//!   that holds only the blocks it copied.
+//! - `point-NNNN.json`: its manifest ([`Manifest`]): device identity, size,
+//!   CBT generation and snapshot number, time, backing point, the SHA-256
+//!   of the device's content at that point, status.
+//! - `point-NNNN.digests`: per-block digests of that content, for the next
+//!   incremental when the change map cannot be used ([`crate::digest`]).
+//!
+//! A new point's number is above those of every file of the chain. A manifest is written `in-progress` before its image
+//! is started under `point-NNNN.qcow2.tmp`; the image is renamed to its
+//! name once complete and durable, and the manifest then says `complete`.
+//! An interrupted backup leaves an in-progress manifest and a temporary
+//! file; the next incremental builds on the last complete point, and the
+//! next prune removes the leftovers. Backups and prunes of a chain hold its
+//! lock file `.lock`.
+
+use crate::backup::{
+    self, copy_changed_blocks, copy_extents, hex, plan, refine, store_digests, Device, Extent,
+    Kind, Manifest, Method, Options, Outcome, Progress, Status,
+};
+use crate::digest::Digests;
+use crate::qcow::{self, PointWriter};
+use crate::MapKind;
+use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Bytes per read of an image chain.
+const STEP: usize = 4 << 20;
+
+/// The directory of a device's chain.
+pub fn chain_dir(dir: &Path, device: &Path) -> PathBuf {
+    let (img, _, _) = backup::paths(dir, device);
+    img.with_extension("")
+}
+
+/// The manifest file of point `n`.
+pub fn manifest_path(chain: &Path, n: u32) -> PathBuf {
+    chain.join(format!("point-{n:04}.json"))
+}
+
+/// The image file name of point `n`.
+pub fn image_name(n: u32) -> String {
+    format!("point-{n:04}.qcow2")
+}
+
+fn digests_name(n: u32) -> String {
+    format!("point-{n:04}.digests")
+}
+
+/// Parses `point-NNNN.<ext>` into NNNN.
+fn number_of(name: &str, ext: &str) -> Option<u32> {
+    let n = name.strip_prefix("point-")?.strip_suffix(ext)?;
+    (n.len() >= 4 && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse().ok())
+        .flatten()
+}
+
+/// The exclusive lock of a chain, held by a backup or a prune.
+pub struct Lock(#[allow(dead_code)] Flock<File>);
+
+impl Lock {
+    /// Creates the chain's directory if needed and locks it; fails at once
+    /// when another backup or prune holds it.
+    pub fn take(chain: &Path) -> Result<Self, String> {
+        fs::create_dir_all(chain).map_err(|e| format!("{}: {e}", chain.display()))?;
+        let path = chain.join(".lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Flock::lock(f, FlockArg::LockExclusiveNonblock)
+            .map(Lock)
+            .map_err(|(_, e)| {
+                format!(
+                    "{}: {e}: another backup or prune of this chain is running",
+                    chain.display()
+                )
+            })
+    }
+}
+
+/// One point of a chain, as its manifest describes it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Point {
+    /// Its number.
+    pub number: u32,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// The manifest's path.
+    pub path: PathBuf,
+    /// The image's path.
+    pub image: PathBuf,
+    /// Bytes the image file takes on disk (0 when it is missing).
+    pub allocated: u64,
+}
+
+/// The points of a chain with a manifest, complete or not, by number.
+pub fn scan(chain: &Path) -> Result<Vec<Point>, String> {
+    let mut out = Vec::new();
+    let rd = match fs::read_dir(chain) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(format!("{}: {e}", chain.display())),
+    };
+    for e in rd {
+        let e = e.map_err(|e| format!("{}: {e}", chain.display()))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(number) = number_of(&name, ".json") else {
+            continue;
+        };
+        let path = e.path();
+        let manifest = Manifest::load(&path)?;
+        if manifest.point != Some(number) || manifest.image != image_name(number) {
+            return Err(format!(
+                "{}: not the manifest of point {number}",
+                path.display()
+            ));
+        }
+        let image = chain.join(&manifest.image);
+        let allocated = fs::metadata(&image)
+            .map(|md| std::os::unix::fs::MetadataExt::blocks(&md) * 512)
+            .unwrap_or(0);
+        out.push(Point {
+            number,
+            manifest,
+            path,
+            image,
+            allocated,
+        });
+    }
+    out.sort_by_key(|p| p.number);
+    Ok(out)
+}
+
+/// The newest complete point of a chain.
+pub fn latest(chain: &Path) -> Result<Option<Point>, String> {
+    Ok(scan(chain)?
+        .into_iter()
+        .rev()
+        .find(|p| p.manifest.status == Status::Complete))
+}
+
+/// The next number: above every point and leftover of the chain.
+fn next_number(chain: &Path) -> Result<u32, String> {
+    let mut n = 0;
+    for e in fs::read_dir(chain).map_err(|e| format!("{}: {e}", chain.display()))? {
+        let e = e.map_err(|e| e.to_string())?;
+        let name = e.file_name().to_string_lossy().to_string();
+        for ext in [".json", ".qcow2", ".qcow2.tmp", ".digests"] {
+            if let Some(k) = number_of(&name, ext) {
+                n = n.max(k);
+            }
+        }
+    }
+    n.checked_add(1)
+        .ok_or_else(|| format!("{}: no point number left", chain.display()))
+}
+
+/// Reads the content of `img` (through its chain) in steps, handing each
+/// to `f` with its offset.
+fn read_chain(
+    img: &qcow::Image,
+    size: u64,
+    stop: Option<&AtomicBool>,
+    progress: &dyn Progress,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; STEP];
+    let mut off = 0;
+    while off < size {
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            return Err("interrupted".into());
+        }
+        let n = (size - off).min(STEP as u64) as usize;
+        img.read(&mut buf[..n], off)
+            .map_err(|e| format!("read at {off}: {e}"))?;
+        f(off, &buf[..n])?;
+        off += n as u64;
+        progress.update(off, size);
+    }
+    Ok(())
+}
+
+/// The SHA-256 and the per-block digests of an image's content.
+fn checksums(
+    img: &qcow::Image,
+    size: u64,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<(String, Digests), String> {
+    let mut h = Sha256::new();
+    let mut digests = Digests::new(size);
+    read_chain(img, size, Some(stop), progress, |off, data| {
+        h.update(data);
+        // Steps start on multiples of the digest block: all whole but
+        // the last, which ends at the device's end.
+        digests.absorb(off, data);
+        Ok(())
+    })?;
+    Ok((hex(&h.finalize()), digests))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Makes a restore point of one device from its snapshot image
+/// ([`backup::run`] with the points layout).
+pub(crate) fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> {
+    let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
+    let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
+    if snap.error_code != 0 {
+        return Err(format!(
+            "{}: the snapshot failed with error {}",
+            d.path.display(),
+            snap.error_code
+        ));
+    }
+    let image = PathBuf::from(format!("/dev/{}", snap.image));
+    let chain = chain_dir(opts.dir, &d.path);
+    let size = info.device_capacity;
+    let number = next_number(&chain)?;
+    let manifest_path = manifest_path(&chain, number);
+    let img_path = chain.join(image_name(number));
+    let backing = match d.kind {
+        Kind::Full => None,
+        _ => Some(
+            d.previous
+                .as_ref()
+                .ok_or("no previous point")?
+                .image
+                .clone(),
+        ),
+    };
+    let mut m = Manifest {
+        format: backup::FORMAT,
+        device: d.path.display().to_string(),
+        dev: backup::dev_string(&d.path)?,
+        identity: backup::identity(&d.path),
+        size,
+        block_size: info.block_size,
+        generation: info.generation.clone(),
+        snapshot_number: info.changes_number,
+        base_number: d
+            .previous
+            .as_ref()
+            .filter(|_| d.kind != Kind::Full)
+            .map_or(info.changes_number, |p| p.base_number),
+        kind: d.kind,
+        status: Status::InProgress,
+        image: image_name(number),
+        sha256: String::new(),
+        bytes_read: 0,
+        bytes_written: 0,
+        ranges: Vec::new(),
+        method: Some(d.method),
+        digests: None,
+        point: Some(number),
+        image_format: Some("qcow2".into()),
+        backing: backing.clone(),
+        time: Some(now()),
+        merged: false,
+    };
+    m.store(&manifest_path)?;
+    let w = PointWriter::create(&img_path, size, backing.as_deref())
+        .map_err(|e| format!("{}: {e}", img_path.display()))?;
+    let mut method = d.method;
+    let copied = (|| {
+        match d.kind {
+        Kind::Full => copy_extents(
+            &image,
+            &w,
+            &[(0, size)],
+            None,
+            None,
+            opts.stop,
+            opts.progress,
+        ),
+        _ => match (method, d.digests.as_mut()) {
+            (Method::Digest, Some(digests)) => {
+                copy_changed_blocks(&image, &w, digests, opts.stop, opts.progress)
+            }
+            (Method::Digest, None) => Err(format!(
+                "{}: the change map cannot be used and point {} has no usable digests: make a full backup",
+                d.path.display(),
+                d.previous.as_ref().and_then(|p| p.point).unwrap_or(0)
+            )),
+            _ => {
+                method = Method::Cbt;
+                let since = d.previous.as_ref().ok_or("no previous point")?.snapshot_number;
+                let map = d
+                    .tracker
+                    .read_cbt_map(MapKind::Snapshot)
+                    .map_err(|e| e.to_string())?;
+                let coarse = plan(&map, since, info.block_size, size);
+                let (extents, _): (Vec<Extent>, u32) = refine(&d.tracker, since, &coarse, size)?;
+                copy_extents(&image, &w, &extents, None, None, opts.stop, opts.progress)
+            }
+        },
+    }
+    })();
+    let copied = match copied {
+        Ok(c) => c,
+        Err(e) => {
+            w.abandon();
+            let _ = fs::remove_file(&manifest_path);
+            return Err(format!("{}: {e}", img_path.display()));
+        }
+    };
+    // The point's content, read back through its chain: its checksum and
+    // the digests the next incremental compares.
+    let (sum, digests) = match checksums(w.image(), size, opts.stop, &backup::Quiet) {
+        Ok(x) => x,
+        Err(e) => {
+            w.abandon();
+            let _ = fs::remove_file(&manifest_path);
+            return Err(format!("{}: {e}", img_path.display()));
+        }
+    };
+    w.publish()
+        .map_err(|e| format!("{}: {e}", img_path.display()))?;
+    m.digests = Some(store_digests(&digests, &chain.join(digests_name(number)))?);
+    m.sha256 = sum;
+    m.method = Some(method);
+    m.bytes_read = copied.read;
+    m.bytes_written = copied.written;
+    m.status = Status::Complete;
+    m.store(&manifest_path)?;
+    Ok(Outcome {
+        device: m.device,
+        kind: d.kind,
+        method,
+        size,
+        copied,
+        manifest: manifest_path,
+        image,
+        point: Some(number),
+        file: img_path,
+    })
+}
+
+/// The chains of a backup directory: `DIR` itself when it holds points,
+/// else its subdirectories that do, by name.
+pub fn chains(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    let is_chain = |p: &Path| {
+        fs::read_dir(p).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| number_of(&e.file_name().to_string_lossy(), ".json").is_some())
+        })
+    };
+    if is_chain(dir) {
+        let name = dir
+            .file_name()
+            .map_or(String::from("."), |n| n.to_string_lossy().to_string());
+        return Ok(vec![(name, dir.to_path_buf())]);
+    }
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let e = e.map_err(|e| e.to_string())?;
+        if e.file_type().is_ok_and(|t| t.is_dir()) && is_chain(&e.path()) {
+            out.push((e.file_name().to_string_lossy().to_string(), e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The one chain of `dir` named `device` (a name like `vdb`, or a device
+/// path), or its only chain.
+pub fn chain(dir: &Path, device: Option<&str>) -> Result<PathBuf, String> {
+    let all = chains(dir)?;
+    let names = || {
+        all.iter()
+            .map(|c| c.0.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match device {
+        Some(d) => {
+            let want = d.trim_start_matches("/dev/").replace('/', "_");
+            all.iter()
+                .find(|c| c.0 == want)
+                .map(|c| c.1.clone())
+                .ok_or_else(|| {
+                    format!(
+                        "{}: no restore points of {d} (there are: {})",
+                        dir.display(),
+                        names()
+                    )
+                })
+        }
+        None => match all.len() {
+            0 => Err(format!("{}: no restore points", dir.display())),
+            1 => Ok(all[0].1.clone()),
+            _ => Err(format!(
+                "{}: points of several devices ({}): choose one with --device",
+                dir.display(),
+                names()
+            )),
+        },
+    }
+}
+
+/// What a prune did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Pruned {
+    /// The point that became the base, if a merge made one.
+    pub merged: Option<u32>,
+    /// Bytes the merged base holds.
+    pub merged_bytes: u64,
+    /// The points removed.
+    pub removed: Vec<u32>,
+    /// Leftovers of interrupted backups or prunes removed.
+    pub leftovers: Vec<String>,
+}
+
+/// What a prune stopped by `crash_after` says.
+pub const CRASHED: &str = "stopped as asked (a test of crash safety) after";
+
+/// Keeps the newest `keep` complete points of `chain`: the oldest kept
+/// becomes a base holding the content of the points before it (a new image
+/// written beside it and renamed over it), then the older points go, the
+/// newest first. Every step leaves each remaining point restorable: the
+/// rename swaps one image for another of the same content, and a point is
+/// removed only when no kept point reads through it.
+pub fn prune(
+    chain: &Path,
+    keep: usize,
+    log: &dyn Fn(&str),
+    crash_after: Option<&str>,
+) -> Result<Pruned, String> {
+    if keep == 0 {
+        return Err("--keep must be at least 1".into());
+    }
+    let _lock = Lock::take(chain)?;
+    // A test's stand-in for a crash: stop after a step, clean up nothing.
+    let crash = |step: &str| {
+        if crash_after == Some(step) {
+            return Err(format!("{CRASHED} {step}"));
+        }
+        Ok(())
+    };
+    let all = scan(chain)?;
+    let complete: Vec<&Point> = all
+        .iter()
+        .filter(|p| p.manifest.status == Status::Complete)
+        .collect();
+    let mut out = Pruned::default();
+    if complete.len() > keep {
+        let first = complete.len() - keep;
+        let base = complete[first];
+        if base.manifest.backing.is_some() {
+            log(&format!(
+                "merging points {}..{} into point {} as its new base",
+                complete[0].number, base.number, base.number
+            ));
+            out.merged_bytes = qcow::merge(&base.image)
+                .map_err(|e| format!("{}: merge: {e}", base.image.display()))?;
+            out.merged = Some(base.number);
+            crash("merge")?;
+            let mut m = base.manifest.clone();
+            m.backing = None;
+            m.merged = true;
+            m.store(&base.path)?;
+            crash("manifest")?;
+        }
+        for p in complete[..first].iter().rev() {
+            remove_point(chain, p)?;
+            out.removed.push(p.number);
+            crash("remove")?;
+        }
+    }
+    // Leftovers: incomplete points (no backup runs: the lock is ours) and
+    // temporary files.
+    for p in all.iter().filter(|p| p.manifest.status != Status::Complete) {
+        remove_point(chain, p)?;
+        out.leftovers
+            .push(p.path.file_name().unwrap().to_string_lossy().to_string());
+    }
+    for e in fs::read_dir(chain).map_err(|e| e.to_string())? {
+        let e = e.map_err(|e| e.to_string())?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.ends_with(".tmp") {
+            fs::remove_file(e.path()).map_err(|err| format!("{name}: {err}"))?;
+            out.leftovers.push(name);
+        }
+    }
+    fs::File::open(chain)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("{}: {e}", chain.display()))?;
+    Ok(out)
+}
+
+/// Removes a point: its manifest first (it no longer lists), then its
+/// digests and image.
+fn remove_point(chain: &Path, p: &Point) -> Result<(), String> {
+    let gone = |r: std::io::Result<()>, what: &Path| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(format!("{}: {e}", what.display()))
+        }
+        _ => Ok(()),
+    };
+    gone(fs::remove_file(&p.path), &p.path)?;
+    let dg = chain.join(digests_name(p.number));
+    gone(fs::remove_file(&dg), &dg)?;
+    gone(fs::remove_file(&p.image), &p.image)
+}
+
+/// The result of checking one point.
+#[derive(Clone, Debug, Serialize)]
+pub struct Checked {
+    /// The point.
+    pub number: u32,
+    /// Its SHA-256 as read, when it could be read.
+    pub sha256: Option<String>,
+    /// What is wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// Checks every complete point of a chain: its image opens with its chain
+/// of backing files, and its content's SHA-256 is the one recorded.
+pub fn verify(chain: &Path, progress: &dyn Progress) -> Result<Vec<Checked>, String> {
+    let mut out = Vec::new();
+    let stop = AtomicBool::new(false);
+    for p in scan(chain)?
+        .into_iter()
+        .filter(|p| p.manifest.status == Status::Complete)
+    {
+        let r = (|| {
+            let img = qcow::open(&p.image).map_err(|e| format!("{}: {e}", p.image.display()))?;
+            if img.size() != p.manifest.size {
+                return Err(format!(
+                    "{}: {} bytes, the manifest says {}",
+                    p.image.display(),
+                    img.size(),
+                    p.manifest.size
+                ));
+            }
+            let (sum, _) = checksums(&img, p.manifest.size, &stop, progress)?;
+            Ok(sum)
+        })();
+        out.push(match r {
+            Ok(sum) if sum == p.manifest.sha256 => Checked {
+                number: p.number,
+                sha256: Some(sum),
+                error: None,
+            },
+            Ok(sum) => Checked {
+                number: p.number,
+                error: Some(format!(
+                    "checksum {sum} does not match the manifest's {}",
+                    p.manifest.sha256
+                )),
+                sha256: Some(sum),
+            },
+            Err(e) => Checked {
+                number: p.number,
+                sha256: None,
+                error: Some(e),
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Restored {
+    /// The point.
+    pub point: u32,
+    /// Where it went.
+    pub target: PathBuf,
+    /// Bytes of content written.
+    pub size: u64,
+    /// SHA-256 of the target's first `size` bytes, read back.
+    pub sha256: String,
+    /// Seconds it took.
+    pub seconds: f64,
+}
+
+/// Why a target may not be written.
+fn refuse(target: &Path, why: &str) -> String {
+    format!(
+        "{}: {why}; not restoring over it (--force to write anyway)",
+        target.display()
+    )
+}
+
+/// A page-aligned buffer for direct I/O.
+struct Aligned(Vec<u8>, usize);
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        let v = vec![0u8; len + 4096];
+        let off = v.as_ptr().align_offset(4096);
+        Self(v, off)
+    }
+
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        &mut self.0[self.1..self.1 + len]
+    }
+}
+
+/// Writes the content of point `number` of `chain` to `target`, a block
+/// device or a raw file (created if missing), and checks it: the content
+/// read from the chain and the target read back must both have the
+/// manifest's SHA-256. A block device that is mounted or otherwise held
+/// open exclusively, or tracked by blksnap and in a snapshot, is refused
+/// unless `force`.
+pub fn restore(
+    chain: &Path,
+    number: u32,
+    target: &Path,
+    force: bool,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<Restored, String> {
+    let started = Instant::now();
+    let m = Manifest::load(&manifest_path(chain, number))
+        .map_err(|e| format!("point {number}: {e}"))?;
+    if m.status != Status::Complete {
+        return Err(format!(
+            "point {number} did not complete: it cannot be restored"
+        ));
+    }
+    let img_path = chain.join(&m.image);
+    let img = qcow::open(&img_path).map_err(|e| format!("{}: {e}", img_path.display()))?;
+    if img.size() != m.size {
+        return Err(format!(
+            "{}: {} bytes, the manifest says {}",
+            img_path.display(),
+            img.size(),
+            m.size
+        ));
+    }
+    let size = m.size;
+    let is_bdev = fs::metadata(target).is_ok_and(|md| md.file_type().is_block_device());
+    let dst = if is_bdev {
+        if !force {
+            if let Ok(t) = crate::Tracker::open(target) {
+                if t.snapshot_info().is_ok() {
+                    return Err(refuse(target, "it is in a blksnap snapshot"));
+                }
+            }
+        }
+        let mut o = OpenOptions::new();
+        o.write(true).read(true);
+        if !force {
+            // An exclusive open fails when a file system is mounted on the
+            // device or a partition of it, or a holder (dm, md) uses it.
+            o.custom_flags(nix::libc::O_EXCL);
+        }
+        let f = o.open(target).map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::EBUSY) {
+                refuse(target, "it is mounted or in use")
+            } else {
+                format!("{}: {e}", target.display())
+            }
+        })?;
+        let cap = device_size(&f).map_err(|e| format!("{}: {e}", target.display()))?;
+        if cap < size {
+            return Err(format!(
+                "{}: {cap} bytes, smaller than the point's {size}",
+                target.display()
+            ));
+        }
+        f
+    } else {
+        let f = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create(true)
+            .truncate(true)
+            .open(target)
+            .map_err(|e| format!("{}: {e}", target.display()))?;
+        f.set_len(size)
+            .map_err(|e| format!("{}: {e}", target.display()))?;
+        f
+    };
+    let mut h = Sha256::new();
+    read_chain(&img, size, Some(stop), progress, |off, data| {
+        h.update(data);
+        if !is_bdev && data.iter().all(|&b| b == 0) {
+            return Ok(()); // a new file reads zeroes there
+        }
+        dst.write_all_at(data, off)
+            .map_err(|e| format!("{}: write at {off}: {e}", target.display()))
+    })?;
+    dst.sync_all()
+        .map_err(|e| format!("{}: {e}", target.display()))?;
+    let read_sum = hex(&h.finalize());
+    if read_sum != m.sha256 {
+        return Err(format!(
+            "point {number}: the chain reads as {read_sum}, the manifest says {}: the backup is damaged (see verify)",
+            m.sha256
+        ));
+    }
+    drop(dst);
+    // Read back what landed, past the page cache on a device.
+    let sum = readback(target, size, is_bdev)?;
+    if sum != m.sha256 {
+        return Err(format!(
+            "{}: reads back as {sum} after the restore, the manifest says {}",
+            target.display(),
+            m.sha256
+        ));
+    }
+    Ok(Restored {
+        point: number,
+        target: target.to_path_buf(),
+        size,
+        sha256: sum,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+
+/// The size of a block device in bytes.
+fn device_size(f: &File) -> nix::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut n = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is
+    // valid for the call.
+    unsafe { blkgetsize64(f.as_raw_fd(), &mut n) }?;
+    Ok(n)
+}
+
+/// SHA-256 of the first `size` bytes of `path`, with direct I/O on a block
+/// device.
+fn readback(path: &Path, size: u64, direct: bool) -> Result<String, String> {
+    if !direct {
+        return backup::sha256_file(path, size);
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut buf = Aligned::new(STEP);
+    let mut h = Sha256::new();
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(STEP as u64) as usize;
+        // Sizes of devices are whole sectors, so are the pieces.
+        let data = buf.get(n);
+        f.read_exact_at(data, off)
+            .map_err(|e| format!("{}: read at {off}: {e}", path.display()))?;
+        h.update(&data[..]);
+        off += n as u64;
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of seconds since the epoch.
+pub fn utc(secs: u64) -> String {
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil from days (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::Quiet;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("blksnap-points-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn sha(data: &[u8]) -> String {
+        hex(&Sha256::digest(data))
+    }
+
+    /// Point `n` of `chain` holding `content`: a base, or an overlay of
+    /// `prev` (its number and content) with the 4 KiB blocks that differ,
+    /// published with a complete manifest as a backup makes them.
+    fn make_point(chain: &Path, n: u32, content: &[u8], prev: Option<(u32, &[u8])>) {
+        let size = content.len() as u64;
+        let img = chain.join(image_name(n));
+        let backing = prev.map(|(p, _)| image_name(p));
+        let w = PointWriter::create(&img, size, backing.as_deref()).unwrap();
+        let mut copied = 0;
+        for (i, b) in content.chunks(4096).enumerate() {
+            let off = i * 4096;
+            if prev.is_none_or(|(_, old)| old[off..off + b.len()] != *b) {
+                w.write(b, off as u64).unwrap();
+                copied += b.len() as u64;
+            }
+        }
+        let (sum, _) = checksums(w.image(), size, &AtomicBool::new(false), &Quiet).unwrap();
+        assert_eq!(sum, sha(content), "point {n} reads back as written");
+        w.publish().unwrap();
+        let m = Manifest {
+            format: backup::FORMAT,
+            device: "/dev/test".into(),
+            dev: "1:2".into(),
+            identity: None,
+            size,
+            block_size: 65536,
+            generation: "g".into(),
+            snapshot_number: n as u8,
+            base_number: 1,
+            kind: if prev.is_some() {
+                Kind::Incremental
+            } else {
+                Kind::Full
+            },
+            status: Status::Complete,
+            image: image_name(n),
+            sha256: sum,
+            bytes_read: copied,
+            bytes_written: copied,
+            ranges: Vec::new(),
+            method: Some(Method::Cbt),
+            digests: None,
+            point: Some(n),
+            image_format: Some("qcow2".into()),
+            backing,
+            time: Some(n.into()),
+            merged: false,
+        };
+        m.store(&manifest_path(chain, n)).unwrap();
+    }
+
+    /// A chain of `count` points over 2 MiB; returns the contents.
+    fn make_chain(chain: &Path, count: u32) -> Vec<Vec<u8>> {
+        fs::create_dir_all(chain).unwrap();
+        let size = 2 << 20;
+        let mut contents: Vec<Vec<u8>> = Vec::new();
+        let mut cur = vec![0u8; size];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for n in 1..=count {
+            // Each point rewrites a few scattered 4 KiB blocks (some with
+            // zeroes) and a run of whole clusters.
+            for k in 0..24 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let blk = (x as usize >> 8) % (size / 4096);
+                let fill = if k % 5 == 0 { 0 } else { (x >> 3) as u8 | 1 };
+                cur[blk * 4096..(blk + 1) * 4096].fill(fill);
+            }
+            let run = (n as usize * 3) % 20 * 65536;
+            cur[run..run + 2 * 65536].fill(n as u8);
+            let prev = contents.last().map(|c| (n - 1, c.as_slice()));
+            make_point(chain, n, &cur, prev);
+            contents.push(cur.clone());
+        }
+        contents
+    }
+
+    /// Every complete point restores to a file with its content.
+    fn all_restore(chain: &Path, contents: &[Vec<u8>]) {
+        let points = scan(chain).unwrap();
+        assert!(!points.is_empty());
+        for p in points
+            .iter()
+            .filter(|p| p.manifest.status == Status::Complete)
+        {
+            let want = &contents[p.number as usize - 1];
+            let target = chain.join("restored.raw");
+            let r = restore(
+                chain,
+                p.number,
+                &target,
+                false,
+                &AtomicBool::new(false),
+                &Quiet,
+            )
+            .unwrap_or_else(|e| panic!("point {}: {e}", p.number));
+            assert_eq!(r.sha256, sha(want), "point {}", p.number);
+            assert!(fs::read(&target).unwrap() == *want, "point {}", p.number);
+            fs::remove_file(&target).unwrap();
+        }
+    }
+
+    /// A prune stopped after each of its steps, as by a crash, leaves every
+    /// point it lists restorable, and so does the next prune that finishes.
+    #[test]
+    fn interrupted_prunes_leave_points_restorable() {
+        for step in ["merge", "manifest", "remove"] {
+            let d = scratch(step);
+            let contents = make_chain(&d, 5);
+            all_restore(&d, &contents);
+            let e = prune(&d, 2, &|_| {}, Some(step)).unwrap_err();
+            assert!(e.starts_with(CRASHED), "{e}");
+            all_restore(&d, &contents);
+            // A leftover of an interrupted backup, too.
+            fs::write(d.join("point-0006.qcow2.tmp"), b"partial").unwrap();
+            let r = prune(&d, 2, &|_| {}, None).unwrap();
+            let left: Vec<u32> = scan(&d).unwrap().iter().map(|p| p.number).collect();
+            assert_eq!(left, [4, 5], "after the prune stopped at {step}: {r:?}");
+            assert!(r.leftovers.contains(&"point-0006.qcow2.tmp".to_string()));
+            all_restore(&d, &contents);
+            let p4 = &scan(&d).unwrap()[0];
+            assert!(p4.manifest.merged && p4.manifest.backing.is_none());
+            assert!(verify(&d, &Quiet)
+                .unwrap()
+                .iter()
+                .all(|c| c.error.is_none()));
+            // The numbers go on after the kept points.
+            assert_eq!(next_number(&d).unwrap(), 6);
+            fs::remove_dir_all(&d).unwrap();
+        }
+    }
+
+    /// A prune keeps the newest points; keeping as many as there are
+    /// changes nothing; --keep 0 is refused.
+    #[test]
+    fn prune_keeps_the_newest() {
+        let d = scratch("keep");
+        let contents = make_chain(&d, 4);
+        assert!(prune(&d, 0, &|_| {}, None).is_err());
+        let r = prune(&d, 4, &|_| {}, None).unwrap();
+        assert!(r.removed.is_empty() && r.merged.is_none());
+        let r = prune(&d, 1, &|_| {}, None).unwrap();
+        assert_eq!(r.removed, [3, 2, 1]);
+        assert_eq!(r.merged, Some(4));
+        assert_eq!(
+            fs::read_dir(&d).unwrap().count(),
+            3,
+            "json, qcow2, .lock (no digests here)"
+        );
+        all_restore(&d, &contents);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// verify finds a point whose content is not what its manifest says,
+    /// and one whose backing file is gone; restore refuses both.
+    #[test]
+    fn verify_and_restore_find_damage() {
+        let d = scratch("damage");
+        let contents = make_chain(&d, 3);
+        assert!(verify(&d, &Quiet)
+            .unwrap()
+            .iter()
+            .all(|c| c.error.is_none()));
+        // Flip the recorded checksum of point 2.
+        let mp = manifest_path(&d, 2);
+        let mut m = Manifest::load(&mp).unwrap();
+        m.sha256 = sha(b"something else");
+        m.store(&mp).unwrap();
+        let v = verify(&d, &Quiet).unwrap();
+        assert!(v[0].error.is_none() && v[2].error.is_none());
+        assert!(
+            v[1].error.as_deref().unwrap().contains("does not match"),
+            "{v:?}"
+        );
+        let t = d.join("t.raw");
+        let e = restore(&d, 2, &t, false, &AtomicBool::new(false), &Quiet).unwrap_err();
+        assert!(e.contains("manifest says"), "{e}");
+        // Point 1 gone: 2 and 3 read through it.
+        fs::remove_file(d.join(image_name(1))).unwrap();
+        let v = verify(&d, &Quiet).unwrap();
+        assert!(v.iter().all(|c| c.error.is_some()), "{v:?}");
+        assert!(restore(&d, 3, &t, false, &AtomicBool::new(false), &Quiet).is_err());
+        assert!(restore(&d, 9, &t, false, &AtomicBool::new(false), &Quiet).is_err());
+        let _ = contents;
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// chains() finds DIR itself or its device subdirectories; chain()
+    /// picks one by name.
+    #[test]
+    fn chains_by_name() {
+        let d = scratch("chains");
+        make_chain(&d.join("vdb"), 1);
+        make_chain(&d.join("mapper_x"), 1);
+        let names: Vec<String> = chains(&d).unwrap().into_iter().map(|c| c.0).collect();
+        assert_eq!(names, ["mapper_x", "vdb"]);
+        assert!(chain(&d, None).unwrap_err().contains("--device"));
+        assert_eq!(chain(&d, Some("/dev/vdb")).unwrap(), d.join("vdb"));
+        assert_eq!(
+            chain(&d, Some("/dev/mapper/x")).unwrap(),
+            d.join("mapper_x")
+        );
+        assert!(chain(&d, Some("vdc")).is_err());
+        assert_eq!(chain(&d.join("vdb"), None).unwrap(), d.join("vdb"));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn names_and_numbers() {
+        assert_eq!(number_of("point-0012.json", ".json"), Some(12));
+        assert_eq!(number_of("point-12345.qcow2", ".qcow2"), Some(12345));
+        assert_eq!(number_of("point-001.json", ".json"), None);
+        assert_eq!(number_of("point-00a1.json", ".json"), None);
+        assert_eq!(number_of("point-0001.qcow2.tmp", ".qcow2"), None);
+        assert_eq!(image_name(7), "point-0007.qcow2");
+        assert_eq!(
+            chain_dir(Path::new("/b"), Path::new("/dev/mapper/x")),
+            PathBuf::from("/b/mapper_x")
+        );
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_795_729_445), "2026-11-26 21:44:05");
+    }
+}

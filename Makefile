@@ -5,7 +5,12 @@
 #   make run    build everything, boot the test VM, show change tracking work
 #   make test   build everything, run the host tests and the VM tests
 #
-# Everything else is a step of those two. The kernel build is cached in
+# and to install (see README.md "Install"):
+#
+#   make install        blksnapctl, man pages, completions, dist/ files
+#   make install-dkms   the module's source for DKMS, in /usr/src
+#
+# Everything else is a step of those. The kernel build is cached in
 # $(BLKSNAP_CACHE) (default ~/.cache/blk-snap), keyed by the patches and config.
 
 SHELL := /bin/bash
@@ -18,6 +23,7 @@ KOUT = $(shell cat $(BLKSNAP_CACHE)/kbuild-output 2>/dev/null)
 unexport KBUILD_OUTPUT
 
 .PHONY: all run test soak bench deps kernel module tools host-test vm-test check clean
+.PHONY: install uninstall install-dkms uninstall-dkms dkms-check intree
 
 all: module tools
 
@@ -31,6 +37,8 @@ test: all
 	echo "== VM tests (debug kernel under QEMU)"; tests/qemu/run.sh test || rc=1; \
 	echo "== VM reboot test (CBT saved at shutdown, three boots)"; tests/qemu/run.sh reboot || rc=1; \
 	echo "== style (checkpatch --strict, rustfmt, clippy)"; scripts/check.sh || rc=1; \
+	echo "== packaging (make install, DKMS tree and check)"; scripts/test-packaging.sh || rc=1; \
+	echo "== in-tree module build (Kconfig path)"; scripts/intree.sh || rc=1; \
 	if [ $$rc = 0 ]; then echo "== all tests passed"; else echo "== TESTS FAILED"; fi; \
 	exit $$rc
 
@@ -76,6 +84,78 @@ vm-test: module tools
 # Rust code (the module with the kernel's own rules).
 check: kernel
 	scripts/check.sh
+
+# The module built the in-tree way (README.md "On your own kernel") against
+# the cached kernel, which it leaves untouched. Part of `make test`.
+intree: kernel
+	scripts/intree.sh
+
+# Installing. `install` needs only the tools (no kernel); the paths can be
+# changed as usual (make install PREFIX=/usr DESTDIR=...). The units and the
+# rule run $(SBINDIR)/blksnapctl. systemd-shutdown reads its hooks from
+# /usr/lib/systemd/system-shutdown only, whatever the prefix.
+VERSION := $(shell sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
+PREFIX ?= /usr/local
+SBINDIR ?= $(PREFIX)/sbin
+MANDIR ?= $(PREFIX)/share/man
+DATADIR ?= $(PREFIX)/share
+SYSCONFDIR ?= /etc
+UDEVRULESDIR ?= $(PREFIX)/lib/udev/rules.d
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+SHUTDOWNDIR ?= /usr/lib/systemd/system-shutdown
+DKMSDIR ?= /usr/src/blksnap-$(VERSION)
+GEN := $(REPO)/target/install
+CTL := $(REPO)/target/release/blksnapctl
+
+install: tools
+	@rm -rf $(GEN) && mkdir -p $(GEN)/man $(GEN)/dist
+	$(CTL) generate man $(GEN)/man
+	$(CTL) generate completions bash >$(GEN)/blksnapctl.bash
+	$(CTL) generate completions zsh >$(GEN)/_blksnapctl
+	$(CTL) generate completions fish >$(GEN)/blksnapctl.fish
+	for f in udev/60-blksnap-cbt.rules systemd/blksnap-cbt.service systemd/blksnap-cbt.shutdown; do \
+		sed 's|/usr/sbin/blksnapctl|$(SBINDIR)/blksnapctl|g' dist/$$f >$(GEN)/dist/$${f#*/} || exit 1; \
+	done
+	install -D -m 0755 $(CTL) $(DESTDIR)$(SBINDIR)/blksnapctl
+	install -d $(DESTDIR)$(MANDIR)/man1
+	install -m 0644 $(GEN)/man/*.1 $(DESTDIR)$(MANDIR)/man1/
+	install -D -m 0644 $(GEN)/blksnapctl.bash $(DESTDIR)$(DATADIR)/bash-completion/completions/blksnapctl
+	install -D -m 0644 $(GEN)/_blksnapctl $(DESTDIR)$(DATADIR)/zsh/site-functions/_blksnapctl
+	install -D -m 0644 $(GEN)/blksnapctl.fish $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/blksnapctl.fish
+	install -D -m 0644 $(GEN)/dist/60-blksnap-cbt.rules $(DESTDIR)$(UDEVRULESDIR)/60-blksnap-cbt.rules
+	install -D -m 0644 $(GEN)/dist/blksnap-cbt.service $(DESTDIR)$(SYSTEMDUNITDIR)/blksnap-cbt.service
+	install -D -m 0755 $(GEN)/dist/blksnap-cbt.shutdown $(DESTDIR)$(SHUTDOWNDIR)/blksnap-cbt.shutdown
+	install -D -m 0644 dist/blksnap/cbt.conf.example $(DESTDIR)$(SYSCONFDIR)/blksnap/cbt.conf.example
+
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/blksnapctl \
+		$(DESTDIR)$(MANDIR)/man1/blksnapctl.1 $(DESTDIR)$(MANDIR)/man1/blksnapctl-*.1 \
+		$(DESTDIR)$(DATADIR)/bash-completion/completions/blksnapctl \
+		$(DESTDIR)$(DATADIR)/zsh/site-functions/_blksnapctl \
+		$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/blksnapctl.fish \
+		$(DESTDIR)$(UDEVRULESDIR)/60-blksnap-cbt.rules \
+		$(DESTDIR)$(SYSTEMDUNITDIR)/blksnap-cbt.service \
+		$(DESTDIR)$(SHUTDOWNDIR)/blksnap-cbt.shutdown \
+		$(DESTDIR)$(SYSCONFDIR)/blksnap/cbt.conf.example
+	-rmdir $(DESTDIR)$(SYSCONFDIR)/blksnap 2>/dev/null
+
+# The module's source for DKMS (then: dkms add blksnap/$(VERSION); dkms
+# install blksnap/$(VERSION)). Needs no kernel here: DKMS builds it.
+install-dkms:
+	@rm -rf $(DESTDIR)$(DKMSDIR)
+	install -d $(DESTDIR)$(DKMSDIR)/blk_snap/logic $(DESTDIR)$(DKMSDIR)/scripts
+	sed 's/^PACKAGE_VERSION=.*/PACKAGE_VERSION="$(VERSION)"/' dkms.conf >$(DESTDIR)$(DKMSDIR)/dkms.conf
+	install -m 0644 Kbuild Kconfig $(DESTDIR)$(DKMSDIR)/
+	install -m 0644 blk_snap/Kbuild blk_snap/*.rs $(DESTDIR)$(DKMSDIR)/blk_snap/
+	install -m 0644 blk_snap/logic/*.rs $(DESTDIR)$(DKMSDIR)/blk_snap/logic/
+	install -m 0755 scripts/dkms-check.sh $(DESTDIR)$(DKMSDIR)/scripts/
+
+uninstall-dkms:
+	rm -rf $(DESTDIR)$(DKMSDIR)
+
+# Can the module be built against KDIR (default: the cached kernel)?
+dkms-check:
+	scripts/dkms-check.sh $(or $(KDIR),$(KOUT))
 
 clean:
 	-$(MAKE) -C $(KOUT) LLVM=1 M=$(REPO) clean

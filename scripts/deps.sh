@@ -8,10 +8,11 @@ set -euo pipefail
 APT_PACKAGES=(
 	clang-19 lld-19 llvm-19 libclang-19-dev
 	linux-source-6.12
-	qemu-system-x86 udev
+	qemu-system-x86 qemu-utils udev
 	flex bison bc cpio kmod rsync python3 libelf-dev libssl-dev dwarves
 	e2fsprogs xfsprogs util-linux fdisk fio
 	gcc-multilib
+	dkms groff-base
 )
 
 missing=()

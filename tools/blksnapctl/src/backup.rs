@@ -108,7 +108,11 @@ pub struct Manifest {
     pub status: Status,
     /// The image file, relative to the manifest.
     pub image: String,
-    /// SHA-256 of the image, hex.
+    /// SHA-256 of the image (of a restore point: of the device's content
+    /// at that point), hex. An incremental restore point has none: reading
+    /// the whole chain to compute it would cost an incremental as much as
+    /// a full; its digests (checksummed here) stand for its content.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
     /// Bytes read from the snapshot image by the last backup.
     pub bytes_read: u64,
@@ -961,7 +965,7 @@ pub(crate) fn store_digests(digests: &Digests, path: &Path) -> Result<DigestFile
 }
 
 /// Reads the digests a manifest names, checking them against it.
-fn load_digests(dir: &Path, f: &DigestFile, size: u64) -> Result<Digests, String> {
+pub(crate) fn load_digests(dir: &Path, f: &DigestFile, size: u64) -> Result<Digests, String> {
     if f.algorithm != digest::ALGORITHM || u64::from(f.block_size) != digest::BLOCK {
         return Err(format!(
             "digests of {} bytes by {} are not ours ({} bytes by {})",

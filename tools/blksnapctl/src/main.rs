@@ -1006,9 +1006,12 @@ fn verify_cmd(dir: &Path, device: Option<&str>, json: bool) -> Result<(), (u8, S
         for c in &checked {
             match &c.error {
                 None => println!(
-                    "point {}: OK (sha256 {})",
+                    "point {}: OK ({})",
                     c.number,
-                    c.sha256.as_deref().unwrap_or("")
+                    match &c.sha256 {
+                        Some(sum) => format!("digests and sha256 {sum} as recorded"),
+                        None => "digests as recorded".into(),
+                    }
                 ),
                 Some(e) => println!("point {}: FAILED: {e}", c.number),
             }
@@ -1052,7 +1055,7 @@ fn restore_cmd(
                     exit::INTERRUPTED,
                     format!("interrupted ({e}): {} is partly written", target.display()),
                 )
-            } else if e.contains("manifest says") {
+            } else if e.contains(points::DAMAGED) {
                 (exit::MISMATCH, e)
             } else {
                 failed(e)
@@ -1062,12 +1065,13 @@ fn restore_cmd(
         println!("{}", serde_json::to_string(&r).unwrap());
     } else {
         println!(
-            "restored point {} of {} to {}: {} in {:.1} s, sha256 {} (matches the manifest)",
+            "restored point {} of {} to {}: {} in {:.1} s ({} zeroed), read back: sha256 {}, digests as recorded",
             r.point,
             chain.display(),
             r.target.display(),
             mib(r.size),
             r.seconds,
+            mib(r.zeroed),
             r.sha256
         );
     }

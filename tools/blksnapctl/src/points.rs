@@ -22,9 +22,9 @@
 
 use crate::backup::{
     self, copy_changed_blocks, copy_extents, hex, plan, refine, store_digests, Device, Extent,
-    Kind, Manifest, Method, Options, Outcome, Progress, Status,
+    Kind, Manifest, Method, Options, Outcome, Progress, Status, Tap,
 };
-use crate::digest::Digests;
+use crate::digest::{self, Digests};
 use crate::qcow::{self, PointWriter};
 use crate::MapKind;
 use nix::fcntl::{Flock, FlockArg};
@@ -195,23 +195,64 @@ fn read_chain(
     Ok(())
 }
 
-/// The SHA-256 and the per-block digests of an image's content.
+/// The per-block digests of an image's content and, with `sha`, its
+/// SHA-256.
 fn checksums(
     img: &qcow::Image,
     size: u64,
+    sha: bool,
     stop: &AtomicBool,
     progress: &dyn Progress,
-) -> Result<(String, Digests), String> {
-    let mut h = Sha256::new();
+) -> Result<(Option<String>, Digests), String> {
+    let mut h = sha.then(Sha256::new);
     let mut digests = Digests::new(size);
     read_chain(img, size, Some(stop), progress, |off, data| {
-        h.update(data);
+        if let Some(h) = h.as_mut() {
+            h.update(data);
+        }
         // Steps start on multiples of the digest block: all whole but
         // the last, which ends at the device's end.
         digests.absorb(off, data);
         Ok(())
     })?;
-    Ok((hex(&h.finalize()), digests))
+    Ok((h.map(|h| hex(&h.finalize())), digests))
+}
+
+/// The first block whose digest differs, as a message.
+fn first_difference(got: &Digests, want: &Digests) -> Option<String> {
+    (0..want.blocks().max(got.blocks()))
+        .find(|&i| got.get(i) != want.get(i))
+        .map(|i| {
+            let (s, e) = want.span(i);
+            format!(
+                "bytes {s}..{e} (block {i} of {} KiB) differ",
+                digest::BLOCK >> 10
+            )
+        })
+}
+
+/// Checks content read as `sha` (if computed) and `digests` against the
+/// record of point `m` (its SHA-256 if it has one, its digests file).
+fn check_content(
+    chain: &Path,
+    m: &Manifest,
+    sha: Option<&str>,
+    digests: &Digests,
+) -> Result<(), String> {
+    if let (Some(sha), false) = (sha, m.sha256.is_empty()) {
+        if sha != m.sha256 {
+            return Err(format!(
+                "checksum {sha} does not match the manifest's {}",
+                m.sha256
+            ));
+        }
+    }
+    let f = m.digests.as_ref().ok_or("the manifest names no digests")?;
+    let want = backup::load_digests(chain, f, m.size)?;
+    match first_difference(digests, &want) {
+        Some(d) => Err(format!("{d} from the point's digests")),
+        None => Ok(()),
+    }
 }
 
 fn now() -> u64 {
@@ -282,18 +323,33 @@ pub(crate) fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcom
     let w = PointWriter::create(&img_path, size, backing.as_deref())
         .map_err(|e| format!("{}: {e}", img_path.display()))?;
     let mut method = d.method;
+    // The digests of the content, kept up to date from the data copied:
+    // new for a full, the previous point's for an incremental (run() loaded
+    // and checked them). Without them, the point is read back whole.
+    let mut digests = match d.kind {
+        Kind::Full => Some(Digests::new(size)),
+        _ => d.digests.take(),
+    };
+    let mut hash = (d.kind == Kind::Full).then(Sha256::new);
+    let mut partial = Vec::new();
     let copied = (|| {
         match d.kind {
-        Kind::Full => copy_extents(
-            &image,
-            &w,
-            &[(0, size)],
-            None,
-            None,
-            opts.stop,
-            opts.progress,
-        ),
-        _ => match (method, d.digests.as_mut()) {
+        Kind::Full => {
+            let mut tap = digests.as_mut().map(|digests| Tap {
+                digests,
+                partial: Vec::new(),
+            });
+            copy_extents(
+                &image,
+                &w,
+                &[(0, size)],
+                hash.as_mut(),
+                tap.as_mut(),
+                opts.stop,
+                opts.progress,
+            )
+        }
+        _ => match (method, digests.as_mut()) {
             (Method::Digest, Some(digests)) => {
                 copy_changed_blocks(&image, &w, digests, opts.stop, opts.progress)
             }
@@ -302,7 +358,7 @@ pub(crate) fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcom
                 d.path.display(),
                 d.previous.as_ref().and_then(|p| p.point).unwrap_or(0)
             )),
-            _ => {
+            (_, digests) => {
                 method = Method::Cbt;
                 let since = d.previous.as_ref().ok_or("no previous point")?.snapshot_number;
                 let map = d
@@ -311,22 +367,46 @@ pub(crate) fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcom
                     .map_err(|e| e.to_string())?;
                 let coarse = plan(&map, since, info.block_size, size);
                 let (extents, _): (Vec<Extent>, u32) = refine(&d.tracker, since, &coarse, size)?;
-                copy_extents(&image, &w, &extents, None, None, opts.stop, opts.progress)
+                let mut tap = digests.map(|digests| Tap {
+                    digests,
+                    partial: Vec::new(),
+                });
+                let c = copy_extents(&image, &w, &extents, None, tap.as_mut(), opts.stop, opts.progress);
+                if let Some(t) = tap {
+                    partial = t.partial;
+                }
+                c
             }
         },
     }
     })();
-    let copied = match copied {
-        Ok(c) => c,
-        Err(e) => {
-            w.abandon();
-            let _ = fs::remove_file(&manifest_path);
-            return Err(format!("{}: {e}", img_path.display()));
-        }
+    let finish = |copied: Result<backup::Copied, String>| -> Result<_, String> {
+        let copied = copied?;
+        let digests = match digests {
+            Some(mut digests) => {
+                // Blocks copied in part: digested from the point.
+                let mut buf = vec![0u8; digest::BLOCK as usize];
+                for &i in &partial {
+                    let (s, e) = digests.span(i);
+                    let data = &mut buf[..(e - s) as usize];
+                    w.image()
+                        .read(&mut *data, s)
+                        .map_err(|e| format!("read at {s}: {e}"))?;
+                    digests.set(i, digest::hash(data));
+                }
+                digests
+            }
+            None => {
+                (opts.log)(&format!(
+                    "{}: the previous point has no usable digests: reading point {number} back whole",
+                    d.path.display()
+                ));
+                checksums(w.image(), size, false, opts.stop, &backup::Quiet)?.1
+            }
+        };
+        Ok((copied, digests))
     };
-    // The point's content, read back through its chain: its checksum and
-    // the digests the next incremental compares.
-    let (sum, digests) = match checksums(w.image(), size, opts.stop, &backup::Quiet) {
+    let (copied, digests) = match finish(copied) {
         Ok(x) => x,
         Err(e) => {
             w.abandon();
@@ -337,7 +417,7 @@ pub(crate) fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcom
     w.publish()
         .map_err(|e| format!("{}: {e}", img_path.display()))?;
     m.digests = Some(store_digests(&digests, &chain.join(digests_name(number)))?);
-    m.sha256 = sum;
+    m.sha256 = hash.map(|h| hex(&h.finalize())).unwrap_or_default();
     m.method = Some(method);
     m.bytes_read = copied.read;
     m.bytes_written = copied.written;
@@ -535,7 +615,8 @@ pub struct Checked {
 }
 
 /// Checks every complete point of a chain: its image opens with its chain
-/// of backing files, and its content's SHA-256 is the one recorded.
+/// of backing files, and its content has the recorded digests (and
+/// SHA-256, for a point that records one).
 pub fn verify(chain: &Path, progress: &dyn Progress) -> Result<Vec<Checked>, String> {
     let mut out = Vec::new();
     let stop = AtomicBool::new(false);
@@ -543,6 +624,7 @@ pub fn verify(chain: &Path, progress: &dyn Progress) -> Result<Vec<Checked>, Str
         .into_iter()
         .filter(|p| p.manifest.status == Status::Complete)
     {
+        let mut sha256 = None;
         let r = (|| {
             let img = qcow::open(&p.image).map_err(|e| format!("{}: {e}", p.image.display()))?;
             if img.size() != p.manifest.size {
@@ -553,28 +635,20 @@ pub fn verify(chain: &Path, progress: &dyn Progress) -> Result<Vec<Checked>, Str
                     p.manifest.size
                 ));
             }
-            let (sum, _) = checksums(&img, p.manifest.size, &stop, progress)?;
-            Ok(sum)
+            let (sum, digests) = checksums(
+                &img,
+                p.manifest.size,
+                !p.manifest.sha256.is_empty(),
+                &stop,
+                progress,
+            )?;
+            sha256 = sum;
+            check_content(chain, &p.manifest, sha256.as_deref(), &digests)
         })();
-        out.push(match r {
-            Ok(sum) if sum == p.manifest.sha256 => Checked {
-                number: p.number,
-                sha256: Some(sum),
-                error: None,
-            },
-            Ok(sum) => Checked {
-                number: p.number,
-                error: Some(format!(
-                    "checksum {sum} does not match the manifest's {}",
-                    p.manifest.sha256
-                )),
-                sha256: Some(sum),
-            },
-            Err(e) => Checked {
-                number: p.number,
-                sha256: None,
-                error: Some(e),
-            },
+        out.push(Checked {
+            number: p.number,
+            sha256,
+            error: r.err(),
         });
     }
     Ok(out)
@@ -591,6 +665,8 @@ pub struct Restored {
     pub size: u64,
     /// SHA-256 of the target's first `size` bytes, read back.
     pub sha256: String,
+    /// Bytes zeroed by BLKZEROOUT rather than written.
+    pub zeroed: u64,
     /// Seconds it took.
     pub seconds: f64,
 }
@@ -620,10 +696,11 @@ impl Aligned {
 
 /// Writes the content of point `number` of `chain` to `target`, a block
 /// device or a raw file (created if missing; zeroes left sparse), and
-/// checks it: the target read back must have the manifest's SHA-256. Zero
-/// ranges of a device are zeroed by BLKZEROOUT where it supports it. A block device that is mounted or otherwise held
-/// open exclusively, or tracked by blksnap and in a snapshot, is refused
-/// unless `force`.
+/// checks it: the target read back must have the point's digests (and
+/// SHA-256, when it records one). Zero ranges of a device are zeroed by
+/// BLKZEROOUT where it supports it. A block device that is mounted or
+/// otherwise held open exclusively, or tracked by blksnap and in a
+/// snapshot, is refused unless `force`.
 pub fn restore(
     chain: &Path,
     number: u32,
@@ -694,6 +771,7 @@ pub fn restore(
             .map_err(|e| format!("{}: {e}", target.display()))?;
         f
     };
+    let mut zeroed = 0;
     read_chain(&img, size, Some(stop), progress, |off, data| {
         if data.iter().all(|&b| b == 0) {
             if !is_bdev {
@@ -702,6 +780,7 @@ pub fn restore(
             // The device zeroes the range itself where it can (write
             // zeroes, unmap); else the zeroes are written.
             if zero_out(&dst, off, data.len() as u64).is_ok() {
+                zeroed += data.len() as u64;
                 return Ok(());
             }
         }
@@ -713,19 +792,19 @@ pub fn restore(
     drop(dst);
     // Read back what landed, past the page cache on a device: it checks
     // the chain and the writes at once.
-    let sum = readback(target, size, is_bdev)?;
-    if sum != m.sha256 {
-        return Err(format!(
-            "{}: reads back as {sum} after the restore of point {number}, the manifest says {}: see `blksnapctl verify` for the backup",
-            target.display(),
-            m.sha256
-        ));
-    }
+    let (sum, digests) = readback(target, size, is_bdev)?;
+    check_content(chain, &m, Some(&sum), &digests).map_err(|e| {
+        format!(
+            "{}: read back after the restore of point {number}: {e}: {DAMAGED} (`blksnapctl verify` checks the backup)",
+            target.display()
+        )
+    })?;
     Ok(Restored {
         point: number,
         target: target.to_path_buf(),
         size,
         sha256: sum,
+        zeroed,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -753,19 +832,23 @@ fn device_size(f: &File) -> nix::Result<u64> {
     Ok(n)
 }
 
-/// SHA-256 of the first `size` bytes of `path`, with direct I/O on a block
-/// device.
-fn readback(path: &Path, size: u64, direct: bool) -> Result<String, String> {
-    if !direct {
-        return backup::sha256_file(path, size);
+/// What a restore says when the target does not read back as recorded.
+pub const DAMAGED: &str = "the restored content does not match the point's record";
+
+/// SHA-256 and digests of the first `size` bytes of `path`, with direct
+/// I/O on a block device.
+fn readback(path: &Path, size: u64, direct: bool) -> Result<(String, Digests), String> {
+    let mut o = OpenOptions::new();
+    o.read(true);
+    if direct {
+        o.custom_flags(nix::libc::O_DIRECT);
     }
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECT)
+    let f = o
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut buf = Aligned::new(STEP);
     let mut h = Sha256::new();
+    let mut digests = Digests::new(size);
     let mut off = 0;
     while off < size {
         let n = (size - off).min(STEP as u64) as usize;
@@ -774,9 +857,10 @@ fn readback(path: &Path, size: u64, direct: bool) -> Result<String, String> {
         f.read_exact_at(data, off)
             .map_err(|e| format!("{}: read at {off}: {e}", path.display()))?;
         h.update(&data[..]);
+        digests.absorb(off, data);
         off += n as u64;
     }
-    Ok(hex(&h.finalize()))
+    Ok((hex(&h.finalize()), digests))
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of seconds since the epoch.
@@ -832,9 +916,11 @@ mod tests {
                 copied += b.len() as u64;
             }
         }
-        let (sum, _) = checksums(w.image(), size, &AtomicBool::new(false), &Quiet).unwrap();
-        assert_eq!(sum, sha(content), "point {n} reads back as written");
+        let (sum, digests) =
+            checksums(w.image(), size, true, &AtomicBool::new(false), &Quiet).unwrap();
+        assert_eq!(sum, Some(sha(content)), "point {n} reads back as written");
         w.publish().unwrap();
+        let df = store_digests(&digests, &chain.join(digests_name(n))).unwrap();
         let m = Manifest {
             format: backup::FORMAT,
             device: "/dev/test".into(),
@@ -852,12 +938,17 @@ mod tests {
             },
             status: Status::Complete,
             image: image_name(n),
-            sha256: sum,
+            // As a backup records them: a SHA-256 for a base only.
+            sha256: if prev.is_none() {
+                sum.unwrap()
+            } else {
+                String::new()
+            },
             bytes_read: copied,
             bytes_written: copied,
             ranges: Vec::new(),
             method: Some(Method::Cbt),
-            digests: None,
+            digests: Some(df),
             point: Some(n),
             image_format: Some("qcow2".into()),
             backing,
@@ -963,8 +1054,8 @@ mod tests {
         assert_eq!(r.merged, Some(4));
         assert_eq!(
             fs::read_dir(&d).unwrap().count(),
-            3,
-            "json, qcow2, .lock (no digests here)"
+            4,
+            "json, qcow2, digests, .lock"
         );
         all_restore(&d, &contents);
         fs::remove_dir_all(&d).unwrap();
@@ -980,27 +1071,40 @@ mod tests {
             .unwrap()
             .iter()
             .all(|c| c.error.is_none()));
-        // Flip the recorded checksum of point 2.
-        let mp = manifest_path(&d, 2);
+        // Point 1 (a base) records a SHA-256: a wrong one is found.
+        let mp = manifest_path(&d, 1);
         let mut m = Manifest::load(&mp).unwrap();
+        assert!(!m.sha256.is_empty());
         m.sha256 = sha(b"something else");
         m.store(&mp).unwrap();
+        // Point 2 (an overlay) records digests only: point 1's are found
+        // wrong for its content, at a block where they differ.
+        let mp2 = manifest_path(&d, 2);
+        let mut m2 = Manifest::load(&mp2).unwrap();
+        assert!(m2.sha256.is_empty());
+        let theirs = m.digests.clone().unwrap();
+        m2.digests = Some(theirs);
+        m2.store(&mp2).unwrap();
         let v = verify(&d, &Quiet).unwrap();
-        assert!(v[0].error.is_none() && v[2].error.is_none());
+        assert!(v[2].error.is_none(), "{v:?}");
         assert!(
-            v[1].error.as_deref().unwrap().contains("does not match"),
+            v[0].error.as_deref().unwrap().contains("does not match"),
             "{v:?}"
         );
+        assert!(v[1].error.as_deref().unwrap().contains(") differ"), "{v:?}");
         let t = d.join("t.raw");
-        let e = restore(&d, 2, &t, false, &AtomicBool::new(false), &Quiet).unwrap_err();
-        assert!(e.contains("manifest says"), "{e}");
+        for n in [1, 2] {
+            let e = restore(&d, n, &t, false, &AtomicBool::new(false), &Quiet).unwrap_err();
+            assert!(e.contains(DAMAGED), "{e}");
+        }
+        // Restore still wrote the content: only the record is wrong.
+        assert!(fs::read(&t).unwrap() == contents[1]);
         // Point 1 gone: 2 and 3 read through it.
         fs::remove_file(d.join(image_name(1))).unwrap();
         let v = verify(&d, &Quiet).unwrap();
         assert!(v.iter().all(|c| c.error.is_some()), "{v:?}");
         assert!(restore(&d, 3, &t, false, &AtomicBool::new(false), &Quiet).is_err());
         assert!(restore(&d, 9, &t, false, &AtomicBool::new(false), &Quiet).is_err());
-        let _ = contents;
         fs::remove_dir_all(&d).unwrap();
     }
 

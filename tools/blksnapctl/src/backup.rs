@@ -112,7 +112,7 @@ pub struct Manifest {
     /// at that point), hex. An incremental restore point has none: reading
     /// the whole chain to compute it would cost an incremental as much as
     /// a full; its digests (checksummed here) stand for its content.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(default)]
     pub sha256: String,
     /// Bytes read from the snapshot image by the last backup.
     pub bytes_read: u64,

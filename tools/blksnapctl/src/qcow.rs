@@ -25,9 +25,21 @@ use std::path::{Path, PathBuf};
 /// A qcow2 image with its backing chain, open for reading or writing.
 pub type Image = FormatAccess<File>;
 
-/// The qcow2 cluster size of restore points: 64 KiB, the CBT block size of
-/// devices up to 128 GiB and the digest block size.
+/// The qcow2 cluster size of a base: 64 KiB, the CBT block size of devices
+/// up to 128 GiB and the digest block size.
 pub const CLUSTER: usize = 64 * 1024;
+
+/// The qcow2 cluster size of an overlay: 4 KiB, the block of the fine map,
+/// so that an incremental's point takes what it copied. With 64 KiB
+/// clusters, each 4 KiB block written to a cluster the overlay does not
+/// hold yet would allocate the whole cluster and copy the rest of it from
+/// the backing file: scattered 4 KiB writes took 3.8 times the bytes
+/// copied (1 GiB image, 16 MiB of 4 KiB writes + 64 MiB sequential: 304
+/// MiB at 64 KiB clusters, 124 at 16 KiB, 95 at 8 KiB, 81 at 4 KiB). The
+/// price is metadata: an L2 table of 4 KiB maps 2 MiB, the L1 table of a
+/// 1 TiB overlay is 4 MiB; reading a 1 GiB chain through such an overlay
+/// took 0.28 s instead of 0.09 s (page cache), far from the disk's speed.
+pub const OVERLAY_CLUSTER: usize = 4096;
 
 /// A restore point being written, under `<path>.tmp` until [`Self::publish`].
 pub struct PointWriter {
@@ -35,6 +47,7 @@ pub struct PointWriter {
     tmp: PathBuf,
     path: PathBuf,
     overlay: bool,
+    cluster: usize,
 }
 
 fn tmp_name(path: &Path) -> PathBuf {
@@ -57,9 +70,14 @@ impl PointWriter {
     pub fn create(path: &Path, size: u64, backing: Option<&str>) -> io::Result<Self> {
         let tmp = tmp_name(path);
         let file = File::create_open(StorageCreateOptions::new().filename(&tmp).overwrite(true))?;
-        let mut b = Qcow2::<File>::create_builder(file)
-            .size(size)
-            .cluster_size(CLUSTER);
+        let mut b =
+            Qcow2::<File>::create_builder(file)
+                .size(size)
+                .cluster_size(if backing.is_some() {
+                    OVERLAY_CLUSTER
+                } else {
+                    CLUSTER
+                });
         if let Some(name) = backing {
             if name.contains('/') {
                 return Err(io::Error::new(
@@ -79,6 +97,11 @@ impl PointWriter {
             tmp,
             path: path.to_path_buf(),
             overlay: backing.is_some(),
+            cluster: if backing.is_some() {
+                OVERLAY_CLUSTER
+            } else {
+                CLUSTER
+            },
         })
     }
 
@@ -99,9 +122,9 @@ impl PointWriter {
         let mut at = 0usize;
         while at < buf.len() {
             let abs = offset + at as u64;
-            let to_boundary = CLUSTER - (abs % CLUSTER as u64) as usize;
+            let to_boundary = self.cluster - (abs % self.cluster as u64) as usize;
             let end = (at + to_boundary).min(buf.len());
-            let whole = end - at == CLUSTER;
+            let whole = end - at == self.cluster;
             let zero = buf[at..end].iter().all(|&b| b == 0);
             // Zeroes in part of a cluster: data in an overlay, nothing in
             // a base.
@@ -245,6 +268,38 @@ mod tests {
             .output()
         {
             assert!(out.status.success(), "qemu-img check: {out:?}");
+        }
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// An overlay of scattered 4 KiB writes takes about what was written,
+    /// not a cluster of the base's size per write.
+    #[test]
+    fn overlay_takes_what_it_copies() {
+        let d = scratch("small");
+        let size = 8 << 20;
+        let base = PointWriter::create(&d.join("p0.qcow2"), size, None).unwrap();
+        base.write(&vec![3u8; size as usize], 0).unwrap();
+        base.publish().unwrap();
+        let p1 = PointWriter::create(&d.join("p1.qcow2"), size, Some("p0.qcow2")).unwrap();
+        let mut copied = 0;
+        for i in 0..64u64 {
+            copied += p1.write(&[i as u8 + 7; 4096], i * 128 * 1024).unwrap();
+        }
+        p1.publish().unwrap();
+        let md = fs::metadata(d.join("p1.qcow2")).unwrap();
+        let on_disk = std::os::unix::fs::MetadataExt::blocks(&md) * 512;
+        assert_eq!(copied, 64 * 4096);
+        assert!(
+            on_disk <= copied + 64 * 1024,
+            "{on_disk} bytes on disk for {copied} written"
+        );
+        let img = open(&d.join("p1.qcow2")).unwrap();
+        let got = read_all(&img);
+        for i in 0..64usize {
+            let at = i * 128 * 1024;
+            assert!(got[at..at + 4096].iter().all(|&b| b == i as u8 + 7));
+            assert!(got[at + 4096..at + 8192].iter().all(|&b| b == 3));
         }
         fs::remove_dir_all(&d).unwrap();
     }

@@ -146,6 +146,11 @@ pub struct Manifest {
     /// The point was an overlay that a prune merged into a new base.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub merged: bool,
+    /// The snapshot an in-progress restore point is read from: a backup
+    /// killed before it destroyed it leaves it, and the next backup or
+    /// prune of the chain destroys it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// The current manifest format.
@@ -641,6 +646,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
         if opts.layout == Layout::Points {
             let chain = crate::points::chain_dir(opts.dir, path);
             let l = crate::points::Lock::take(&chain)?;
+            crate::points::destroy_stale_snapshots(&chain, &ctl, opts.log)?;
             if kind != Kind::Full {
                 match crate::points::latest(&chain)? {
                     Some(p) => previous = Some(p.manifest),
@@ -775,7 +781,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     for d in devices.iter_mut() {
         out.push(match opts.layout {
             Layout::Raw => backup_device(d, opts)?,
-            Layout::Points => crate::points::backup_device(d, opts)?,
+            Layout::Points => crate::points::backup_device(d, opts, &id)?,
         });
     }
     let snapshot = if opts.keep_snapshot {
@@ -829,6 +835,7 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
         backing: None,
         time: None,
         merged: false,
+        snapshot: None,
     };
     let mut method = d.method;
     let (copied, manifest) = match d.kind {

@@ -26,7 +26,7 @@ use crate::backup::{
 };
 use crate::digest::{self, Digests};
 use crate::qcow::{self, PointWriter};
-use crate::MapKind;
+use crate::{Control, MapKind, SnapshotId};
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -154,6 +154,40 @@ pub fn latest(chain: &Path) -> Result<Option<Point>, String> {
         .find(|p| p.manifest.status == Status::Complete))
 }
 
+/// Destroys the snapshots that the in-progress points of `chain` name: a
+/// backup killed before it could destroy its snapshot leaves one, which
+/// would hold its store and copy on write until a reboot. The caller holds
+/// the chain's lock: no backup of the chain is running.
+pub fn destroy_stale_snapshots(
+    chain: &Path,
+    ctl: &Control,
+    log: &dyn Fn(&str),
+) -> Result<(), String> {
+    for p in scan(chain)?
+        .iter()
+        .filter(|p| p.manifest.status != Status::Complete)
+    {
+        let Some(Ok(id)) = p.manifest.snapshot.as_deref().map(str::parse::<SnapshotId>) else {
+            continue;
+        };
+        match ctl.snapshot_destroy(&id) {
+            Ok(()) => log(&format!(
+                "destroyed snapshot {id}, left by the interrupted backup of point {}",
+                p.number
+            )),
+            // Destroyed already (ENODEV, or gone with a reboot).
+            Err(e) if e.errno == nix::errno::Errno::ENODEV => {}
+            Err(e) => {
+                return Err(format!(
+                    "snapshot {id} of the interrupted point {}: {e}",
+                    p.number
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The next number: above every point and leftover of the chain.
 fn next_number(chain: &Path) -> Result<u32, String> {
     let mut n = 0;
@@ -264,7 +298,11 @@ fn now() -> u64 {
 
 /// Makes a restore point of one device from its snapshot image
 /// ([`backup::run`] with the points layout).
-pub(crate) fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> {
+pub(crate) fn backup_device(
+    d: &mut Device,
+    opts: &Options<'_>,
+    snapshot: &SnapshotId,
+) -> Result<Outcome, String> {
     let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
     let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
     if snap.error_code != 0 {
@@ -318,6 +356,7 @@ pub(crate) fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcom
         backing: backing.clone(),
         time: Some(now()),
         merged: false,
+        snapshot: Some(snapshot.to_string()),
     };
     m.store(&manifest_path)?;
     let w = PointWriter::create(&img_path, size, backing.as_deref())
@@ -422,6 +461,7 @@ pub(crate) fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcom
     m.bytes_read = copied.read;
     m.bytes_written = copied.written;
     m.status = Status::Complete;
+    m.snapshot = None;
     m.store(&manifest_path)?;
     Ok(Outcome {
         device: m.device,
@@ -568,7 +608,11 @@ pub fn prune(
         }
     }
     // Leftovers: incomplete points (no backup runs: the lock is ours) and
-    // temporary files.
+    // temporary files; the snapshots of killed backups, where the module
+    // is here (a prune may run where the backups are stored, without it).
+    if let Ok(ctl) = Control::open() {
+        destroy_stale_snapshots(chain, &ctl, log)?;
+    }
     for p in all.iter().filter(|p| p.manifest.status != Status::Complete) {
         remove_point(chain, p)?;
         out.leftovers
@@ -954,6 +998,7 @@ mod tests {
             backing,
             time: Some(n.into()),
             merged: false,
+            snapshot: None,
         };
         m.store(&manifest_path(chain, n)).unwrap();
     }

@@ -52,6 +52,7 @@ pub(crate) fn opts<'a>(
         progress: &QUIET,
         log: &|m| println!("    log: {m}"),
         keep_snapshot: keep,
+        layout: backup::Layout::Raw,
     }
 }
 
@@ -525,7 +526,17 @@ fn bad_input() -> TestResult {
     )?;
     one_line(
         "incremental without a manifest",
-        ctl(&["backup", "incremental", cs, "--store", s, "--to", o]),
+        ctl(&[
+            "backup",
+            "incremental",
+            cs,
+            "--store",
+            s,
+            "--to",
+            o,
+            "--format",
+            "raw",
+        ]),
         1,
         "make a full backup first",
     )?;
@@ -551,6 +562,8 @@ fn bad_input() -> TestResult {
             s,
             "--to",
             small.to_str().unwrap(),
+            "--format",
+            "raw",
         ]);
         one_line(
             "a target too small",
@@ -604,6 +617,8 @@ fn bad_input() -> TestResult {
             s,
             "--to",
             o,
+            "--format",
+            "raw",
         ])
         .output()
         .map_err(|e| e.to_string())?;
@@ -647,6 +662,8 @@ fn interrupted() -> TestResult {
             dev::scratch().to_str().unwrap(),
             "--to",
             dir.to_str().unwrap(),
+            "--format",
+            "raw",
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()

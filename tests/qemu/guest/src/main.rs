@@ -16,6 +16,7 @@ mod faults;
 mod fuzz;
 mod odd;
 mod persist;
+mod points;
 mod pressure;
 mod reboot;
 mod removal;
@@ -228,6 +229,7 @@ fn main() {
         .chain(store::ALL)
         .chain(upstream::ALL)
         .chain(backup::ALL)
+        .chain(points::ALL)
         .chain(odd::ALL)
         .chain(cut::ALL)
         .chain(compat::ALL)

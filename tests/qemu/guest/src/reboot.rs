@@ -304,6 +304,8 @@ fn backup(b: &Backups, kind: &str, data: &Path, name: &str) -> Result<Value, Str
         "256M",
         "--to",
         dir.to_str().unwrap(),
+        "--format",
+        "raw",
     ])?;
     let o = v["devices"][0].clone();
     if o.is_null() {

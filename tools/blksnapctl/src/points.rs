@@ -175,8 +175,13 @@ pub fn destroy_stale_snapshots(
                 "destroyed snapshot {id}, left by the interrupted backup of point {}",
                 p.number
             )),
-            // Destroyed already (ENODEV, or gone with a reboot).
-            Err(e) if e.errno == nix::errno::Errno::ENODEV => {}
+            // Gone already (destroyed, or a reboot): ESRCH from this
+            // module, ENODEV from upstream's.
+            Err(e)
+                if matches!(
+                    e.errno,
+                    nix::errno::Errno::ESRCH | nix::errno::Errno::ENODEV
+                ) => {}
             Err(e) => {
                 return Err(format!(
                     "snapshot {id} of the interrupted point {}: {e}",

@@ -316,16 +316,16 @@ impl Progress for Quiet {
 }
 
 /// A page-aligned buffer for direct I/O.
-struct Buffer(Vec<u8>, usize);
+pub(crate) struct Buffer(Vec<u8>, usize);
 
 impl Buffer {
-    fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         let v = vec![0u8; len + 4096];
         let off = v.as_ptr().align_offset(4096);
         Self(v, off)
     }
 
-    fn get(&mut self, len: usize) -> &mut [u8] {
+    pub(crate) fn get(&mut self, len: usize) -> &mut [u8] {
         &mut self.0[self.1..self.1 + len]
     }
 }

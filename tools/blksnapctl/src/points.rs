@@ -728,21 +728,6 @@ fn refuse(target: &Path, why: &str) -> String {
     )
 }
 
-/// A page-aligned buffer for direct I/O.
-struct Aligned(Vec<u8>, usize);
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let v = vec![0u8; len + 4096];
-        let off = v.as_ptr().align_offset(4096);
-        Self(v, off)
-    }
-
-    fn get(&mut self, len: usize) -> &mut [u8] {
-        &mut self.0[self.1..self.1 + len]
-    }
-}
-
 /// Writes the content of point `number` of `chain` to `target`, a block
 /// device or a raw file (created if missing; zeroes left sparse), and
 /// checks it: the target read back must have the point's digests (and
@@ -895,7 +880,7 @@ fn readback(path: &Path, size: u64, direct: bool) -> Result<(String, Digests), S
     let f = o
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut buf = Aligned::new(STEP);
+    let mut buf = backup::Buffer::new(STEP);
     let mut h = Sha256::new();
     let mut digests = Digests::new(size);
     let mut off = 0;

@@ -41,13 +41,21 @@ pub const CLUSTER: usize = 64 * 1024;
 /// took 0.28 s instead of 0.09 s (page cache), far from the disk's speed.
 pub const OVERLAY_CLUSTER: usize = 4096;
 
+/// The cluster size of a base or an overlay.
+fn cluster_size(overlay: bool) -> usize {
+    if overlay {
+        OVERLAY_CLUSTER
+    } else {
+        CLUSTER
+    }
+}
+
 /// A restore point being written, under `<path>.tmp` until [`Self::publish`].
 pub struct PointWriter {
     img: Image,
     tmp: PathBuf,
     path: PathBuf,
     overlay: bool,
-    cluster: usize,
 }
 
 fn tmp_name(path: &Path) -> PathBuf {
@@ -70,14 +78,9 @@ impl PointWriter {
     pub fn create(path: &Path, size: u64, backing: Option<&str>) -> io::Result<Self> {
         let tmp = tmp_name(path);
         let file = File::create_open(StorageCreateOptions::new().filename(&tmp).overwrite(true))?;
-        let mut b =
-            Qcow2::<File>::create_builder(file)
-                .size(size)
-                .cluster_size(if backing.is_some() {
-                    OVERLAY_CLUSTER
-                } else {
-                    CLUSTER
-                });
+        let mut b = Qcow2::<File>::create_builder(file)
+            .size(size)
+            .cluster_size(cluster_size(backing.is_some()));
         if let Some(name) = backing {
             if name.contains('/') {
                 return Err(io::Error::new(
@@ -97,11 +100,6 @@ impl PointWriter {
             tmp,
             path: path.to_path_buf(),
             overlay: backing.is_some(),
-            cluster: if backing.is_some() {
-                OVERLAY_CLUSTER
-            } else {
-                CLUSTER
-            },
         })
     }
 
@@ -122,9 +120,10 @@ impl PointWriter {
         let mut at = 0usize;
         while at < buf.len() {
             let abs = offset + at as u64;
-            let to_boundary = self.cluster - (abs % self.cluster as u64) as usize;
+            let cluster = cluster_size(self.overlay);
+            let to_boundary = cluster - (abs % cluster as u64) as usize;
             let end = (at + to_boundary).min(buf.len());
-            let whole = end - at == self.cluster;
+            let whole = end - at == cluster;
             let zero = buf[at..end].iter().all(|&b| b == 0);
             // Zeroes in part of a cluster: data in an overlay, nothing in
             // a base.

@@ -11,6 +11,7 @@
 pub mod backup;
 pub mod boot;
 pub mod digest;
+pub mod identity;
 pub mod points;
 pub mod qcow;
 pub mod stack;

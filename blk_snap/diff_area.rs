@@ -113,6 +113,8 @@ struct State {
     finished: u64,
     /// Image writes parked on chunks.
     parked: u32,
+    /// Writers waiting in [`DiffArea::throttle`].
+    throttled: u32,
     /// Set when the snapshot goes away: nothing is held any more.
     shut_down: bool,
     /// The snapshot's chunk copies; let go of once the last copy ended (see
@@ -297,6 +299,7 @@ impl DiffArea {
                     copies: 0,
                     finished: 0,
                     parked: 0,
+                    throttled: 0,
                     shut_down: false,
                     copy_wq: Some(copy_wq),
                 }, "DiffArea::state"),
@@ -443,8 +446,12 @@ impl DiffArea {
     /// then go at the pace of the storage.
     pub(crate) fn throttle(&self) {
         let mut state = self.state.lock();
-        while state.copies > self.max_copies && !state.shut_down {
-            self.room.wait(&mut state);
+        if state.copies > self.max_copies && !state.shut_down {
+            state.throttled += 1;
+            while state.copies > self.max_copies && !state.shut_down {
+                self.room.wait(&mut state);
+            }
+            state.throttled -= 1;
         }
     }
 
@@ -612,13 +619,16 @@ impl DiffArea {
         Ok(())
     }
 
-    /// Watches the copies until copy-on-write stops. When copies are
-    /// pending and none finished for `cow_stall_timeout` seconds, the
-    /// storage is stuck (writes may be held or throttled for it, image reads
-    /// wait for it): typically a file system that needs memory that only those
-    /// writes would free, when memory reclaim writes to this device (swap
-    /// on it). The origin comes first: the snapshot of the device is marked
-    /// corrupted (`ETIMEDOUT`, with its event) and the held writes go on.
+    /// Watches the copies until copy-on-write stops. When writes of the
+    /// device wait for copies (held until their chunks are read, or their
+    /// writers throttled behind a backlog) and no copy finished for
+    /// `cow_stall_timeout` seconds, the storage is stuck: typically a file
+    /// system that needs memory that only those writes would free, when
+    /// memory reclaim writes to this device (swap on it). The origin comes
+    /// first: the snapshot of the device is marked corrupted (`ETIMEDOUT`,
+    /// with its event) and the held writes go on. Copies that no write
+    /// waits for (their old data read, the writes gone on) may take as long
+    /// as the storage takes: a slow storage does not corrupt the snapshot.
     fn watch(&self) {
         let tick = msecs_to_jiffies(1000);
         let (mut seen, mut stalled) = (0u64, 0u32);
@@ -631,9 +641,9 @@ impl DiffArea {
             let limit = params::cow_stall_timeout
                 .get()
                 .saturating_mul(if self.store.growing() { 6 } else { 1 });
-            // Copies pending: writes may be held or throttled for them,
-            // image reads may wait for them, and their buffers hold memory.
-            let waiting = state.copies != 0;
+            // Writes held for copies, or writers throttled behind them.
+            let waiting = state.copies != 0
+                && (state.held.iter().next().is_some() || state.throttled != 0);
             if state.shut_down || limit == 0 || !waiting || state.finished != seen {
                 seen = state.finished;
                 stalled = 0;

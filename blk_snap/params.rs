@@ -68,7 +68,7 @@ kernel::module_param_u32!(
     cow_stall_timeout,
     10,
     0o644,
-    "Seconds without a finished chunk copy while copies are pending, after which a snapshot gives way to its origin (0: never)"
+    "Seconds without a finished chunk copy while writes wait for copies, after which a snapshot gives way to its origin (0: never)"
 );
 kernel::module_param_u32!(
     "blksnap",

@@ -48,6 +48,10 @@ pub const ALL: &[Test] = &[
     ),
     ("conc_stuck_store_gives_way_to_the_origin", stuck_store),
     (
+        "conc_slow_store_with_no_write_waiting_keeps_the_snapshot",
+        slow_store_keeps,
+    ),
+    (
         "conc_first_write_waits_for_the_read_of_its_chunk_not_the_store",
         cow_releases_after_read,
     ),
@@ -494,10 +498,12 @@ fn check_fio_or_pattern(
 /// `blksnap-e`, suspended; in life a file system stuck in memory reclaim
 /// that waits for the very writes the snapshot holds, see
 /// `pressure_swap_on_a_snapshotted_disk`) must not hold the origin's writes
-/// for ever: a write lands once its chunk was read, and after
-/// `cow_stall_timeout` seconds without a finished copy the snapshot gives
-/// way (ETIMEDOUT, with its event), its pending copies end, and once the
-/// store answers again everything ends cleanly.
+/// for ever: a write lands once its chunk was read; a writer throttled
+/// behind the copies (at most one queued) waits, and after
+/// `cow_stall_timeout` seconds without a finished copy while it waits the
+/// snapshot gives way (ETIMEDOUT, with its event), its pending copies end,
+/// the writer goes on, and once the store answers again everything ends
+/// cleanly.
 fn stuck_store() -> TestResult {
     let c = disk("blksnap-c")?;
     let store = disk("blksnap-e")?;
@@ -514,6 +520,7 @@ fn stuck_store() -> TestResult {
     }
     let r = (|| {
         let _stall = dev::ModuleParam::set("cow_stall_timeout", "3")?;
+        let _queue = dev::ModuleParam::set("chunk_maximum_in_queue", "1")?;
         let t = Tracked::new(&c)?;
         write_pattern(&c, 0, 64 * MIB, 111)?;
         let snap = Snap::devices(&dm, &[(0, 64 * MIB)])?;
@@ -532,6 +539,12 @@ fn stuck_store() -> TestResult {
             "    the write whose copy was stuck landed after {} ms",
             landed.as_millis()
         );
+        // A second copy queued: its writer is throttled until the stall is
+        // seen.
+        let throttled = std::thread::spawn({
+            let c = c.clone();
+            move || write_pattern(&c, 12 * MIB, 8, 115).map(|_| Instant::now())
+        });
         // The stall is seen within the timeout (3 s) and a tick.
         let mut info = t.0.snapshot_info().map_err(e)?;
         for _ in 0..100 {
@@ -545,6 +558,14 @@ fn stuck_store() -> TestResult {
             info.error_code,
             -(Errno::ETIMEDOUT as i32),
             "snapshot error after the stall"
+        );
+        let went_on = throttled
+            .join()
+            .map_err(|_| "the throttled writer panicked".to_string())??
+            - at;
+        println!(
+            "    the writer throttled behind the stuck copies went on after {} ms",
+            went_on.as_millis()
         );
         let (major, minor) = dev::major_minor(&c)?;
         let want = blksnap::Event::Corrupted {
@@ -565,6 +586,7 @@ fn stuck_store() -> TestResult {
         check_device(&c, |s| match s {
             0..8 => 112,
             _ if (8 * MIB..8 * MIB + 8).contains(&s) => 113,
+            _ if (12 * MIB..12 * MIB + 8).contains(&s) => 115,
             _ if (16 * MIB..16 * MIB + 8).contains(&s) => 114,
             _ => 111,
         })?;
@@ -687,6 +709,34 @@ fn nowait_backlog() -> TestResult {
         }
     })?;
     drop(buf);
+    snap.destroy()
+}
+
+/// A slow store is not a stuck one: with copies that take longer than
+/// `cow_stall_timeout` to store (here 2 s, and 4 s per 256 KiB chunk on the
+/// write-throttled disk `blksnap-g`) but no write waiting for them (their
+/// chunks were read, the writes went on), the snapshot stays whole and its
+/// image keeps the old data.
+fn slow_store_keeps() -> TestResult {
+    const CHUNK: u64 = 512; // sectors: the 256 KiB chunks of a 64 MiB disk
+    let _stall = dev::ModuleParam::set("cow_stall_timeout", "2")?;
+    let (c, t, snap, image) = slow_store_snapshot(121)?;
+    let start = Instant::now();
+    for i in 1..=3u64 {
+        write_pattern(&c, i * CHUNK, 8, 122)?;
+    }
+    println!(
+        "    three first writes returned after {} ms",
+        start.elapsed().as_millis()
+    );
+    // The store writes: the first at once, then 4 s each.
+    std::thread::sleep(Duration::from_secs(10));
+    check_eq!(
+        t.0.snapshot_info().map_err(e)?.error_code,
+        0,
+        "snapshot error after copies slower than cow_stall_timeout that no write waited for"
+    );
+    check_device(&image, |_| 121)?;
     snap.destroy()
 }
 

@@ -32,6 +32,9 @@ mod event_queue;
 #[path = "logic/fine.rs"]
 mod fine;
 mod fine_map;
+#[allow(dead_code, unreachable_pub)]
+#[path = "logic/fingerprint.rs"]
+mod fingerprint;
 mod io;
 mod params;
 mod persist;

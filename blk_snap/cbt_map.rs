@@ -15,7 +15,8 @@ use crate::cbt::{merge_ranges, CbtError, CbtGeometry, CbtParams, CbtState};
 use crate::fine_map::{self, FineMap};
 use crate::params;
 use crate::persist_format::{
-    check_restore, record_len, RecordHeader, Refusal, ID_LEN, RECORD_HEADER_LEN,
+    check_restore, record_len, Now, RecordHeader, Refusal, ID_LEN, IDENTITY_LEN,
+    RECORD_HEADER_LEN,
 };
 use core::ops::Range;
 use kernel::{
@@ -44,6 +45,9 @@ struct Maps {
     active: KVVec<u8>,
     read: KVVec<u8>,
     fine: FineMap,
+    /// Its state was saved clean (see [`crate::persist`]): nothing may
+    /// change the maps or numbers until the saved state is marked broken.
+    sealed: bool,
 }
 
 /// The CBT map of one device.
@@ -73,6 +77,11 @@ pub(crate) struct Reset {
 pub(crate) struct Prepared {
     reset: Option<Reset>,
     fine: fine_map::Prepared,
+}
+
+/// Whether `maps` saw no write and no take since tracking started.
+fn fresh(maps: &Maps) -> bool {
+    maps.state.active == 1 && maps.state.previous == 0 && maps.active.iter().all(|&b| b == 0)
 }
 
 /// Bytes copied to user space per lock hold when reading a map.
@@ -113,7 +122,10 @@ impl CbtMap {
         let fine = FineMap::new(capacity_sectors, fine_shift, params::fine_map_limit())?;
         let state = CbtState::new(*Uuid::new_random().as_bytes());
         Ok(try_pin_init!(Self {
-            maps <- new_spinlock!(Maps { geometry, state, active, read, fine }, "CbtMap::maps"),
+            maps <- new_spinlock!(
+                Maps { geometry, state, active, read, fine, sealed: false },
+                "CbtMap::maps"
+            ),
         }))
     }
 
@@ -150,8 +162,10 @@ impl CbtMap {
     /// The ranges are merged first, so however often they overlap, each
     /// block is marked once; the lock that the write path takes is held for
     /// [`MARK_BATCH`] blocks at a time, and the work pauses every
-    /// [`MARK_SLICE_MS`]. Reorders `ranges`.
-    pub(crate) fn mark_dirty(&self, ranges: &mut [Range<usize>]) {
+    /// [`MARK_SLICE_MS`]. Reorders `ranges`. A sealed map is unsealed with
+    /// `unseal` (which marks its saved state broken, synchronously) before
+    /// anything changes.
+    pub(crate) fn mark_dirty(&self, ranges: &mut [Range<usize>], unseal: impl Fn()) {
         let n = merge_ranges(ranges);
         let mut since = Ktime::ktime_get();
         for blocks in ranges[..n].iter() {
@@ -160,12 +174,24 @@ impl CbtMap {
                 let end = blocks.end.min(pos.saturating_add(MARK_BATCH));
                 {
                     let mut maps = self.maps.lock();
+                    if maps.sealed {
+                        drop(maps);
+                        unseal();
+                        let mut maps = self.maps.lock();
+                        if maps.sealed {
+                            // The state was not registered any more.
+                            pr_err!("a sealed CBT map was not unsealed\n");
+                            maps.sealed = false;
+                        }
+                        continue;
+                    }
                     let Maps {
                         geometry,
                         state,
                         active,
                         read,
                         fine,
+                        ..
                     } = &mut *maps;
                     let len = active.len();
                     let blocks = pos.min(len)..end.min(len);
@@ -184,6 +210,21 @@ impl CbtMap {
                 }
             }
         }
+    }
+
+    /// Whether the map is sealed: its state was saved clean.
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.maps.lock().sealed
+    }
+
+    /// Lifts the seal, once the saved state was marked broken.
+    pub(crate) fn unseal(&self) {
+        self.maps.lock().sealed = false;
+    }
+
+    /// Whether the map saw no write and no take since tracking started.
+    pub(crate) fn is_fresh(&self) -> bool {
+        fresh(&self.maps.lock())
     }
 
     /// Allocates what the next take needs: a reset if the device no longer
@@ -239,6 +280,11 @@ impl CbtMap {
         let mut old = reset;
         let (exhausted, dropped) = {
             let mut maps = self.maps.lock();
+            // The take broke the seal before it held the writes.
+            if maps.sealed {
+                pr_err!("a take changes a sealed CBT map\n");
+                maps.sealed = false;
+            }
             let restarted = old.is_some();
             if let Some(r) = old.as_mut() {
                 maps.geometry = core::mem::replace(&mut r.geometry, maps.geometry);
@@ -305,65 +351,87 @@ impl CbtMap {
     }
 
     /// The device's record for the CBT state device: the record header
-    /// under `id`, then the active and the read map, padded to 8 bytes.
-    /// The maps are copied at once under the lock, so the record is one
-    /// point in time. Sleeps (to allocate).
-    pub(crate) fn save_record(&self, id: &[u8; ID_LEN]) -> Result<KVVec<u8>> {
+    /// under `id`, completed by `fill`, then `extra` (the fingerprint), the
+    /// active and the read map, padded to 8 bytes. The maps are copied at
+    /// once under the lock, and sealed with it, so the record is one point
+    /// in time and nothing changes it unnoticed. Sleeps (to allocate).
+    pub(crate) fn save_record(
+        &self,
+        id: &[u8; ID_LEN],
+        fill: impl Fn(&mut RecordHeader),
+        extra: &[u8],
+    ) -> Result<KVVec<u8>> {
         loop {
             let g = self.geometry();
             let n = g.block_count as usize;
-            let len = record_len(u64::from(g.block_count)).ok_or(ENOMEM)?;
+            let mut h = RecordHeader {
+                id: *id,
+                capacity_sectors: g.capacity_sectors,
+                block_shift: g.block_shift,
+                flags: 0,
+                block_count: u64::from(g.block_count),
+                active: 0,
+                previous: 0,
+                generation: [0; 16],
+                identity: [0; IDENTITY_LEN],
+                start_sector: 0,
+                partno: 0,
+                proof: 0,
+                regions: 0,
+                fingerprint_len: 0,
+            };
+            fill(&mut h);
+            let len = record_len(u64::from(g.block_count), h.regions, h.fingerprint_len)
+                .ok_or(ENOMEM)?;
+            let maps_at = RECORD_HEADER_LEN + extra.len();
+            if maps_at + 2 * n > len {
+                return Err(EINVAL);
+            }
             let mut buf = KVVec::from_elem(0u8, len, GFP_KERNEL)?;
-            let maps = self.maps.lock();
+            buf[RECORD_HEADER_LEN..maps_at].copy_from_slice(extra);
+            let mut maps = self.maps.lock();
             if maps.geometry != g {
                 // A take started over with a new size meanwhile.
                 continue;
             }
-            let h = RecordHeader {
-                id: *id,
-                capacity_sectors: g.capacity_sectors,
-                block_shift: g.block_shift,
-                block_count: u64::from(g.block_count),
-                active: maps.state.active,
-                previous: maps.state.previous,
-                generation: maps.state.generation,
-            };
+            h.active = maps.state.active;
+            h.previous = maps.state.previous;
+            h.generation = maps.state.generation;
             buf[..RECORD_HEADER_LEN].copy_from_slice(&h.encode());
-            let at = RECORD_HEADER_LEN;
-            buf[at..at + n].copy_from_slice(&maps.active);
-            buf[at + n..at + 2 * n].copy_from_slice(&maps.read);
+            buf[maps_at..maps_at + n].copy_from_slice(&maps.active);
+            buf[maps_at + n..maps_at + 2 * n].copy_from_slice(&maps.read);
+            maps.sealed = true;
             drop(maps);
             return Ok(buf);
         }
     }
 
     /// Replaces the state of a freshly attached device with one saved at
-    /// the last shutdown (`clean`: it was saved clean). Refused unless the
-    /// geometry is the same and the device saw no write and no take since
-    /// it was attached, checked under the lock that writes take, so no
-    /// write can slip between the check and the switch. The fine map knows
-    /// nothing of the writes before: its active interval becomes unknown.
+    /// the last shutdown (`clean`: it was saved clean and not broken
+    /// since), if [`check_restore`] allows it with `now` and the geometry
+    /// and freshness checked under the lock that writes take, so no write
+    /// can slip between the check and the switch. The fingerprint was
+    /// compared by the caller. The fine map knows nothing of the writes
+    /// before: its active interval becomes unknown.
     pub(crate) fn restore(
         &self,
         clean: bool,
         saved: &RecordHeader,
+        now: &Now<'_>,
         mut active: KVVec<u8>,
         mut read: KVVec<u8>,
     ) -> core::result::Result<(), Refusal> {
         {
             let mut maps = self.maps.lock();
             let g = maps.geometry;
-            let fresh = maps.state.active == 1
-                && maps.state.previous == 0
-                && maps.active.iter().all(|&b| b == 0);
-            check_restore(
-                clean,
-                saved,
-                g.capacity_sectors,
-                g.block_shift,
-                u64::from(g.block_count),
-                fresh,
-            )?;
+            let now = Now {
+                capacity_sectors: g.capacity_sectors,
+                block_shift: g.block_shift,
+                block_count: u64::from(g.block_count),
+                fresh: fresh(&maps),
+                ..*now
+            };
+            check_restore(clean, saved, &now)?;
             if active.len() != maps.active.len() || read.len() != maps.read.len() {
                 return Err(Refusal::Geometry);
             }

@@ -251,7 +251,7 @@ fn cbt_state_device(arg: usize) -> Result<isize> {
     let size = size_of::<uapi::BlksnapCbtStateDevice>();
     let (mut reader, mut writer) = UserSlice::new(arg, size).reader_writer();
     let mut req: uapi::BlksnapCbtStateDevice = reader.read()?;
-    if req.flags & !uapi::CBT_STATE_FORMAT != 0 || req.reserved != 0 {
+    if req.flags & !(uapi::CBT_STATE_FORMAT | uapi::CBT_STATE_MIRROR) != 0 || req.reserved != 0 {
         pr_err!(
             "CBT state device: flags {:#x}, reserved {} (must be 0)\n",
             req.flags,
@@ -262,7 +262,10 @@ fn cbt_state_device(arg: usize) -> Result<isize> {
     let path = read_path(req.bdev_path as usize)?;
     let path = CStr::from_bytes_with_nul(&path)?;
     let format = req.flags & uapi::CBT_STATE_FORMAT != 0;
-    let (records, clean) = crate::snapshot::globals()?.persist().open(path, format)?;
+    let mirror = req.flags & uapi::CBT_STATE_MIRROR != 0;
+    let (records, clean) = crate::snapshot::globals()?
+        .persist()
+        .open(path, format, mirror)?;
     req.records = records;
     req.clean = u32::from(clean);
     writer.write(&req)?;

@@ -24,3 +24,6 @@ pub mod fine;
 
 #[path = "logic/persist.rs"]
 pub mod persist;
+
+#[path = "logic/fingerprint.rs"]
+pub mod fingerprint;

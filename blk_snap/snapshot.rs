@@ -576,6 +576,14 @@ impl Snapshot {
         for t in inner.trackers.iter() {
             t.hold_writes();
         }
+        // A device whose CBT state was saved is sealed: the take changes
+        // its numbers, so the saved state is marked broken first. No save
+        // can seal it again while its writes are held.
+        for t in inner.trackers.iter() {
+            if t.cbt().is_sealed() {
+                t.unseal_now();
+            }
+        }
         let held = Ktime::ktime_get();
         let drained = self.drain(&inner.trackers);
         let drain_us = us_delta(Ktime::ktime_get(), held);

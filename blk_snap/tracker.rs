@@ -54,6 +54,11 @@ unsafe impl AsBytes for uapi::BlksnapCbtfine {}
 unsafe impl FromBytes for uapi::BlksnapCbtpersist {}
 // SAFETY: As above.
 unsafe impl AsBytes for uapi::BlksnapCbtpersist {}
+// SAFETY: 128 bytes, a u64 and two u32s: 144 bytes without padding; any
+// bit pattern is valid.
+unsafe impl FromBytes for uapi::BlksnapCbtpersistExt {}
+// SAFETY: As above.
+unsafe impl AsBytes for uapi::BlksnapCbtpersistExt {}
 
 /// Fine blocks one `CBTFINE` call may ask about (16 MiB of answers).
 const CBTFINE_MAX: u64 = 1 << 24;
@@ -275,10 +280,22 @@ impl Tracker {
         !self.cow.lock().held.is_empty()
     }
 
-    /// Lifts the seal and lets the writes it held pass, unless a take holds
-    /// them (its release lets them pass then).
+    /// Lifts the seal, of the writes and of the map, and lets the writes
+    /// it held pass, unless a take holds them (its release lets them pass
+    /// then). Called once the saved state is marked broken.
     pub(crate) fn unseal(&self) {
+        self.cbt.unseal();
         self.lift(|cow| cow.sealed = false);
+    }
+
+    /// Breaks the seal of the map before it changes otherwise than by a
+    /// write: the saved state is marked broken first, synchronously.
+    /// Sleeps.
+    pub(crate) fn unseal_now(&self) {
+        match crate::snapshot::globals() {
+            Ok(g) => g.persist().unseal_tracker(self),
+            Err(_) => self.unseal(),
+        }
     }
 
     /// Stops holding writes and lets the held ones pass, through
@@ -321,7 +338,7 @@ impl Tracker {
     /// with `CBTDIRTY`: for writes to the snapshot image. Sleeps.
     pub(crate) fn mark_changed(&self, sector: u64, count: u64) {
         if let Ok(blocks) = self.cbt.check_range(sector, count) {
-            self.cbt.mark_dirty(&mut [blocks]);
+            self.cbt.mark_dirty(&mut [blocks], || self.unseal_now());
         }
     }
 
@@ -515,23 +532,46 @@ impl Tracker {
     }
 
     fn cbtpersist(self: &Arc<Self>, opt: UserSlice, optlen: &mut u32) -> Result<i32> {
-        check_len(*optlen, size_of::<uapi::BlksnapCbtpersist>(), "CBTPERSIST")?;
+        // The first version of the structure ends at `generation`; the
+        // identity and the outputs after it came later: a caller that
+        // passes the first version only registers without an identity.
+        let v1 = size_of::<uapi::BlksnapCbtpersist>();
+        let full = v1 + size_of::<uapi::BlksnapCbtpersistExt>();
+        check_len(*optlen, v1, "CBTPERSIST")?;
+        let extended = *optlen as usize >= full;
         let (mut reader, mut writer) = opt.reader_writer();
         let mut arg: uapi::BlksnapCbtpersist = reader.read()?;
-        if arg.flags != 0 {
+        let mut ext = if extended {
+            reader.read::<uapi::BlksnapCbtpersistExt>()?
+        } else {
+            uapi::BlksnapCbtpersistExt::default()
+        };
+        if arg.flags & !uapi::CBTPERSIST_UNVERIFIED != 0 || ext.reserved != 0 {
             pr_err!(
-                "{}: CBTPERSIST flags {:#x} (must be 0)\n",
+                "{}: CBTPERSIST flags {:#x} (only {:#x} is known), reserved {} (must be 0)\n",
                 self.dev,
-                arg.flags
+                arg.flags,
+                uapi::CBTPERSIST_UNVERIFIED,
+                ext.reserved
             );
             return Err(EINVAL);
         }
-        arg.restored = crate::snapshot::globals()?
-            .persist()
-            .register(self, &arg.id)?;
+        let unverified = arg.flags & uapi::CBTPERSIST_UNVERIFIED != 0;
+        let r = crate::snapshot::globals()?.persist().register(
+            self,
+            &arg.id,
+            &ext.identity,
+            unverified,
+        )?;
+        arg.restored = r.restored;
         arg.generation = self.cbt.info().state.generation;
         writer.write(&arg)?;
-        *optlen = size_of::<uapi::BlksnapCbtpersist>() as u32;
+        if extended {
+            ext.writes_before = r.writes_before;
+            ext.proof = r.proof as u32;
+            writer.write(&ext)?;
+        }
+        *optlen = if extended { full } else { v1 } as u32;
         Ok(0)
     }
 
@@ -579,7 +619,7 @@ impl Tracker {
             })?;
             ranges.push(blocks, GFP_KERNEL)?;
         }
-        self.cbt.mark_dirty(&mut ranges);
+        self.cbt.mark_dirty(&mut ranges, || self.unseal_now());
         Ok(0)
     }
 

@@ -119,6 +119,46 @@ pub struct BlksnapCbtpersist {
     pub generation: [u8; 16],
 }
 
+/// Extension: `BLKSNAP_CBTPERSIST_UNVERIFIED`, a flag of
+/// `struct blksnap_cbtpersist`.
+pub const CBTPERSIST_UNVERIFIED: u32 = 1;
+
+/// Extension: the second part of `struct blksnap_cbtpersist`, after
+/// `generation` (a caller may pass the first part only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlksnapCbtpersistExt {
+    /// NUL-terminated identity of the device (serial, partition...).
+    pub identity: [u8; 128],
+    /// Output: writes the block layer counted before the attach.
+    pub writes_before: u64,
+    /// Output: what proves the device unwritten (`enum blksnap_cbt_proof`).
+    pub proof: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+}
+
+impl Default for BlksnapCbtpersistExt {
+    fn default() -> Self {
+        Self {
+            identity: [0; 128],
+            writes_before: 0,
+            proof: 0,
+            reserved: 0,
+        }
+    }
+}
+
+/// Extension: `struct blksnap_cbtpersist` whole, as user space passes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlksnapCbtpersistFull {
+    /// The first part.
+    pub v1: BlksnapCbtpersist,
+    /// The rest.
+    pub ext: BlksnapCbtpersistExt,
+}
+
 impl Default for BlksnapCbtpersist {
     fn default() -> Self {
         Self {
@@ -401,6 +441,8 @@ pub struct BlksnapEventLowFreeSpace {
 
 /// Extension: `BLKSNAP_CBT_STATE_FORMAT`.
 pub const CBT_STATE_FORMAT: u32 = 1;
+/// Extension: `BLKSNAP_CBT_STATE_MIRROR`.
+pub const CBT_STATE_MIRROR: u32 = 2;
 
 /// Extension: `struct blksnap_cbt_state_device`.
 #[repr(C)]

@@ -199,10 +199,23 @@ fn extensions_agree_between_c_and_rust() {
         fine::WRITTEN,
         fine::UNKNOWN
     );
-    size!(s, "blksnap_cbtpersist", BlksnapCbtpersist);
+    size!(s, "blksnap_cbtpersist", BlksnapCbtpersistFull);
     off!(s, "blksnap_cbtpersist", BlksnapCbtpersist, flags);
     off!(s, "blksnap_cbtpersist", BlksnapCbtpersist, restored);
     off!(s, "blksnap_cbtpersist", BlksnapCbtpersist, generation);
+    // The second part follows the first, which ends at `generation`.
+    let v1 = size_of::<BlksnapCbtpersist>();
+    for (f, o) in [
+        ("identity", offset_of!(BlksnapCbtpersistExt, identity)),
+        (
+            "writes_before",
+            offset_of!(BlksnapCbtpersistExt, writes_before),
+        ),
+        ("proof", offset_of!(BlksnapCbtpersistExt, proof)),
+        ("reserved", offset_of!(BlksnapCbtpersistExt, reserved)),
+    ] {
+        s += &format!("offsetof blksnap_cbtpersist.{f} {}\n", v1 + o);
+    }
     size!(s, "blksnap_cbt_state_device", BlksnapCbtStateDevice);
     off!(s, "blksnap_cbt_state_device", BlksnapCbtStateDevice, flags);
     off!(
@@ -230,10 +243,23 @@ fn extensions_agree_between_c_and_rust() {
         IOCTL_BLKSNAP_CBT_SAVE
     );
     s += &format!(
-        "enum CBTPERSIST {} FORMAT {}\n",
+        "enum CBTPERSIST {} FORMAT {} MIRROR {} UNVERIFIED {}\n",
         ctl::CBTPERSIST,
-        CBT_STATE_FORMAT
+        CBT_STATE_FORMAT,
+        CBT_STATE_MIRROR,
+        CBTPERSIST_UNVERIFIED
     );
+    {
+        use blk_snap_logic::fingerprint::Proof;
+        s += &format!(
+            "enum PROOF {} {} {} {} {}\n",
+            Proof::None as u32,
+            Proof::Ext as u32,
+            Proof::Xfs as u32,
+            Proof::Btrfs as u32,
+            Proof::Partitions as u32
+        );
+    }
     assert_eq!(c_layout(&["ext"]), s);
     // Extensions must not reuse upstream numbers.
     const { assert!(ctl::CBTMAP_ACTIVE > ctl::SNAPSHOTINFO && event::LOW_FREE_SPACE > event::NO_SPACE) };

@@ -21,18 +21,21 @@
 # line; blksnap-t, read-only, a tar archive of the tools bench.sh starts often.
 # Then runs tests/qemu/guest.sh MODE in the guest.
 #
-# In reboot mode (`run.sh reboot`, also run by `make test`) there are three
-# fresh disks instead: serial blksnap-p, 64 MiB, the tracked data disk;
-# serial blksnap-s, 16 MiB, the CBT state device; serial blksnap-k, 128 MiB
-# of ext4 for the backup chain (9p is too slow for it); the same kernel boots
+# In reboot mode (`run.sh reboot`, also run by `make test`) there are other
+# disks instead: eleven small tracked disks (serials rb-ROLE, six of them
+# ext4 made here), a 16 MiB CBT state device (blksnap-s, under dm in the
+# guest) and its 16 MiB mirror (blksnap-m), and blksnap-k, 256 MiB of ext4
+# for the backup chains (9p is too slow for them); the same kernel boots
 # three times over them, each boot running guest.sh reboot RESULTS REPO
-# bootN (see tests/qemu/guest/src/reboot.rs), with its own console log
-# console-N.log checked like in test mode. Boot 2 ends with a power cut:
+# bootN (see tests/qemu/guest/src/reboot.rs, which says what each disk
+# tests), with its own console log console-N.log checked like in test mode.
+# Between boots 1 and 2 the host writes a file into rb-host's image
+# (debugfs -w), grows rb-r, and swaps the slots of rb-swapa and rb-swapb.
+# Boot 2 ends with a power cut:
 # once the guest prints its marker line with a writer to the data disk
 # running, QEMU is killed (kill -9, its pid from -pidfile) while the writes
-# go on. What a boot tells the next ones (the blocks written, the
-# generation) and a copy of each backup manifest are in RESULTS/backups,
-# which the guest writes through --rwdir.
+# go on. What a boot tells the next ones is in RESULTS/backups, which the
+# guest writes through --rwdir.
 #
 # usage: run.sh test|soak|demo|bench|reboot [test name filters...]
 #
@@ -62,7 +65,8 @@ if [ "${BLKSNAP_FLAVOUR:-debug}" = bench ]; then
 	export BLKSNAP_KO=${BLKSNAP_KO:-$REPO/target/bench-module/blk_snap/blksnap.ko}
 else
 	KOUT=${KBUILD_OUTPUT:-$(cat "$CACHE/kbuild-output")}
-	export BLKSNAP_KO=$REPO/blk_snap/blksnap.ko
+	# Another module may be given, to run the tests against it.
+	export BLKSNAP_KO=${BLKSNAP_KO:-$REPO/blk_snap/blksnap.ko}
 fi
 RESULTS=${RESULTS:-$REPO/results/$MODE}
 if [ "$MODE" = soak ]; then
@@ -98,7 +102,7 @@ fi
 rm -rf "$RESULTS"
 mkdir -p "$RESULTS"
 # Settings for the guest tests: guest.sh reads them from this file.
-export -p | grep -E '^declare -x BLKSNAP_((FUZZ|STRESS|FAULTS|PRESSURE|BENCH)_[A-Z]+|KO)=' >"$RESULTS/guest-env" || true
+export -p | grep -E '^declare -x BLKSNAP_((FUZZ|STRESS|FAULTS|PRESSURE|BENCH|REBOOT)_[A-Z_]+|KO)=' >"$RESULTS/guest-env" || true
 drive() { # file serial [extra drive options]
 	echo "-drive file=$1,if=none,id=$2,format=raw,aio=threads,discard=unmap${3:-,cache=none}" \
 		"-device virtio-blk-pci,drive=$2,serial=$2"
@@ -187,17 +191,38 @@ check_kmemleak() { # name file
 }
 
 if [ "$MODE" = reboot ]; then
-	truncate -s 64M "$RESULTS/disk-p.img"
+	# The tracked disks (see tests/qemu/guest/src/reboot.rs): serial rb-ROLE,
+	# in this order (the guest names them vda, vdb, ... in it: their CBT ids
+	# are those slots); ext4 made here, the raw ones filled by boot 1.
+	RB_EXT4="ctl host early swapa swapb stale"
+	RB_ROLES="$RB_EXT4 raw rawok seal q r"
+	for r in $RB_ROLES; do
+		case $r in
+		q | r) truncate -s 8M "$RESULTS/disk-rb-$r.img" ;;
+		*) truncate -s 32M "$RESULTS/disk-rb-$r.img" ;;
+		esac
+	done
+	for r in $RB_EXT4; do
+		mkfs.ext4 -q -F -L "rb-$r" -E lazy_itable_init=0,lazy_journal_init=0 "$RESULTS/disk-rb-$r.img"
+	done
 	truncate -s 16M "$RESULTS/disk-s.img"
-	truncate -s 8M "$RESULTS/disk-q.img"
-	truncate -s 8M "$RESULTS/disk-r.img"
-	truncate -s 128M "$RESULTS/disk-k.img"
+	truncate -s 16M "$RESULTS/disk-m.img"
+	truncate -s 256M "$RESULTS/disk-k.img"
 	# Initialized now: no lazy init writing in the guest.
 	mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$RESULTS/disk-k.img"
 	mkdir -p "$RESULTS/backups"
-	QEMU_DRIVES="$(drive "$RESULTS/disk-p.img" blksnap-p) $(drive "$RESULTS/disk-s.img" blksnap-s)"
-	QEMU_DRIVES+=" $(drive "$RESULTS/disk-k.img" blksnap-k)"
-	QEMU_DRIVES+=" $(drive "$RESULTS/disk-q.img" blksnap-q) $(drive "$RESULTS/disk-r.img" blksnap-r)"
+	# The drives of a boot; in boot 2 and later, swapa and swapb have
+	# swapped slots (each keeps its serial: a disk moved to another slot).
+	rb_drives() { # boot
+		local r order=$RB_ROLES
+		[ "$1" -ge 2 ] && order=${order/swapa swapb/swapb swapa}
+		QEMU_DRIVES=
+		for r in $order; do
+			QEMU_DRIVES+="$(drive "$RESULTS/disk-rb-$r.img" "rb-$r") "
+		done
+		QEMU_DRIVES+="$(drive "$RESULTS/disk-s.img" blksnap-s) $(drive "$RESULTS/disk-m.img" blksnap-m)"
+		QEMU_DRIVES+=" $(drive "$RESULTS/disk-k.img" blksnap-k)"
+	}
 	passed=0 failed=0
 	# Boot 2's power cut, in the background: waits for the marker, then
 	# for the writer's progress after it (writes still going on), samples
@@ -232,8 +257,14 @@ if [ "$MODE" = reboot ]; then
 			power_cut "$log" "$pidfile" &
 			cutter=$!
 			# A saved state of another size: boot 2 must refuse it.
-			truncate -s 12M "$RESULTS/disk-r.img"
+			truncate -s 12M "$RESULTS/disk-rb-r.img"
+			# Another system writes a file into host's file system while
+			# the module cannot see it (an edit of a VM's disk image).
+			echo "written by the host between boots 1 and 2" >"$RESULTS/host-file.txt"
+			debugfs -w -R "write $RESULTS/host-file.txt host-file" "$RESULTS/disk-rb-host.img" >/dev/null 2>&1 ||
+				echo "qemu: FAIL: debugfs could not write into disk-rb-host.img"
 		fi
+		rb_drives $n
 		start=$(date +%s)
 		set +e
 		# 1 GiB (not 2): the two kmemleak scans of each boot take half as

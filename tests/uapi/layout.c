@@ -45,6 +45,10 @@ static void extensions(void)
 	OFF(blksnap_cbtpersist, flags);
 	OFF(blksnap_cbtpersist, restored);
 	OFF(blksnap_cbtpersist, generation);
+	OFF(blksnap_cbtpersist, identity);
+	OFF(blksnap_cbtpersist, writes_before);
+	OFF(blksnap_cbtpersist, proof);
+	OFF(blksnap_cbtpersist, reserved);
 	SIZE(blksnap_cbt_state_device);
 	OFF(blksnap_cbt_state_device, flags);
 	OFF(blksnap_cbt_state_device, reserved);
@@ -55,8 +59,12 @@ static void extensions(void)
 	OFF(blksnap_cbt_save, bytes);
 	IOCTL(IOCTL_BLKSNAP_CBT_STATE_DEVICE);
 	IOCTL(IOCTL_BLKSNAP_CBT_SAVE);
-	printf("enum CBTPERSIST %d FORMAT %d\n",
-	       BLKFILTER_CTL_BLKSNAP_CBTPERSIST, BLKSNAP_CBT_STATE_FORMAT);
+	printf("enum CBTPERSIST %d FORMAT %d MIRROR %d UNVERIFIED %d\n",
+	       BLKFILTER_CTL_BLKSNAP_CBTPERSIST, BLKSNAP_CBT_STATE_FORMAT,
+	       BLKSNAP_CBT_STATE_MIRROR, BLKSNAP_CBTPERSIST_UNVERIFIED);
+	printf("enum PROOF %d %d %d %d %d\n", BLKSNAP_CBT_PROOF_NONE,
+	       BLKSNAP_CBT_PROOF_EXT, BLKSNAP_CBT_PROOF_XFS,
+	       BLKSNAP_CBT_PROOF_BTRFS, BLKSNAP_CBT_PROOF_PARTITIONS);
 }
 
 int main(int argc, char **argv __attribute__((unused)))

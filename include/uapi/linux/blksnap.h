@@ -158,24 +158,70 @@ struct blksnap_cbtfine {
 	__u64 memory_limit;
 };
 
+/* Flag of &struct blksnap_cbtpersist: a restore without a fingerprint is accepted. */
+#define BLKSNAP_CBTPERSIST_UNVERIFIED 1
+
+/**
+ * enum blksnap_cbt_proof - What proves a device unwritten while it was not
+ *	tracked (&struct blksnap_cbtpersist.proof).
+ * @BLKSNAP_CBT_PROOF_NONE: Nothing: no known file system.
+ * @BLKSNAP_CBT_PROOF_EXT: The ext2/3/4 superblock.
+ * @BLKSNAP_CBT_PROOF_XFS: The XFS superblock and allocation group 0's
+ *	headers.
+ * @BLKSNAP_CBT_PROOF_BTRFS: The btrfs superblock.
+ * @BLKSNAP_CBT_PROOF_PARTITIONS: The partition table and the file systems
+ *	of all the partitions.
+ */
+enum blksnap_cbt_proof {
+	BLKSNAP_CBT_PROOF_NONE = 0,
+	BLKSNAP_CBT_PROOF_EXT = 1,
+	BLKSNAP_CBT_PROOF_XFS = 2,
+	BLKSNAP_CBT_PROOF_BTRFS = 3,
+	BLKSNAP_CBT_PROOF_PARTITIONS = 4,
+};
+
 /**
  * struct blksnap_cbtpersist - Argument of &BLKFILTER_CTL_BLKSNAP_CBTPERSIST.
  * @id: Input: the NUL-terminated name, 1 to 63 bytes, under which the
  *	device's state is saved: a name that stays the device's across boots,
  *	such as one of /dev/disk/by-id.  Another tracked device with the same
  *	name: EEXIST.
- * @flags: Must be zero.
+ * @flags: Input: 0, or BLKSNAP_CBTPERSIST_UNVERIFIED: the caller accepts
+ *	that a state saved without a fingerprint (the device has no file
+ *	system that proves it unwritten) is restored.  It is recorded at the
+ *	next save too: such a state is restored only if both the registration
+ *	before the save and the one at the restore gave the flag.
  * @restored: Output: 1 if the state saved under @id at the last shutdown
  *	was restored: the change tracking maps, change numbers and generation
  *	are the saved ones.  0 if nothing was saved under @id.  Otherwise a
  *	negative errno saying why the saved state was refused: -ESTALE, it
- *	was not saved clean (a crash or power cut, a write or detach after the
- *	save, or a boot that used it already); -EBUSY, the device was written,
- *	or a snapshot of it taken, since the filter was attached; -EMEDIUMTYPE,
- *	the device's size or change tracking geometry differs from the saved
- *	one.  A saved state is used at most once.
+ *	was not saved clean (a crash or power cut, a write, detach, take,
+ *	&BLKFILTER_CTL_BLKSNAP_CBTDIRTY or snapshot image write after the save,
+ *	a boot that used it already, or the copies of a mirrored state
+ *	disagree or the mirror is not open); -EBUSY, the device was written,
+ *	or a snapshot of it taken, since the filter was attached, or the block
+ *	layer counted writes to it before the attach (@writes_before);
+ *	-EMEDIUMTYPE, the device's size or change tracking geometry differs
+ *	from the saved one; -EXDEV, the saved state is another device's: its
+ *	@identity or first sector differs; -ENOKEY, nothing proves the device
+ *	unwritten since the save (no fingerprint) and the risk was not
+ *	accepted; -EKEYREJECTED, its fingerprint differs: something wrote to
+ *	its file system while it was not tracked; -EIO, reading the
+ *	fingerprint failed.  A saved state is used at most once.
  * @generation: Output: the device's change tracking generation after the
  *	call.
+ * @identity: Input: the device's NUL-terminated identity, at most 127 bytes
+ *	(the disk's serial or WWID, the partition's number and first sector,
+ *	the size...), saved with the state and compared byte for byte at the
+ *	restore.  Optional: a caller that passes only the members up to
+ *	@generation (an @optlen of 88) registers an empty identity.
+ * @writes_before: Output: the write requests the block layer counted on the
+ *	device (for a partition, also those to its whole disk's own node) up
+ *	to the call, ~0 if it cannot count them (its iostats are off).
+ * @proof: Output: what would prove the device unwritten, as it is now
+ *	(&enum blksnap_cbt_proof).  A state saved with a proof is restored
+ *	only if the proof's bytes on the device are still the saved ones.
+ * @reserved: Must be zero.
  *
  * Fails with ENXIO if no state device is open (&IOCTL_BLKSNAP_CBT_STATE_DEVICE).
  * The call registers the device for &IOCTL_BLKSNAP_CBT_SAVE whether or not
@@ -188,6 +234,10 @@ struct blksnap_cbtpersist {
 	__u32 flags;
 	__s32 restored;
 	__u8 generation[16];
+	char identity[128];
+	__u64 writes_before;
+	__u32 proof;
+	__u32 reserved;
 };
 
 /**
@@ -470,6 +520,11 @@ struct blksnap_snapshot_append_storage {
 
 /* Flag of &struct blksnap_cbt_state_device: write an empty state header. */
 #define BLKSNAP_CBT_STATE_FORMAT 1
+/*
+ * Flag of &struct blksnap_cbt_state_device: open the device as the mirror of
+ * the state device opened before.
+ */
+#define BLKSNAP_CBT_STATE_MIRROR 2
 
 /**
  * struct blksnap_cbt_state_device - Argument of
@@ -478,16 +533,23 @@ struct blksnap_snapshot_append_storage {
  *	device that keeps change tracking state across reboots.  It is opened
  *	exclusively until the module unloads, and may be neither tracked nor
  *	a partition or whole disk of a tracked device.
- * @flags: 0, or BLKSNAP_CBT_STATE_FORMAT to start it empty.  Without it, a
- *	device that holds no state header is refused with ENODATA.
+ * @flags: 0, or BLKSNAP_CBT_STATE_FORMAT to start it empty, and
+ *	BLKSNAP_CBT_STATE_MIRROR to open it as the mirror of the state device
+ *	(opened before, with another call).  Without FORMAT, a device that
+ *	holds no state header is refused with ENODATA.
  * @reserved: Must be zero.
  * @records: Output: device states read from it.
- * @clean: Output: 1 if they were saved clean and may be restored.
+ * @clean: Output: 1 if they were saved clean and may be restored (for a
+ *	state saved mirrored, once the mirror is open and agrees).
  *
  * Opening it consumes the saved states: before the call returns, they are
  * marked not clean on the device, so that a crash later never lets another
  * boot use them.  A second call with the same device returns the same
- * outputs; with another device it fails with EBUSY.
+ * outputs; with another device it fails with EBUSY.  A mirror is written
+ * like the state device at every save, and a write after a save marks the
+ * device's saved state broken on both: if that fails on one, the copies
+ * disagree at the next boot and nothing is restored.  A state saved
+ * mirrored is restored only once its mirror is open.
  */
 struct blksnap_cbt_state_device {
 	__u64 bdev_path;

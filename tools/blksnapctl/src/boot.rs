@@ -8,10 +8,16 @@
 //! ```text
 //! # comment
 //! state /dev/disk/by-id/virtio-state       # the CBT state device (one)
+//! state /dev/disk/by-id/A /dev/disk/by-id/B  # or: with a mirror on another disk
 //! track /dev/disk/by-id/virtio-data        # tracked; the path is its id
 //! track /dev/disk/by-id/nvme-...-part2 root  # an explicit id (1..63 bytes)
+//! track /dev/disk/by-id/virtio-raw raw accept-missed-writes
 //! ```
 //!
+//! `accept-missed-writes` at the end of a `track` line accepts that a
+//! device without a file system to fingerprint gets its saved CBT back,
+//! although nothing proves that nobody wrote to it while it was not
+//! tracked (such writes would then be missing from the next incremental).
 //! `#` starts a comment at the start of a line or after white space.
 
 use std::collections::HashSet;
@@ -19,6 +25,9 @@ use std::path::{Path, PathBuf};
 
 /// Where `blksnapctl cbt boot` reads its configuration.
 pub const DEFAULT_CONFIG: &str = "/etc/blksnap/cbt.conf";
+
+/// The words of a `track` line that accept a restore without a fingerprint.
+pub const ACCEPT_MISSED_WRITES: &str = "accept-missed-writes";
 
 /// A `track` line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +39,8 @@ pub struct Track {
     pub id: String,
     /// The line number, from 1.
     pub line: usize,
+    /// The line ends with `accept-missed-writes`.
+    pub accept_missed_writes: bool,
 }
 
 /// A parsed configuration.
@@ -37,6 +48,8 @@ pub struct Track {
 pub struct Config {
     /// The state device, as written.
     pub state: Option<PathBuf>,
+    /// Its mirror, as written.
+    pub mirror: Option<PathBuf>,
     /// The tracked devices, in file order.
     pub track: Vec<Track>,
 }
@@ -75,22 +88,39 @@ pub fn parse(text: &str) -> Result<Config, String> {
         };
         match keyword {
             "state" => {
-                let [path] = args else {
-                    return Err(format!("line {n}: expected `state PATH`"));
+                let (path, mirror) = match args {
+                    [path] => (path, None),
+                    [path, mirror] => (path, Some(mirror)),
+                    _ => return Err(format!("line {n}: expected `state PATH [MIRROR]`")),
                 };
                 if config.state.is_some() {
                     return Err(format!(
-                        "line {n}: a second `state` line (the first is line {state_line}); there is one state device"
+                        "line {n}: a second `state` line (the first is line {state_line}); there is one state device (and its mirror, on the same line)"
                     ));
                 }
                 config.state = Some(absolute(n, keyword, path)?);
+                if let Some(m) = mirror {
+                    let m = absolute(n, keyword, m)?;
+                    if config.state.as_ref() == Some(&m) {
+                        return Err(format!("line {n}: the mirror is the state device itself"));
+                    }
+                    config.mirror = Some(m);
+                }
                 state_line = n;
             }
             "track" => {
+                let (args, accept) = match args.split_last() {
+                    Some((&last, rest)) if last == ACCEPT_MISSED_WRITES => (rest, true),
+                    _ => (args, false),
+                };
                 let (path, id) = match args {
                     [path] => (*path, *path),
                     [path, id] => (*path, *id),
-                    _ => return Err(format!("line {n}: expected `track PATH [ID]`")),
+                    _ => {
+                        return Err(format!(
+                            "line {n}: expected `track PATH [ID] [{ACCEPT_MISSED_WRITES}]`"
+                        ))
+                    }
                 };
                 let path = absolute(n, keyword, path)?;
                 if crate::persist_id(id).is_err() {
@@ -109,6 +139,7 @@ pub fn parse(text: &str) -> Result<Config, String> {
                     path,
                     id: id.to_string(),
                     line: n,
+                    accept_missed_writes: accept,
                 });
             }
             other => {
@@ -119,12 +150,14 @@ pub fn parse(text: &str) -> Result<Config, String> {
         }
     }
     if let Some(state) = &config.state {
-        if let Some(t) = config.track.iter().find(|t| &t.path == state) {
-            return Err(format!(
-                "line {}: `{}` is the state device, which is never tracked",
-                t.line,
-                state.display()
-            ));
+        for s in std::iter::once(state).chain(config.mirror.as_ref()) {
+            if let Some(t) = config.track.iter().find(|t| &t.path == s) {
+                return Err(format!(
+                    "line {}: `{}` is a state device, which is never tracked",
+                    t.line,
+                    s.display()
+                ));
+            }
         }
     } else if let Some(t) = config.track.first() {
         return Err(format!(
@@ -160,6 +193,11 @@ pub struct StatePath {
 pub struct Plan<'a> {
     /// The state device to open; `None` if it is not there (yet).
     pub state: Option<StatePath>,
+    /// Its mirror, to open after it; `None` if there is none or it is not
+    /// there (yet: a state saved mirrored is then not restored).
+    pub mirror: Option<StatePath>,
+    /// A mirror is configured but not there.
+    pub mirror_missing: bool,
     /// Whether to print the state device's line: a run for the whole
     /// configuration, or for the state device's own event.
     pub show_state: bool,
@@ -199,9 +237,17 @@ impl Config {
                 resolved,
             })
         });
+        let mirror = self.mirror.as_ref().and_then(|p| {
+            resolve(p).map(|resolved| StatePath {
+                path: p.clone(),
+                resolved,
+            })
+        });
         let state_dev = state.as_ref().map(|s| s.resolved.clone());
+        let mirror_dev = mirror.as_ref().map(|s| s.resolved.clone());
         let device = device.map(|d| resolve(d).unwrap_or_else(|| d.to_path_buf()));
-        let is_state_event = device.is_some() && device == state_dev;
+        let is_state_event = device.is_some()
+            && (device == state_dev || (mirror_dev.is_some() && device == mirror_dev));
         let mut tracks: Vec<(&Track, PathBuf)> = Vec::new();
         let mut problems = Vec::new();
         for t in &self.track {
@@ -215,7 +261,7 @@ impl Config {
             if !wanted {
                 continue;
             }
-            if Some(&dev) == state_dev.as_ref() {
+            if Some(&dev) == state_dev.as_ref() || Some(&dev) == mirror_dev.as_ref() {
                 problems.push(format!(
                     "{} (line {}) is the state device {}, which is never tracked",
                     t.path.display(),
@@ -240,6 +286,8 @@ impl Config {
             return Plan::default();
         }
         Plan {
+            mirror_missing: self.mirror.is_some() && mirror.is_none() && device.is_none(),
+            mirror,
             state,
             show_state,
             state_missing: device.is_none() && self.state.is_some() && state_dev.is_none(),
@@ -294,6 +342,7 @@ track /dev/disk/by-id/virtio-gone
             parse("state /dev/vdh\n").unwrap(),
             Config {
                 state: Some("/dev/vdh".into()),
+                mirror: None,
                 track: vec![]
             }
         );
@@ -306,19 +355,34 @@ track /dev/disk/by-id/virtio-gone
                 "state /dev/a\nfoo /dev/b\n",
                 "line 2: unknown keyword `foo`",
             ),
-            ("# c\nstate\n", "line 2: expected `state PATH`"),
-            ("state /dev/a /dev/b\n", "line 1: expected `state PATH`"),
+            ("# c\nstate\n", "line 2: expected `state PATH [MIRROR]`"),
             (
                 "state /dev/a\nstate /dev/b\n",
                 "line 2: a second `state` line",
             ),
             (
                 "state /dev/a\ntrack\n",
-                "line 2: expected `track PATH [ID]`",
+                "line 2: expected `track PATH [ID] [accept-missed-writes]`",
             ),
             (
                 "state /dev/a\ntrack /dev/b x y\n",
-                "line 2: expected `track PATH [ID]`",
+                "line 2: expected `track PATH [ID] [accept-missed-writes]`",
+            ),
+            (
+                "state /dev/a\ntrack /dev/b x accept-missed-writes y\n",
+                "line 2: expected `track PATH [ID] [accept-missed-writes]`",
+            ),
+            (
+                "state /dev/a /dev/b /dev/c\n",
+                "line 1: expected `state PATH [MIRROR]`",
+            ),
+            (
+                "state /dev/a /dev/a\n",
+                "line 1: the mirror is the state device itself",
+            ),
+            (
+                "state /dev/a /dev/m\ntrack /dev/m\n",
+                "line 2: `/dev/m` is a state device",
             ),
             ("state dev/a\n", "line 1: `state` needs an absolute path"),
             (
@@ -339,7 +403,7 @@ track /dev/disk/by-id/virtio-gone
             ),
             (
                 "track /dev/b\nstate /dev/b\n",
-                "line 1: `/dev/b` is the state device",
+                "line 1: `/dev/b` is a state device",
             ),
             ("track /dev/b\n", "line 1: `track` without a `state` line"),
             ("STATE /dev/a\n", "line 1: unknown keyword `STATE`"),
@@ -347,6 +411,45 @@ track /dev/disk/by-id/virtio-gone
             let e = parse(text).unwrap_err();
             assert!(e.starts_with(want), "{text:?}: got `{e}`, want `{want}`");
         }
+    }
+
+    #[test]
+    fn accept_missed_writes_and_mirror() {
+        let c = parse(
+            "state /dev/s /dev/m\ntrack /dev/b\ntrack /dev/c raw accept-missed-writes\ntrack /dev/d accept-missed-writes\n",
+        )
+        .unwrap();
+        assert_eq!(c.state, Some("/dev/s".into()));
+        assert_eq!(c.mirror, Some("/dev/m".into()));
+        let got: Vec<(&str, &str, bool)> = c
+            .track
+            .iter()
+            .map(|t| {
+                (
+                    t.path.to_str().unwrap(),
+                    t.id.as_str(),
+                    t.accept_missed_writes,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/dev/b", "/dev/b", false),
+                ("/dev/c", "raw", true),
+                ("/dev/d", "/dev/d", true)
+            ]
+        );
+        // The mirror's own udev event plans like the state device's.
+        let present = |p: &Path| Some(p.to_path_buf());
+        let plan = c.plan(Some(Path::new("/dev/m")), present);
+        assert!(plan.show_state);
+        assert_eq!(plan.mirror.unwrap().resolved, Path::new("/dev/m"));
+        assert_eq!(plan.tracks.len(), 3);
+        let plan = c.plan(None, |p: &Path| {
+            (p != Path::new("/dev/m")).then(|| p.to_path_buf())
+        });
+        assert!(plan.mirror_missing && plan.mirror.is_none());
     }
 
     #[test]

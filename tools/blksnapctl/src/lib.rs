@@ -86,6 +86,8 @@ const _: () = {
     assert!(offset_of!(BlksnapCbtpersist, flags) == 64);
     assert!(offset_of!(BlksnapCbtpersist, restored) == 68);
     assert!(offset_of!(BlksnapCbtpersist, generation) == 72);
+    assert!(size_of::<uapi::BlksnapCbtpersistFull>() == 232);
+    assert!(offset_of!(uapi::BlksnapCbtpersistFull, ext) == 88);
 };
 
 /// Raw ioctls, exported for tests that need to send malformed arguments.
@@ -427,11 +429,8 @@ pub enum Restore {
     Restored,
     /// No state was saved under the id.
     NoneSaved,
-    /// A state was saved under the id but was refused: `ESTALE` (not saved
-    /// clean: a crash, a power cut, a write or detach after the save, or an
-    /// earlier boot used it), `EBUSY` (the
-    /// device was written, or a snapshot taken, since the filter was
-    /// attached) or `EMEDIUMTYPE` (its size or CBT geometry differs).
+    /// A state was saved under the id but was refused; [`Restore::reason`]
+    /// says why for each errno.
     Refused(Errno),
 }
 
@@ -449,17 +448,34 @@ impl Restore {
     /// Why a saved state was refused, in words.
     pub fn reason(errno: Errno) -> String {
         match errno {
-            Errno::ESTALE => "not saved clean (a crash, a power cut, a write or detach after \
-                 the save, or an earlier boot used it)"
+            Errno::ESTALE => "not saved clean (a crash, a power cut, a write, detach, snapshot \
+                 or CBT change after the save, an earlier boot used it, or the copies of a \
+                 mirrored state disagree)"
                 .into(),
-            Errno::EBUSY => {
-                "the device was written, or a snapshot of it taken, since the filter was attached"
-                    .into()
-            }
+            Errno::EBUSY => "the device was written before or since the filter was attached \
+                 (or a snapshot of it taken): the saved map would miss those writes"
+                .into(),
             Errno::EMEDIUMTYPE => "its size or CBT geometry differs from the saved one".into(),
+            Errno::EXDEV => "it was saved for another device: the identity (serial, partition, \
+                 start) differs"
+                .into(),
+            Errno::ENOKEY => "nothing proves the device unwritten since the save (no file system \
+                 to fingerprint) and the `track` line does not accept that risk"
+                .into(),
+            Errno::EKEYREJECTED => "its file system changed since the save: something wrote to \
+                 it while it was not tracked (another system, a boot without the module, an \
+                 edit of a disk image)"
+                .into(),
+            Errno::EIO => "reading its fingerprint failed".into(),
             e => e.desc().to_string(),
         }
     }
+}
+
+/// What proves a device unwritten while it was not tracked
+/// (`enum blksnap_cbt_proof`).
+pub fn proof_name(proof: u32) -> &'static str {
+    blk_snap_logic::fingerprint::Proof::from_u32(proof).name()
 }
 
 /// The outcome of [`Tracker::persist`].
@@ -469,6 +485,30 @@ pub struct Persisted {
     pub restored: Restore,
     /// The device's CBT generation after the call.
     pub generation: [u8; 16],
+    /// Writes the block layer counted on the device before the call;
+    /// `None` if it cannot count them.
+    pub writes_before: Option<u64>,
+    /// What proves the device unwritten as it is now
+    /// (`enum blksnap_cbt_proof`, see [`proof_name`]).
+    pub proof: u32,
+}
+
+/// An identity as `CBTPERSIST` takes it: at most 127 bytes without a NUL,
+/// NUL-padded to 128.
+pub fn persist_identity(identity: &str) -> Result<[u8; 128]> {
+    let b = identity.as_bytes();
+    if b.len() >= 128 || b.contains(&0) {
+        return Err(err(
+            format!(
+                "device identity `{}`: at most 127 bytes without a NUL",
+                identity.escape_debug()
+            ),
+            Errno::EINVAL,
+        ));
+    }
+    let mut out = [0u8; 128];
+    out[..b.len()].copy_from_slice(b);
+    Ok(out)
 }
 
 /// A CBT state id as `CBTPERSIST` takes it: 1 to 63 bytes without a NUL,
@@ -497,16 +537,41 @@ impl Tracker {
     /// restored: [`Persisted::restored`] says. Fails with `ENXIO` when no
     /// state device is open, `EEXIST` when another tracked device has `id`.
     pub fn persist(&self, id: &str) -> Result<Persisted> {
-        let mut arg = uapi::BlksnapCbtpersist {
-            id: persist_id(id)?,
-            ..Default::default()
+        let identity = identity::Identity::read(&self.path)
+            .map(|i| i.text())
+            .map_err(|e| {
+                err(
+                    format!("identity of {}: {e}", self.path.display()),
+                    Errno::ENODEV,
+                )
+            })?;
+        self.persist_as(id, &identity, false)
+    }
+
+    /// [`Tracker::persist`] with the device identity given and, with
+    /// `unverified`, the risk of a restore without a fingerprint accepted.
+    pub fn persist_as(&self, id: &str, identity: &str, unverified: bool) -> Result<Persisted> {
+        let mut arg = uapi::BlksnapCbtpersistFull {
+            v1: uapi::BlksnapCbtpersist {
+                id: persist_id(id)?,
+                flags: if unverified {
+                    uapi::CBTPERSIST_UNVERIFIED
+                } else {
+                    0
+                },
+                ..Default::default()
+            },
+            ext: uapi::BlksnapCbtpersistExt {
+                identity: persist_identity(identity)?,
+                ..Default::default()
+            },
         };
         // SAFETY: as in `read_cbt_map_range`; the struct has no padding and
         // the kernel writes its outputs back.
         let bytes = unsafe {
             std::slice::from_raw_parts_mut(
-                (&mut arg as *mut uapi::BlksnapCbtpersist).cast::<u8>(),
-                std::mem::size_of::<uapi::BlksnapCbtpersist>(),
+                (&mut arg as *mut uapi::BlksnapCbtpersistFull).cast::<u8>(),
+                std::mem::size_of::<uapi::BlksnapCbtpersistFull>(),
             )
         };
         self.ctl(
@@ -514,19 +579,21 @@ impl Tracker {
             bytes,
             &format!("persist the CBT under `{id}`"),
         )?;
-        let restored = Restore::from_raw(arg.restored).ok_or_else(|| {
+        let restored = Restore::from_raw(arg.v1.restored).ok_or_else(|| {
             err(
                 format!(
                     "persist the CBT of {} under `{id}`: unexpected answer {}",
                     self.path.display(),
-                    arg.restored
+                    arg.v1.restored
                 ),
                 Errno::EPROTO,
             )
         })?;
         Ok(Persisted {
             restored,
-            generation: arg.generation,
+            generation: arg.v1.generation,
+            writes_before: (arg.ext.writes_before != u64::MAX).then_some(arg.ext.writes_before),
+            proof: arg.ext.proof,
         })
     }
 }
@@ -811,21 +878,38 @@ impl Control {
     /// device gives the same answer; another device fails with `EBUSY`, a
     /// device without a state header with `ENODATA`.
     pub fn cbt_state_device(&self, path: &Path, format: bool) -> Result<StateDevice> {
+        self.cbt_state_device_as(path, format, false)
+    }
+
+    /// [`Control::cbt_state_device`]; with `mirror`, `path` is opened as the
+    /// mirror of the state device opened before: every save writes both,
+    /// and a state saved on both is restored only where they agree.
+    pub fn cbt_state_device_as(
+        &self,
+        path: &Path,
+        format: bool,
+        mirror: bool,
+    ) -> Result<StateDevice> {
         use std::os::unix::ffi::OsStrExt;
         let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
             .map_err(|_| err(format!("device path {}", path.display()), Errno::EINVAL))?;
+        let mut flags = if format { uapi::CBT_STATE_FORMAT } else { 0 };
+        if mirror {
+            flags |= uapi::CBT_STATE_MIRROR;
+        }
         let mut arg = uapi::BlksnapCbtStateDevice {
             bdev_path: c_path.as_ptr() as u64,
-            flags: if format { uapi::CBT_STATE_FORMAT } else { 0 },
+            flags,
             ..Default::default()
         };
         // SAFETY: `arg` is valid and points to the NUL-terminated path.
         unsafe { raw::blksnap_cbt_state_device(self.file.as_raw_fd(), &mut arg) }.map_err(|e| {
             err(
                 format!(
-                    "{} {} as the CBT state device",
+                    "{} {} as the CBT state device{}",
                     if format { "format and open" } else { "open" },
-                    path.display()
+                    path.display(),
+                    if mirror { "'s mirror" } else { "" }
                 ),
                 e,
             )

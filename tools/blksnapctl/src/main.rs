@@ -265,6 +265,11 @@ enum CbtCommand {
         /// drops any saved states).
         #[arg(long)]
         format: bool,
+        /// Open PATH as the mirror of the state device opened before (on
+        /// another disk): every save writes both, and a state saved on both
+        /// is restored only where they agree.
+        #[arg(long)]
+        mirror: bool,
     },
     /// Register a device for `cbt save` and restore its saved CBT.
     ///
@@ -278,6 +283,13 @@ enum CbtCommand {
         /// such as its /dev/disk/by-id/ path.
         #[arg(long)]
         id: String,
+        /// Accept that its saved CBT is restored although nothing proves
+        /// that nobody wrote to it while it was not tracked (it has no file
+        /// system to fingerprint): such writes would be missing from the
+        /// next incremental. Needed at the save's registration and at the
+        /// restore's.
+        #[arg(long)]
+        accept_missed_writes: bool,
     },
     /// Save the CBT of every registered device to the state device.
     ///
@@ -413,9 +425,13 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
         Command::Cbt(CbtCommand::Mark { device, ranges }) => {
             Tracker::open(&device)?.mark_dirty(&ranges)?;
         }
-        Command::Cbt(CbtCommand::StateDevice { path, format }) => {
+        Command::Cbt(CbtCommand::StateDevice {
+            path,
+            format,
+            mirror,
+        }) => {
             let state = Control::open()?
-                .cbt_state_device(&path, format)
+                .cbt_state_device_as(&path, format, mirror)
                 .map_err(hint)?;
             if cli.json {
                 println!("{}", state_json(&path, &state));
@@ -423,8 +439,12 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
                 println!("{}", state_line(&path, &state));
             }
         }
-        Command::Cbt(CbtCommand::Persist { device, id }) => {
-            let p = attach_and_persist(&device, &id)?;
+        Command::Cbt(CbtCommand::Persist {
+            device,
+            id,
+            accept_missed_writes,
+        }) => {
+            let p = attach_and_persist(&device, &id, accept_missed_writes)?;
             if cli.json {
                 println!("{}", persist_json(&device, &id, &p));
             } else {
@@ -501,39 +521,76 @@ fn open_attached(device: &std::path::Path) -> Result<Tracker, blksnap::Error> {
     }
 }
 
-/// Attaches the filter unless it is attached, then `CBTPERSIST`.
-fn attach_and_persist(device: &std::path::Path, id: &str) -> Result<Persisted, blksnap::Error> {
-    // The id is checked before anything changes on the device.
+/// Attaches the filter unless it is attached, then `CBTPERSIST` with the
+/// device's identity.
+fn attach_and_persist(
+    device: &std::path::Path,
+    id: &str,
+    accept_missed_writes: bool,
+) -> Result<Persisted, blksnap::Error> {
+    // The id and the identity are checked before anything changes on the
+    // device.
     blksnap::persist_id(id)?;
-    open_attached(device)?.persist(id).map_err(hint)
+    let identity = blksnap::identity::Identity::read(device).map_err(|e| blksnap::Error {
+        what: format!("identity of {}: {e}", device.display()),
+        errno: Errno::ENODEV,
+    })?;
+    open_attached(device)?
+        .persist_as(id, &identity.text(), accept_missed_writes)
+        .map_err(hint)
+}
+
+/// What proves the device unwritten, for the lines below.
+fn proof_words(p: &Persisted) -> String {
+    match p.proof {
+        0 => format!(
+            "nothing proves it unwritten while not tracked (no file system): its saved CBT is \
+             refused unless its `track` line ends with `{}`",
+            boot::ACCEPT_MISSED_WRITES
+        ),
+        n => format!("proof at the next save: {}", blksnap::proof_name(n)),
+    }
 }
 
 fn persist_line(device: &std::path::Path, id: &str, p: &Persisted) -> String {
     let d = device.display();
     match p.restored {
         Restore::Restored => format!(
-            "{d}: CBT restored (generation {})",
-            uuid_string(&p.generation)
+            "{d}: CBT restored (generation {}; {})",
+            uuid_string(&p.generation),
+            proof_words(p)
         ),
-        Restore::NoneSaved => format!("{d}: no saved CBT under {id}"),
-        Restore::Refused(e) => format!(
-            "{d}: saved CBT not used: {e:?}, {}; the next incremental reads the whole device",
-            Restore::reason(e)
-        ),
+        Restore::NoneSaved => format!("{d}: no saved CBT under {id} ({})", proof_words(p)),
+        Restore::Refused(e) => {
+            let writes = match (e, p.writes_before) {
+                (Errno::EBUSY, Some(n)) if n > 0 => {
+                    format!(" ({n} writes counted before or since the attach)")
+                }
+                (Errno::EBUSY, None) => " (the block layer cannot count its writes)".into(),
+                _ => String::new(),
+            };
+            format!(
+                "{d}: saved CBT not used: {e:?}, {}{writes}; the next incremental reads the whole device",
+                Restore::reason(e)
+            )
+        }
     }
 }
 
 fn persist_json(device: &std::path::Path, id: &str, p: &Persisted) -> serde_json::Value {
-    let refused = match p.restored {
-        Restore::Refused(e) => Some(format!("{e:?}")),
-        _ => None,
+    let (refused, reason) = match p.restored {
+        Restore::Refused(e) => (Some(format!("{e:?}")), Some(Restore::reason(e))),
+        _ => (None, None),
     };
     serde_json::json!({
         "device": device.display().to_string(),
         "id": id,
         "restored": p.restored == Restore::Restored,
         "refused": refused,
+        "reason": reason,
         "generation": uuid_string(&p.generation),
+        "writes_before": p.writes_before,
+        "proof": blksnap::proof_name(p.proof),
     })
 }
 
@@ -594,6 +651,30 @@ fn cbt_boot(
             }
             Err(e) => fail(format!("state {}: {e}", s.path.display())),
         }
+        if state_open {
+            if let Some(m) = &plan.mirror {
+                match ctl
+                    .cbt_state_device_as(&m.resolved, false, true)
+                    .map_err(hint)
+                {
+                    Ok(st) => {
+                        if json {
+                            state_out["mirror"] = state_json(&m.path, &st);
+                        } else if plan.show_state {
+                            println!("mirror {}", state_line(&m.path, &st));
+                        }
+                    }
+                    Err(e) => fail(format!("state mirror {}: {e}", m.path.display())),
+                }
+            }
+        }
+    }
+    if plan.mirror_missing {
+        let m = conf.mirror.as_ref().unwrap();
+        fail(format!(
+            "the state device's mirror {} is not there: a CBT saved mirrored is not restored",
+            m.display()
+        ));
     }
     let mut devices = Vec::new();
     let mut tracking_only = Vec::new();
@@ -615,7 +696,7 @@ fn cbt_boot(
             }
             continue;
         }
-        match attach_and_persist(&t.path, &t.id) {
+        match attach_and_persist(&t.path, &t.id, t.accept_missed_writes) {
             Ok(p) => {
                 if json {
                     devices.push(persist_json(&t.path, &t.id, &p));
@@ -1155,6 +1236,8 @@ mod tests {
             generation: [
                 0x0d, 0x4f, 0x2a, 0x9c, 0, 0, 0x40, 0, 0x80, 0, 0, 0, 0, 0, 0, 1,
             ],
+            writes_before: Some(0),
+            proof: 1,
         }
     }
 
@@ -1164,23 +1247,43 @@ mod tests {
         let id = "/dev/disk/by-id/virtio-b";
         assert_eq!(
             persist_line(dev, id, &persisted(Restore::Restored)),
-            "/dev/vdb: CBT restored (generation 0d4f2a9c-0000-4000-8000-000000000001)"
+            "/dev/vdb: CBT restored (generation 0d4f2a9c-0000-4000-8000-000000000001; \
+             proof at the next save: ext4 superblock)"
         );
         assert_eq!(
             persist_line(dev, id, &persisted(Restore::NoneSaved)),
-            "/dev/vdb: no saved CBT under /dev/disk/by-id/virtio-b"
+            "/dev/vdb: no saved CBT under /dev/disk/by-id/virtio-b (proof at the next save: \
+             ext4 superblock)"
         );
-        assert_eq!(
-            persist_line(dev, id, &persisted(Restore::Refused(Errno::ESTALE))),
-            "/dev/vdb: saved CBT not used: ESTALE, not saved clean (a crash, a power cut, \
-             a write or detach after the save, or an earlier boot used it); \
-             the next incremental reads the whole device"
-        );
+        let raw = Persisted {
+            proof: 0,
+            ..persisted(Restore::NoneSaved)
+        };
+        assert!(persist_line(dev, id, &raw).ends_with(
+            "(nothing proves it unwritten while not tracked (no file system): its saved CBT is \
+             refused unless its `track` line ends with `accept-missed-writes`)"
+        ));
         assert_eq!(
             persist_line(dev, id, &persisted(Restore::Refused(Errno::EMEDIUMTYPE))),
             "/dev/vdb: saved CBT not used: EMEDIUMTYPE, its size or CBT geometry differs \
              from the saved one; the next incremental reads the whole device"
         );
+        let early = Persisted {
+            writes_before: Some(12),
+            ..persisted(Restore::Refused(Errno::EBUSY))
+        };
+        assert!(persist_line(dev, id, &early)
+            .contains("(12 writes counted before or since the attach); the next incremental"));
+        for e in [
+            Errno::ESTALE,
+            Errno::EXDEV,
+            Errno::ENOKEY,
+            Errno::EKEYREJECTED,
+        ] {
+            let l = persist_line(dev, id, &persisted(Restore::Refused(e)));
+            assert!(l.contains(&Restore::reason(e)), "{l}");
+            assert_ne!(Restore::reason(e), e.desc(), "{e:?} has words of its own");
+        }
     }
 
     #[test]
@@ -1194,7 +1297,10 @@ mod tests {
                 "id": "b",
                 "restored": true,
                 "refused": null,
+                "reason": null,
                 "generation": "0d4f2a9c-0000-4000-8000-000000000001",
+                "writes_before": 0,
+                "proof": "ext4 superblock",
             })
         );
         let v = persist_json(dev, "b", &persisted(Restore::Refused(Errno::EMEDIUMTYPE)));

@@ -23,6 +23,15 @@ type Test = (&'static str, fn() -> TestResult);
 pub const ALL: &[Test] = &[
     ("cbt_persist_bad_input", bad_input),
     ("cbt_persist_save_seals_until_a_write", seal),
+    (
+        "cbt_persist_dirty_take_and_image_write_after_a_save_break_its_seal",
+        changes_break_the_seal,
+    ),
+    ("cbt_save_waits_for_the_writes_in_flight", save_drains),
+    (
+        "cbt_state_mirror_is_marked_when_the_state_device_fails",
+        mirror,
+    ),
 ];
 
 const MIB: u64 = 1 << 20;
@@ -35,6 +44,20 @@ fn header_clean(state: &Path) -> Result<bool, String> {
         fail!("no state header on {}: {:?}", state.display(), &b[..8]);
     }
     Ok(u32::from_le_bytes(b[12..16].try_into().unwrap()) & 1 != 0)
+}
+
+/// Whether the `i`th saved record on `state` may still be restored, read
+/// without the page cache: the header says clean and (format 2) the
+/// record's broken bit (byte 128 + i / 8, bit i % 8) is clear. Format 1 had
+/// one clean flag for all records.
+pub(crate) fn record_usable(state: &Path, i: u32) -> Result<bool, String> {
+    let b = dev::read_direct(state, 0, 8)?;
+    let clean = header_clean(state)?;
+    match u32::from_le_bytes(b[8..12].try_into().unwrap()) {
+        1 => Ok(clean),
+        2 => Ok(clean && b[128 + i as usize / 8] & (1 << (i % 8)) == 0),
+        v => fail!("state header version {v} on {}", state.display()),
+    }
 }
 
 /// The state device of these tests: a 16 MiB loop device on tmpfs. It stays
@@ -86,7 +109,7 @@ fn bad_input_on(state: &Path, ctl_dev: &Control, tc: &Tracker, c: &Path, d: &Pat
         );
         // Bad flags and reserved bits.
         let cf = std::fs::File::open("/dev/blksnap-control").map_err(|e| e.to_string())?;
-        for (flags, reserved) in [(2u32, 0u32), (1, 1)] {
+        for (flags, reserved) in [(4u32, 0u32), (1, 1)] {
             let path = std::ffi::CString::new(state.to_str().unwrap()).unwrap();
             let mut arg = uapi::BlksnapCbtStateDevice {
                 bdev_path: path.as_ptr() as u64,
@@ -142,7 +165,7 @@ fn bad_input_on(state: &Path, ctl_dev: &Control, tc: &Tracker, c: &Path, d: &Pat
         for (id, flags, what) in [
             ([b'x'; 64], 0u32, "a name of 64 bytes without NUL"),
             ([0u8; 64], 0, "an empty name"),
-            (name64("ok"), 1, "flags 1"),
+            (name64("ok"), 2, "flags 2"),
         ] {
             let mut arg = uapi::BlksnapCbtpersist {
                 id,
@@ -150,6 +173,35 @@ fn bad_input_on(state: &Path, ctl_dev: &Control, tc: &Tracker, c: &Path, d: &Pat
                 ..Default::default()
             };
             let len = std::mem::size_of::<uapi::BlksnapCbtpersist>() as u32;
+            check_eq!(
+                raw_ctl(
+                    c,
+                    "blksnap",
+                    ctl::CBTPERSIST,
+                    &mut arg as *mut _ as u64,
+                    len
+                ),
+                Err(Errno::EINVAL),
+                "CBTPERSIST with {what}"
+            );
+        }
+        // The whole structure: an identity without a NUL, reserved bits.
+        for (identity, reserved, what) in [
+            ([b'i'; 128], 0u32, "an identity of 128 bytes without NUL"),
+            ([0u8; 128], 1, "reserved 1"),
+        ] {
+            let mut arg = uapi::BlksnapCbtpersistFull {
+                v1: uapi::BlksnapCbtpersist {
+                    id: name64("ok"),
+                    ..Default::default()
+                },
+                ext: uapi::BlksnapCbtpersistExt {
+                    identity,
+                    reserved,
+                    ..Default::default()
+                },
+            };
+            let len = std::mem::size_of::<uapi::BlksnapCbtpersistFull>() as u32;
             check_eq!(
                 raw_ctl(
                     c,
@@ -243,9 +295,9 @@ fn seal_on(state: &Path, ctl_dev: &Control, t: &Tracker, c: &Path) -> TestResult
             fail!("the first write after the save took {took:?}");
         }
         check_eq!(
-            header_clean(state)?,
+            record_usable(state, 0)?,
             false,
-            "the header after a write to a sealed device"
+            "the saved record after a write to a sealed device"
         );
         check_eq!(
             dev::read_direct(c, 32 * MIB / SECTOR, 8)?,
@@ -263,13 +315,251 @@ fn seal_on(state: &Path, ctl_dev: &Control, t: &Tracker, c: &Path) -> TestResult
         );
         t.detach().map_err(e)?;
         check_eq!(
-            header_clean(state)?,
+            record_usable(state, 0)?,
             false,
-            "the header after the detach of a saved device"
+            "the saved record after the detach of a saved device"
         );
         // Nothing registered: a save writes an empty clean state.
         let s = ctl_dev.cbt_save().map_err(e)?;
         check_eq!(s.devices, 0, "devices saved after the detach");
         Ok(())
     }
+}
+
+/// A state device as a device-mapper linear device over a loop device on
+/// tmpfs, so that a test can swap its table for `error`.
+struct DmState {
+    name: String,
+    path: std::path::PathBuf,
+}
+
+impl DmState {
+    fn new(name: &str, lower: &Path, sectors: u64) -> Result<Self, String> {
+        let table = format!("0 {sectors} linear {} 0", lower.display());
+        dev::run("dmsetup", &["create", name, "--table", &table])?;
+        dev::udev_settle();
+        Ok(Self {
+            name: name.into(),
+            path: Path::new("/dev/mapper").join(name),
+        })
+    }
+
+    /// Every I/O to it fails from now on.
+    fn fail_io(&self, sectors: u64) -> TestResult {
+        let table = format!("0 {sectors} error");
+        dev::run("dmsetup", &["suspend", &self.name])?;
+        dev::run("dmsetup", &["load", &self.name, "--table", &table])?;
+        dev::run("dmsetup", &["resume", &self.name])?;
+        Ok(())
+    }
+}
+
+impl Drop for DmState {
+    fn drop(&mut self) {
+        let _ = dev::run("dmsetup", &["remove", "--retry", &self.name]);
+    }
+}
+
+/// Item 4 of issue 21: anything that changes a saved device's CBT after the
+/// save marks its record broken before it returns: a `CBTDIRTY`, a take, a
+/// write to its snapshot image; the other device's record stays usable.
+fn changes_break_the_seal() -> TestResult {
+    crate::removal::unload_and_reload()?;
+    let c = disk("blksnap-c")?;
+    let d = disk("blksnap-d")?;
+    with_state_device(|state| {
+        let ctl_dev = Control::open().map_err(e)?;
+        let tc = Tracker::open(&c).map_err(e)?;
+        let td = Tracker::open(&d).map_err(e)?;
+        tc.attach().map_err(e)?;
+        td.attach().map_err(e)?;
+        let r = changes_break_the_seal_on(state, &ctl_dev, &tc, &td);
+        // Whatever failed, no snapshot stays: the module reloads after.
+        for id in ctl_dev.snapshot_collect().unwrap_or_default() {
+            let _ = ctl_dev.snapshot_destroy(&id);
+        }
+        let _ = tc.detach();
+        let _ = td.detach();
+        r
+    })
+}
+
+fn changes_break_the_seal_on(
+    state: &Path,
+    ctl_dev: &Control,
+    tc: &Tracker,
+    td: &Tracker,
+) -> TestResult {
+    ctl_dev.cbt_state_device(state, true).map_err(e)?;
+    // Records in the order of registration: c is 0, d is 1.
+    tc.persist_as("blksnap-c", "c", true).map_err(e)?;
+    td.persist_as("blksnap-d", "d", true).map_err(e)?;
+    let usable = || -> Result<(bool, bool), String> {
+        Ok((record_usable(state, 0)?, record_usable(state, 1)?))
+    };
+    ctl_dev.cbt_save().map_err(e)?;
+    check_eq!(usable()?, (true, true), "records after the save");
+    // CBTDIRTY of c.
+    tc.mark_dirty(&[blksnap::SectorRange {
+        offset: 0,
+        count: 8,
+    }])
+    .map_err(e)?;
+    check_eq!(
+        usable()?,
+        (false, true),
+        "records (c, d) once CBTDIRTY of c returned"
+    );
+    // A take of d.
+    ctl_dev.cbt_save().map_err(e)?;
+    check_eq!(usable()?, (true, true), "records after the second save");
+    let store = dev::scratch().join("persist-store");
+    std::fs::create_dir_all(&store).map_err(|err| err.to_string())?;
+    let id = ctl_dev
+        .snapshot_create(&store, 64 * MIB / SECTOR)
+        .map_err(e)?;
+    td.snapshot_add(&id).map_err(e)?;
+    ctl_dev.snapshot_take(&id).map_err(e)?;
+    check_eq!(
+        usable()?,
+        (true, false),
+        "records (c, d) once the take of a snapshot of d returned"
+    );
+    ctl_dev.snapshot_destroy(&id).map_err(e)?;
+    // A write to c's snapshot image, taken before the save.
+    let id = ctl_dev
+        .snapshot_create(&store, 64 * MIB / SECTOR)
+        .map_err(e)?;
+    tc.snapshot_add(&id).map_err(e)?;
+    ctl_dev.snapshot_take(&id).map_err(e)?;
+    ctl_dev.cbt_save().map_err(e)?;
+    check_eq!(usable()?, (true, true), "records after the third save");
+    let image = Path::new("/dev").join(tc.snapshot_info().map_err(e)?.image);
+    dev::write_direct(&image, 64, 8, 0x3c)?;
+    check_eq!(
+        usable()?,
+        (false, true),
+        "records (c, d) once a write to c's snapshot image returned"
+    );
+    ctl_dev.snapshot_destroy(&id).map_err(e)?;
+    Ok(())
+}
+
+/// Item 5 of issue 21: a save drains the writes in flight, as a take does:
+/// with a write kept in flight for seconds by QEMU's throttle (disk
+/// `blksnap-g`, 64 KiB/s), the save returns after the write completed.
+fn save_drains() -> TestResult {
+    crate::removal::unload_and_reload()?;
+    let g = disk("blksnap-g")?;
+    with_state_device(|state| {
+        let ctl_dev = Control::open().map_err(e)?;
+        let t = Tracker::open(&g).map_err(e)?;
+        t.attach().map_err(e)?;
+        let r = (|| -> TestResult {
+            ctl_dev.cbt_state_device(state, true).map_err(e)?;
+            t.persist_as("blksnap-g", "g", true).map_err(e)?;
+            // The throttle lets the first write pass at once and fills its
+            // bucket: the next one as large waits for it to drain.
+            {
+                let f = dev::open_direct(&g, true)?;
+                let buf = AlignedBuf::new(256 << 10, 0x01);
+                f.write_all_at(buf.as_slice(), 0)
+                    .map_err(|err| format!("the sacrificial write: {err}"))?;
+            }
+            let gg = g.clone();
+            let writer = std::thread::spawn(move || -> Result<Instant, String> {
+                // 256 KiB: four seconds at 64 KiB/s.
+                let f = dev::open_direct(&gg, true)?;
+                let buf = AlignedBuf::new(256 << 10, 0x6d);
+                f.write_all_at(buf.as_slice(), 8 * MIB)
+                    .map_err(|err| format!("the write in flight: {err}"))?;
+                Ok(Instant::now())
+            });
+            std::thread::sleep(Duration::from_millis(700));
+            let start = Instant::now();
+            ctl_dev.cbt_save().map_err(e)?;
+            let saved = Instant::now();
+            let written = writer
+                .join()
+                .map_err(|_| "the writer panicked".to_string())??;
+            println!(
+                "    the save took {} ms; the write in flight completed {} ms after the save began",
+                (saved - start).as_millis(),
+                written.saturating_duration_since(start).as_millis()
+            );
+            if written < start + Duration::from_millis(500) {
+                fail!("the write was not in flight when the save began (the throttle let it pass)");
+            }
+            if saved + Duration::from_millis(50) < written {
+                fail!(
+                    "the save returned {} ms before the write in flight completed: it did not drain it",
+                    (written - saved).as_millis()
+                );
+            }
+            check_eq!(record_usable(state, 0)?, true, "the record after the save");
+            Ok(())
+        })();
+        let _ = t.detach();
+        r
+    })
+}
+
+/// Item 6 of issue 21: with a mirror, a state device whose writes fail
+/// cannot hide a broken seal: the write after the save goes on (at once),
+/// and its record is marked broken on the mirror, so the copies disagree.
+fn mirror() -> TestResult {
+    crate::removal::unload_and_reload()?;
+    let c = disk("blksnap-c")?;
+    let lo_a = dev::LoopDev::new("cbt-state-a", 16 * MIB)?;
+    let lo_b = dev::LoopDev::new("cbt-state-b", 16 * MIB)?;
+    let r = (|| -> TestResult {
+        let dm = DmState::new("cbtstate-test", &lo_a.path, 16 * MIB / SECTOR)?;
+        let ctl_dev = Control::open().map_err(e)?;
+        let t = Tracker::open(&c).map_err(e)?;
+        t.attach().map_err(e)?;
+        let r = (|| -> TestResult {
+            ctl_dev.cbt_state_device(&dm.path, true).map_err(e)?;
+            check_eq!(
+                ctl_dev
+                    .cbt_state_device_as(&lo_a.path, false, true)
+                    .map(|_| ())
+                    .map_err(|e| e.errno),
+                Err(Errno::EBUSY),
+                "the state device's own loop device as its mirror"
+            );
+            ctl_dev
+                .cbt_state_device_as(&lo_b.path, true, true)
+                .map_err(e)?;
+            t.persist_as("blksnap-c", "c", true).map_err(e)?;
+            ctl_dev.cbt_save().map_err(e)?;
+            check_eq!(
+                (record_usable(&dm.path, 0)?, record_usable(&lo_b.path, 0)?),
+                (true, true),
+                "the record on (state, mirror) after the save"
+            );
+            dm.fail_io(16 * MIB / SECTOR)?;
+            let start = Instant::now();
+            dev::write_direct(&c, 0, 8, 0x44)?;
+            println!(
+                "    the first write after the save, the state device failing, took {} ms",
+                start.elapsed().as_millis()
+            );
+            check_eq!(
+                record_usable(&lo_b.path, 0)?,
+                false,
+                "the record on the mirror after the write"
+            );
+            check_eq!(
+                record_usable(&lo_a.path, 0)?,
+                true,
+                "the record on the failed state device (below dm) after the write"
+            );
+            Ok(())
+        })();
+        let _ = t.detach();
+        r
+    })();
+    let reload = crate::removal::unload_and_reload();
+    drop((lo_a, lo_b));
+    r.and(reload)
 }

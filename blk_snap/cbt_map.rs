@@ -15,8 +15,7 @@ use crate::cbt::{merge_ranges, CbtError, CbtGeometry, CbtParams, CbtState};
 use crate::fine_map::{self, FineMap};
 use crate::params;
 use crate::persist_format::{
-    check_restore, record_len, Now, RecordHeader, Refusal, ID_LEN, IDENTITY_LEN,
-    RECORD_HEADER_LEN,
+    check_restore, record_len, Now, RecordHeader, Refusal, IDENTITY_LEN, ID_LEN, RECORD_HEADER_LEN,
 };
 use core::ops::Range;
 use kernel::{
@@ -381,8 +380,8 @@ impl CbtMap {
                 fingerprint_len: 0,
             };
             fill(&mut h);
-            let len = record_len(u64::from(g.block_count), h.regions, h.fingerprint_len)
-                .ok_or(ENOMEM)?;
+            let len =
+                record_len(u64::from(g.block_count), h.regions, h.fingerprint_len).ok_or(ENOMEM)?;
             let maps_at = RECORD_HEADER_LEN + extra.len();
             if maps_at + 2 * n > len {
                 return Err(EINVAL);

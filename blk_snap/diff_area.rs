@@ -642,8 +642,8 @@ impl DiffArea {
                 .get()
                 .saturating_mul(if self.store.growing() { 6 } else { 1 });
             // Writes held for copies, or writers throttled behind them.
-            let waiting = state.copies != 0
-                && (state.held.iter().next().is_some() || state.throttled != 0);
+            let waiting =
+                state.copies != 0 && (state.held.iter().next().is_some() || state.throttled != 0);
             if state.shut_down || limit == 0 || !waiting || state.finished != seen {
                 seen = state.finished;
                 stalled = 0;

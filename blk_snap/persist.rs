@@ -40,10 +40,10 @@ use crate::{
     fingerprint::{self, Proof, Region},
     io,
     persist_format::{
-        decode_records, decode_region, encode_region, fnv1a, id_bytes, is_broken,
-        set_broken, unclean_block, valid_id, valid_identity, FormatError, Header, Now,
-        RecordHeader, Refusal, AREA_OFFSET, BLOCK_LEN, FLAG_CLEAN, FNV_START, IDENTITY_LEN,
-        ID_LEN, MAX_RECORDS, RECORD_UNVERIFIED,
+        decode_records, decode_region, encode_region, fnv1a, id_bytes, is_broken, set_broken,
+        unclean_block, valid_id, valid_identity, FormatError, Header, Now, RecordHeader, Refusal,
+        AREA_OFFSET, BLOCK_LEN, FLAG_CLEAN, FNV_START, IDENTITY_LEN, ID_LEN, MAX_RECORDS,
+        RECORD_UNVERIFIED,
     },
     snapshot::globals,
     tracker::Tracker,
@@ -218,7 +218,9 @@ impl Persist {
             let inner = self.inner.lock();
             let want = usize::from(mirror);
             if let Some(c) = inner.copies.iter().find(|c| c.dev.bdev().dev() == devt) {
-                if !format && inner.copies.len() > want && inner.copies[want].dev.bdev().dev() == devt
+                if !format
+                    && inner.copies.len() > want
+                    && inner.copies[want].dev.bdev().dev() == devt
                 {
                     return Ok(inner.found);
                 }
@@ -235,7 +237,11 @@ impl Persist {
                         "CBT state device {}: a mirror needs a state device opened first, and at most one\n",
                         path
                     );
-                    return Err(if inner.copies.is_empty() { ENXIO } else { EBUSY });
+                    return Err(if inner.copies.is_empty() {
+                        ENXIO
+                    } else {
+                        EBUSY
+                    });
                 }
                 pr_err!(
                     "CBT state device {}: {} is the state device already\n",
@@ -342,7 +348,11 @@ impl Persist {
             if mirror { " (mirror)" } else { "" },
             records,
             usable,
-            if waiting { " (waiting for the mirror)" } else { "" }
+            if waiting {
+                " (waiting for the mirror)"
+            } else {
+                ""
+            }
         );
         let clean = inner.opened.clean() && !waiting && (records == 0 || usable > 0);
         inner.found = (records, clean);
@@ -565,7 +575,10 @@ impl Persist {
             }
         }
         let proof = Proof::from_u32(s.header.proof);
-        match tracker.cbt().restore(clean, &s.header, &now, s.active, s.read) {
+        match tracker
+            .cbt()
+            .restore(clean, &s.header, &now, s.active, s.read)
+        {
             Ok(()) => {
                 pr_info!(
                     "{}: CBT state restored from {}: generation {}, change number {}, proven by {}\n",
@@ -620,13 +633,15 @@ impl Persist {
         let r = r
             .and_then(|()| {
                 for reg in inner.registered.iter() {
-                    reg.tracker.drain(msecs_to_jiffies(DRAIN_MS)).inspect_err(|e| {
-                        pr_err!(
-                            "CBT save: the writes in flight on {} did not complete: {:?}\n",
-                            reg.tracker.dev(),
-                            e
-                        );
-                    })?;
+                    reg.tracker
+                        .drain(msecs_to_jiffies(DRAIN_MS))
+                        .inspect_err(|e| {
+                            pr_err!(
+                                "CBT save: the writes in flight on {} did not complete: {:?}\n",
+                                reg.tracker.dev(),
+                                e
+                            );
+                        })?;
                 }
                 Ok(())
             })

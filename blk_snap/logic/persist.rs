@@ -304,7 +304,7 @@ impl RecordHeader {
     }
 
     /// The length of the record.
-    pub fn len(&self) -> Option<usize> {
+    pub fn encoded_len(&self) -> Option<usize> {
         record_len(self.block_count, self.regions, self.fingerprint_len)
     }
 }
@@ -366,7 +366,7 @@ pub fn decode_records(
             .ok_or(FormatError::BadRecord)?;
         let h = RecordHeader::decode(head);
         let n = usize::try_from(h.block_count).map_err(|_| FormatError::BadRecord)?;
-        let rlen = h.len().ok_or(FormatError::BadRecord)?;
+        let rlen = h.encoded_len().ok_or(FormatError::BadRecord)?;
         if h.id().is_empty()
             || h.block_count == 0
             || !(9..=31).contains(&h.block_shift)

@@ -40,7 +40,7 @@ fn area(records: &[Rec], flags: u32) -> (Header, Vec<u8>) {
         a.extend_from_slice(&r.fp);
         a.extend_from_slice(&r.active);
         a.extend_from_slice(&r.read);
-        a.resize(start + r.h.len().unwrap(), 0);
+        a.resize(start + r.h.encoded_len().unwrap(), 0);
     }
     let header = Header {
         flags,

@@ -40,8 +40,8 @@
 //!   equals the device; a save, and the first write after it breaks the
 //!   seal of that device only.
 //!
-//! With `BLKSNAP_REBOOT_NO_MIRROR=1` the state has no mirror (to run the
-//! test against a module without mirrors).
+//! With `BLKSNAP_TEST_OLD_MODULE=1` the state has no mirror and no line
+//! accepts missed writes (to run the test against a module without them).
 //!
 //! These tests run only when a filter starts with `reboot_` (guest.sh
 //! reboot): they need run.sh's reboot disks and their boot.
@@ -280,7 +280,7 @@ fn state_dm() -> Result<PathBuf, String> {
 }
 
 fn mirrored() -> bool {
-    std::env::var("BLKSNAP_REBOOT_NO_MIRROR").map_or(true, |v| v != "1")
+    !crate::persist::old_module()
 }
 
 /// The configuration of `cbt boot`, with the slots of boot 1 as ids.
@@ -295,7 +295,7 @@ fn config_text() -> Result<String, String> {
         s += &format!(
             "track {}{}\n",
             n.display(),
-            if r.accept {
+            if r.accept && !crate::persist::old_module() {
                 " accept-missed-writes"
             } else {
                 ""

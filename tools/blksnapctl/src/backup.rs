@@ -146,6 +146,11 @@ pub struct Manifest {
     /// The point was an overlay that a prune merged into a new base.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub merged: bool,
+    /// A prune is rebuilding this point as a base: until the manifest no
+    /// longer names `backing`, the image may be the overlay of `backing` or
+    /// the new base (same content, no backing file).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merging: bool,
     /// The snapshot an in-progress restore point is read from: a backup
     /// killed before it destroyed it leaves it, and the next backup or
     /// prune of the chain destroys it.
@@ -614,6 +619,10 @@ pub(crate) struct Device {
     pub(crate) digests: Option<Digests>,
     /// The chain's lock, for the points layout.
     pub(crate) _lock: Option<crate::points::Lock>,
+    /// The previous point opened through its chain, every image checked
+    /// against its manifest, for an incremental restore point to read
+    /// through.
+    pub(crate) previous_image: Option<crate::qcow::Image>,
 }
 
 /// Destroys the snapshot when dropped.
@@ -642,6 +651,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
         let (_, manifest, _) = paths(opts.dir, path);
         let mut kind = opts.kind;
         let mut previous = None;
+        let mut previous_image = None;
         let mut lock = None;
         if opts.layout == Layout::Points {
             let chain = crate::points::chain_dir(opts.dir, path);
@@ -649,7 +659,21 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             crate::points::destroy_stale_snapshots(&chain, &ctl, opts.log)?;
             if kind != Kind::Full {
                 match crate::points::latest(&chain)? {
-                    Some(p) => previous = Some(p.manifest),
+                    // A chain that does not read as its manifests say is
+                    // not built on.
+                    Some(p) => match crate::points::open_point(&chain, p.number) {
+                        Ok(img) => {
+                            previous = Some(p.manifest);
+                            previous_image = Some(img);
+                        }
+                        Err(e) => {
+                            (opts.log)(&format!(
+                                "{}: the last restore point cannot be built on: {e}; making a full backup instead",
+                                path.display()
+                            ));
+                            kind = Kind::Full;
+                        }
+                    },
                     None => {
                         return Err(format!(
                             "{}: no complete restore point in {} for an incremental backup; make a full backup first",
@@ -697,6 +721,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             },
             digests: None,
             _lock: lock,
+            previous_image,
         });
     }
 
@@ -835,6 +860,7 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
         backing: None,
         time: None,
         merged: false,
+        merging: false,
         snapshot: None,
     };
     let mut method = d.method;

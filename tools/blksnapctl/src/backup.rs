@@ -634,6 +634,24 @@ impl Drop for SnapshotGuard<'_> {
     }
 }
 
+/// Why the snapshot of a device cannot be trusted, if it cannot: the error
+/// it failed with (`error_code`: it is corrupted, by a full store, a
+/// stalled copy-on-write, a device gone...), or its state cannot be read.
+/// A backup asks before it starts and again before its point or manifest
+/// says complete: image reads of a corrupted snapshot fail, but a snapshot
+/// that fails after the last read would otherwise go unnoticed.
+pub(crate) fn snapshot_failed(tracker: &Tracker) -> Option<String> {
+    match tracker.snapshot_info() {
+        Ok(s) if s.error_code == 0 => None,
+        Ok(s) => Some(format!(
+            "the snapshot failed with error {} ({})",
+            s.error_code,
+            nix::errno::Errno::from_raw(-s.error_code).desc()
+        )),
+        Err(e) => Some(format!("the snapshot's state cannot be read: {e}")),
+    }
+}
+
 /// Makes a backup of `opts.devices`.
 pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     std::fs::create_dir_all(opts.dir).map_err(|e| format!("{}: {e}", opts.dir.display()))?;
@@ -823,14 +841,10 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
 
 fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> {
     let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
-    let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
-    if snap.error_code != 0 {
-        return Err(format!(
-            "{}: the snapshot failed with error {}",
-            d.path.display(),
-            snap.error_code
-        ));
+    if let Some(why) = snapshot_failed(&d.tracker) {
+        return Err(format!("{}: {why}", d.path.display()));
     }
+    let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
     let image = PathBuf::from(format!("/dev/{}", snap.image));
     let (img_path, manifest_path, diff_path) = paths(opts.dir, &d.path);
     let digest_path = img_path.with_extension("digests");
@@ -968,6 +982,15 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
     m.method = Some(method);
     m.bytes_read = copied.read;
     m.bytes_written = copied.written;
+    // What was copied is the snapshot's only if it did not fail meanwhile.
+    if let Some(why) = snapshot_failed(&d.tracker) {
+        m.store(&manifest)?;
+        return Err(format!(
+            "{}: {why} while the backup was copied: {} stays marked in-progress; the next incremental is a full backup",
+            d.path.display(),
+            manifest.display()
+        ));
+    }
     m.status = Status::Complete;
     m.store(&manifest)?;
     Ok(Outcome {

@@ -420,14 +420,10 @@ pub(crate) fn backup_device(
     snapshot: &SnapshotId,
 ) -> Result<Outcome, String> {
     let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
-    let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
-    if snap.error_code != 0 {
-        return Err(format!(
-            "{}: the snapshot failed with error {}",
-            d.path.display(),
-            snap.error_code
-        ));
+    if let Some(why) = backup::snapshot_failed(&d.tracker) {
+        return Err(format!("{}: {why}", d.path.display()));
     }
+    let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
     let image = PathBuf::from(format!("/dev/{}", snap.image));
     let chain = chain_dir(opts.dir, &d.path);
     let size = info.device_capacity;
@@ -579,6 +575,15 @@ pub(crate) fn backup_device(
             return Err(format!("{}: {e}", img_path.display()));
         }
     };
+    // What was copied is the snapshot's only if it did not fail meanwhile.
+    if let Some(why) = backup::snapshot_failed(&d.tracker) {
+        w.abandon();
+        let _ = fs::remove_file(&manifest_path);
+        return Err(format!(
+            "{}: {why} while point {number} was copied: the point is abandoned, the chain is as it was",
+            d.path.display()
+        ));
+    }
     w.publish()
         .map_err(|e| format!("{}: {e}", img_path.display()))?;
     m.digests = Some(store_digests(&digests, &chain.join(digests_name(number)))?);

@@ -146,6 +146,11 @@ pub struct Manifest {
     /// The point was an overlay that a prune merged into a new base.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub merged: bool,
+    /// A prune is rebuilding this point as a base: until the manifest no
+    /// longer names `backing`, the image may be the overlay of `backing` or
+    /// the new base (same content, no backing file).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merging: bool,
     /// The snapshot an in-progress restore point is read from: a backup
     /// killed before it destroyed it leaves it, and the next backup or
     /// prune of the chain destroys it.
@@ -614,6 +619,10 @@ pub(crate) struct Device {
     pub(crate) digests: Option<Digests>,
     /// The chain's lock, for the points layout.
     pub(crate) _lock: Option<crate::points::Lock>,
+    /// The previous point opened through its chain, every image checked
+    /// against its manifest, for an incremental restore point to read
+    /// through.
+    pub(crate) previous_image: Option<crate::qcow::Image>,
 }
 
 /// Destroys the snapshot when dropped.
@@ -622,6 +631,24 @@ struct SnapshotGuard<'a>(&'a Control, SnapshotId);
 impl Drop for SnapshotGuard<'_> {
     fn drop(&mut self) {
         let _ = self.0.snapshot_destroy(&self.1);
+    }
+}
+
+/// Why the snapshot of a device cannot be trusted, if it cannot: the error
+/// it failed with (`error_code`: it is corrupted, by a full store, a
+/// stalled copy-on-write, a device gone...), or its state cannot be read.
+/// A backup asks before it starts and again before its point or manifest
+/// says complete: image reads of a corrupted snapshot fail, but a snapshot
+/// that fails after the last read would otherwise go unnoticed.
+pub(crate) fn snapshot_failed(tracker: &Tracker) -> Option<String> {
+    match tracker.snapshot_info() {
+        Ok(s) if s.error_code == 0 => None,
+        Ok(s) => Some(format!(
+            "the snapshot failed with error {} ({})",
+            s.error_code,
+            nix::errno::Errno::from_raw(-s.error_code).desc()
+        )),
+        Err(e) => Some(format!("the snapshot's state cannot be read: {e}")),
     }
 }
 
@@ -642,6 +669,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
         let (_, manifest, _) = paths(opts.dir, path);
         let mut kind = opts.kind;
         let mut previous = None;
+        let mut previous_image = None;
         let mut lock = None;
         if opts.layout == Layout::Points {
             let chain = crate::points::chain_dir(opts.dir, path);
@@ -649,7 +677,21 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             crate::points::destroy_stale_snapshots(&chain, &ctl, opts.log)?;
             if kind != Kind::Full {
                 match crate::points::latest(&chain)? {
-                    Some(p) => previous = Some(p.manifest),
+                    // A chain that does not read as its manifests say is
+                    // not built on.
+                    Some(p) => match crate::points::open_point(&chain, p.number) {
+                        Ok(img) => {
+                            previous = Some(p.manifest);
+                            previous_image = Some(img);
+                        }
+                        Err(e) => {
+                            (opts.log)(&format!(
+                                "{}: the last restore point cannot be built on: {e}; making a full backup instead",
+                                path.display()
+                            ));
+                            kind = Kind::Full;
+                        }
+                    },
                     None => {
                         return Err(format!(
                             "{}: no complete restore point in {} for an incremental backup; make a full backup first",
@@ -697,6 +739,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             },
             digests: None,
             _lock: lock,
+            previous_image,
         });
     }
 
@@ -798,14 +841,10 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
 
 fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> {
     let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
-    let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
-    if snap.error_code != 0 {
-        return Err(format!(
-            "{}: the snapshot failed with error {}",
-            d.path.display(),
-            snap.error_code
-        ));
+    if let Some(why) = snapshot_failed(&d.tracker) {
+        return Err(format!("{}: {why}", d.path.display()));
     }
+    let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
     let image = PathBuf::from(format!("/dev/{}", snap.image));
     let (img_path, manifest_path, diff_path) = paths(opts.dir, &d.path);
     let digest_path = img_path.with_extension("digests");
@@ -835,6 +874,7 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
         backing: None,
         time: None,
         merged: false,
+        merging: false,
         snapshot: None,
     };
     let mut method = d.method;
@@ -942,6 +982,15 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
     m.method = Some(method);
     m.bytes_read = copied.read;
     m.bytes_written = copied.written;
+    // What was copied is the snapshot's only if it did not fail meanwhile.
+    if let Some(why) = snapshot_failed(&d.tracker) {
+        m.store(&manifest)?;
+        return Err(format!(
+            "{}: {why} while the backup was copied: {} stays marked in-progress; the next incremental is a full backup",
+            d.path.display(),
+            manifest.display()
+        ));
+    }
     m.status = Status::Complete;
     m.store(&manifest)?;
     Ok(Outcome {

@@ -152,7 +152,7 @@ enum BackupCommand {
         /// Only this device's chain.
         #[arg(long)]
         device: Option<String>,
-        /// For tests: exit after this step (merge, manifest, remove), as a
+        /// For tests: exit after this step (mark, merge, manifest, remove), as a
         /// crash would.
         #[arg(long, hide = true)]
         crash_after: Option<String>,

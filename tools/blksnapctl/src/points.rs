@@ -209,6 +209,117 @@ fn next_number(chain: &Path) -> Result<u32, String> {
         .ok_or_else(|| format!("{}: no point number left", chain.display()))
 }
 
+/// Why the image of point `n`, whose manifest is `m`, may not be read, if
+/// its header `refs` do not match the manifest; else the number of the
+/// point it reads through. A point keeps its data in its own file; a
+/// backing is the bare name of an older point's image in the same
+/// directory, `point-NNNN.qcow2` (so the chain ends at a base, without a
+/// loop), in qcow2: the header must name exactly the manifest's backing,
+/// or none when the manifest has none. While a prune merges the point
+/// (`merging`), its image may already be the new base.
+fn check_refs(n: u32, m: &Manifest, refs: &qcow::Refs) -> Result<Option<u32>, String> {
+    if refs.needs_data_file || refs.data_file.is_some() {
+        return Err(format!(
+            "its qcow2 header {}: a point keeps its data in its own file",
+            match &refs.data_file {
+                Some(f) => format!("names the external data file {f:?}"),
+                None => "says its data is in an external data file".into(),
+            }
+        ));
+    }
+    let below = match &m.backing {
+        None => None,
+        Some(b) => match number_of(b, ".qcow2") {
+            Some(k) if image_name(k) == *b && k < n => Some(k),
+            Some(k) if image_name(k) == *b => {
+                return Err(format!(
+                    "its manifest's backing {b:?} is not older than point {n}: the chain would loop"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "its manifest's backing {b:?} is not the image of an older point of this chain (point-NNNN.qcow2, in the same directory)"
+                ))
+            }
+        },
+    };
+    match (&refs.backing, &m.backing) {
+        (None, None) => Ok(None),
+        (None, Some(_)) if m.merging => Ok(None),
+        (None, Some(b)) => Err(format!(
+            "its qcow2 header names no backing file, but its manifest names {b:?}"
+        )),
+        (Some(h), Some(b)) if h == b => match refs.backing_format.as_deref() {
+            None | Some("qcow2") => Ok(below),
+            Some(f) => Err(format!(
+                "its qcow2 header gives the backing file {h:?} the format {f:?}, not qcow2"
+            )),
+        },
+        (Some(h), b) => Err(format!(
+            "its qcow2 header names the backing file {h:?}, but its manifest names {}",
+            b.as_ref().map_or("none".into(), |b| format!("{b:?}"))
+        )),
+    }
+}
+
+/// Opens the image of point `n` alone, after checking its manifest (that
+/// of a complete point `n`), and checks its header against the manifest
+/// ([`check_refs`]) and its size; returns it and the point it reads
+/// through. Errors name `top`, the point being opened, and the file.
+fn open_layer(chain: &Path, top: u32, n: u32) -> Result<(qcow::Layer, Option<u32>), String> {
+    let image = chain.join(image_name(n));
+    let which = if n == top {
+        format!("point {top}: {}", image.display())
+    } else {
+        format!("point {top}: {} (point {n}, in its chain)", image.display())
+    };
+    let refuse = |why: String| format!("{which}: {why}; refusing to read the chain");
+    let mp = manifest_path(chain, n);
+    let m = Manifest::load(&mp).map_err(|e| refuse(format!("its manifest: {e}")))?;
+    if m.point != Some(n) || m.image != image_name(n) {
+        return Err(refuse(format!(
+            "{} is not the manifest of point {n}",
+            mp.display()
+        )));
+    }
+    if m.status != Status::Complete {
+        return Err(refuse(format!("point {n} did not complete")));
+    }
+    let l = qcow::open_alone(&image).map_err(|e| refuse(e.to_string()))?;
+    let below = check_refs(n, &m, &qcow::refs(&l)).map_err(refuse)?;
+    let size = qcow::layer_size(&l);
+    if size != m.size {
+        return Err(refuse(format!(
+            "{size} bytes, its manifest says {}",
+            m.size
+        )));
+    }
+    Ok((l, below))
+}
+
+/// Opens point `number` of `chain` for reading through its chain of
+/// backing points, each image opened by us, by the name its manifest
+/// gives, once its header has been checked against its manifest
+/// ([`open_layer`]): nothing a header names is opened on its word.
+pub fn open_point(chain: &Path, number: u32) -> Result<qcow::Image, String> {
+    let mut layers = Vec::new();
+    let mut n = number;
+    loop {
+        let (l, below) = open_layer(chain, number, n)?;
+        layers.push(l);
+        // Backings are strictly older: the walk ends at a base.
+        match below {
+            Some(k) => n = k,
+            None => break,
+        }
+    }
+    let mut img = None;
+    for l in layers.into_iter().rev() {
+        img = Some(qcow::with_backing(l, img));
+    }
+    Ok(img.expect("a chain has a point"))
+}
+
 /// Reads the content of `img` (through its chain) in steps, handing each
 /// to `f` with its offset.
 fn read_chain(
@@ -309,14 +420,10 @@ pub(crate) fn backup_device(
     snapshot: &SnapshotId,
 ) -> Result<Outcome, String> {
     let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
-    let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
-    if snap.error_code != 0 {
-        return Err(format!(
-            "{}: the snapshot failed with error {}",
-            d.path.display(),
-            snap.error_code
-        ));
+    if let Some(why) = backup::snapshot_failed(&d.tracker) {
+        return Err(format!("{}: {why}", d.path.display()));
     }
+    let snap = d.tracker.snapshot_info().map_err(|e| e.to_string())?;
     let image = PathBuf::from(format!("/dev/{}", snap.image));
     let chain = chain_dir(opts.dir, &d.path);
     let size = info.device_capacity;
@@ -332,6 +439,15 @@ pub(crate) fn backup_device(
                 .image
                 .clone(),
         ),
+    };
+    let below = match &backing {
+        Some(name) => Some((
+            name.as_str(),
+            d.previous_image
+                .take()
+                .ok_or("the previous point is not open")?,
+        )),
+        None => None,
     };
     let mut m = Manifest {
         format: backup::FORMAT,
@@ -361,10 +477,11 @@ pub(crate) fn backup_device(
         backing: backing.clone(),
         time: Some(now()),
         merged: false,
+        merging: false,
         snapshot: Some(snapshot.to_string()),
     };
     m.store(&manifest_path)?;
-    let w = PointWriter::create(&img_path, size, backing.as_deref())
+    let w = PointWriter::create(&img_path, size, below)
         .map_err(|e| format!("{}: {e}", img_path.display()))?;
     let mut method = d.method;
     // The digests of the content, kept up to date from the data copied:
@@ -458,6 +575,15 @@ pub(crate) fn backup_device(
             return Err(format!("{}: {e}", img_path.display()));
         }
     };
+    // What was copied is the snapshot's only if it did not fail meanwhile.
+    if let Some(why) = backup::snapshot_failed(&d.tracker) {
+        w.abandon();
+        let _ = fs::remove_file(&manifest_path);
+        return Err(format!(
+            "{}: {why} while point {number} was copied: the point is abandoned, the chain is as it was",
+            d.path.display()
+        ));
+    }
     w.publish()
         .map_err(|e| format!("{}: {e}", img_path.display()))?;
     m.digests = Some(store_digests(&digests, &chain.join(digests_name(number)))?);
@@ -563,8 +689,11 @@ pub const CRASHED: &str = "stopped as asked (a test of crash safety) after";
 /// becomes a base holding the content of the points before it (a new image
 /// written beside it and renamed over it), then the older points go, the
 /// newest first. Every step leaves each remaining point restorable: the
-/// rename swaps one image for another of the same content, and a point is
-/// removed only when no kept point reads through it.
+/// rename swaps one image for another of the same content (the manifest
+/// says `merging` meanwhile: its image may be either), and a point is
+/// removed only when no kept point reads through it. Before anything
+/// changes, the kept points' images are checked against their manifests
+/// and the base's whole chain, which the merge reads ([`open_point`]).
 pub fn prune(
     chain: &Path,
     keep: usize,
@@ -591,18 +720,38 @@ pub fn prune(
     if complete.len() > keep {
         let first = complete.len() - keep;
         let base = complete[first];
+        // The points above the base read through kept points only, as their
+        // headers say: removing the older ones leaves them whole.
+        let kept: Vec<u32> = complete[first..].iter().map(|p| p.number).collect();
+        for p in &complete[first + 1..] {
+            let (_, below) = open_layer(chain, p.number, p.number)?;
+            if let Some(k) = below.filter(|k| !kept.contains(k)) {
+                return Err(format!(
+                    "point {}: {}: it reads through point {k}, which this prune would remove; refusing to prune",
+                    p.number,
+                    p.image.display()
+                ));
+            }
+        }
+        let src = open_point(chain, base.number)?;
         if base.manifest.backing.is_some() {
             log(&format!(
                 "merging points {}..{} into point {} as its new base",
                 complete[0].number, base.number, base.number
             ));
-            out.merged_bytes = qcow::merge(&base.image)
+            let mut m = base.manifest.clone();
+            if !m.merging {
+                m.merging = true;
+                m.store(&base.path)?;
+            }
+            crash("mark")?;
+            out.merged_bytes = qcow::merge(src, &base.image)
                 .map_err(|e| format!("{}: merge: {e}", base.image.display()))?;
             out.merged = Some(base.number);
             crash("merge")?;
-            let mut m = base.manifest.clone();
             m.backing = None;
             m.merged = true;
+            m.merging = false;
             m.store(&base.path)?;
             crash("manifest")?;
         }
@@ -663,9 +812,9 @@ pub struct Checked {
     pub error: Option<String>,
 }
 
-/// Checks every complete point of a chain: its image opens with its chain
-/// of backing files, and its content has the recorded digests (and
-/// SHA-256, for a point that records one).
+/// Checks every complete point of a chain: every image of its chain agrees
+/// with its manifest ([`open_point`]), and its content has the recorded
+/// digests (and SHA-256, for a point that records one).
 pub fn verify(chain: &Path, progress: &dyn Progress) -> Result<Vec<Checked>, String> {
     let mut out = Vec::new();
     let stop = AtomicBool::new(false);
@@ -675,15 +824,7 @@ pub fn verify(chain: &Path, progress: &dyn Progress) -> Result<Vec<Checked>, Str
     {
         let mut sha256 = None;
         let r = (|| {
-            let img = qcow::open(&p.image).map_err(|e| format!("{}: {e}", p.image.display()))?;
-            if img.size() != p.manifest.size {
-                return Err(format!(
-                    "{}: {} bytes, the manifest says {}",
-                    p.image.display(),
-                    img.size(),
-                    p.manifest.size
-                ));
-            }
+            let img = open_point(chain, p.number)?;
             let (sum, digests) = checksums(
                 &img,
                 p.manifest.size,
@@ -751,16 +892,9 @@ pub fn restore(
             "point {number} did not complete: it cannot be restored"
         ));
     }
-    let img_path = chain.join(&m.image);
-    let img = qcow::open(&img_path).map_err(|e| format!("{}: {e}", img_path.display()))?;
-    if img.size() != m.size {
-        return Err(format!(
-            "{}: {} bytes, the manifest says {}",
-            img_path.display(),
-            img.size(),
-            m.size
-        ));
-    }
+    // Every image of the chain checked before anything is read or the
+    // target is touched.
+    let img = open_point(chain, number)?;
     let size = m.size;
     let is_bdev = fs::metadata(target).is_ok_and(|md| md.file_type().is_block_device());
     let dst = if is_bdev {
@@ -941,7 +1075,8 @@ mod tests {
         let size = content.len() as u64;
         let img = chain.join(image_name(n));
         let backing = prev.map(|(p, _)| image_name(p));
-        let w = PointWriter::create(&img, size, backing.as_deref()).unwrap();
+        let below = prev.map(|(p, _)| open_point(chain, p).unwrap());
+        let w = PointWriter::create(&img, size, backing.as_deref().zip(below)).unwrap();
         let mut copied = 0;
         for (i, b) in content.chunks(4096).enumerate() {
             let off = i * 4096;
@@ -988,6 +1123,7 @@ mod tests {
             backing,
             time: Some(n.into()),
             merged: false,
+            merging: false,
             snapshot: None,
         };
         m.store(&manifest_path(chain, n)).unwrap();
@@ -1049,7 +1185,7 @@ mod tests {
     /// point it lists restorable, and so does the next prune that finishes.
     #[test]
     fn interrupted_prunes_leave_points_restorable() {
-        for step in ["merge", "manifest", "remove"] {
+        for step in ["mark", "merge", "manifest", "remove"] {
             let d = scratch(step);
             let contents = make_chain(&d, 5);
             all_restore(&d, &contents);
@@ -1064,7 +1200,7 @@ mod tests {
             assert!(r.leftovers.contains(&"point-0006.qcow2.tmp".to_string()));
             all_restore(&d, &contents);
             let p4 = &scan(&d).unwrap()[0];
-            assert!(p4.manifest.merged && p4.manifest.backing.is_none());
+            assert!(p4.manifest.merged && !p4.manifest.merging && p4.manifest.backing.is_none());
             assert!(verify(&d, &Quiet)
                 .unwrap()
                 .iter()
@@ -1175,6 +1311,491 @@ mod tests {
             chain_dir(Path::new("/b"), Path::new("/dev/mapper/x")),
             PathBuf::from("/b/mapper_x")
         );
+    }
+
+    /// `qemu-img ARGS` in `dir`, which must succeed: the hostile tests
+    /// tamper with points the way a user or an attacker would.
+    fn qemu_img(dir: &Path, args: &[&str]) {
+        let out = std::process::Command::new("qemu-img")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("qemu-img (Debian package qemu-utils) is needed by this test");
+        assert!(
+            out.status.success(),
+            "qemu-img {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Every file of a directory but the lock: its content, where a
+    /// symbolic link points, or the type of anything else (not opened).
+    fn files(d: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let mut out = std::collections::BTreeMap::new();
+        for e in fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().to_string();
+            if name == ".lock" {
+                continue;
+            }
+            let md = fs::symlink_metadata(e.path()).unwrap();
+            let v = if md.file_type().is_symlink() {
+                fs::read_link(e.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .as_bytes()
+                    .to_vec()
+            } else if md.is_file() {
+                fs::read(e.path()).unwrap()
+            } else {
+                format!("{:?}", md.file_type()).into_bytes()
+            };
+            out.insert(name, v);
+        }
+        out
+    }
+
+    /// A tampered chain: `root/chain` holds 3 points (each checked to
+    /// restore first), `root/other` a copy of point 1 and its content as a
+    /// raw file, for a tamper to point at.
+    struct Tampered {
+        root: PathBuf,
+        chain: PathBuf,
+        other: PathBuf,
+    }
+
+    impl Tampered {
+        fn new(name: &str) -> Self {
+            let root = scratch(&format!("tamper-{name}"));
+            let chain = root.join("chain");
+            let other = root.join("other");
+            let contents = make_chain(&chain, 3);
+            all_restore(&chain, &contents);
+            fs::create_dir_all(&other).unwrap();
+            fs::copy(chain.join(image_name(1)), other.join(image_name(1))).unwrap();
+            fs::write(other.join("content-1.raw"), &contents[0]).unwrap();
+            Self { root, chain, other }
+        }
+
+        /// Restore, verify and prune all refuse the chain: restore of
+        /// point 3 and verify of each point of `bad` name `file` and `why`,
+        /// restore writes nothing, prune changes nothing, the points not in
+        /// `bad` verify.
+        fn refused(&self, bad: &[u32], file: &str, why: &str) {
+            let before = files(&self.chain);
+            let t = self.root.join("target.raw");
+            let e = restore(&self.chain, 3, &t, false, &AtomicBool::new(false), &Quiet)
+                .expect_err("restore of a tampered chain");
+            assert!(
+                e.contains("point 3") && e.contains(file) && e.contains(why),
+                "restore: {e}"
+            );
+            assert!(!t.exists(), "restore wrote its target before refusing");
+            let v = verify(&self.chain, &Quiet).unwrap();
+            for c in &v {
+                match (&c.error, bad.contains(&c.number)) {
+                    (Some(e), true) => assert!(
+                        e.contains(file) && e.contains(why),
+                        "verify of point {}: {e}",
+                        c.number
+                    ),
+                    (None, false) => {}
+                    (e, _) => panic!("verify of point {}: {e:?}", c.number),
+                }
+            }
+            let e = prune(&self.chain, 1, &|_| {}, None).expect_err("prune of a tampered chain");
+            assert!(e.contains(file) && e.contains(why), "prune: {e}");
+            assert!(files(&self.chain) == before, "prune changed the chain");
+        }
+    }
+
+    impl Drop for Tampered {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+
+    /// Sets `m`'s backing in point `n`'s manifest.
+    fn set_manifest_backing(chain: &Path, n: u32, backing: Option<&str>) {
+        let mp = manifest_path(chain, n);
+        let mut m = Manifest::load(&mp).unwrap();
+        m.backing = backing.map(str::to_string);
+        m.store(&mp).unwrap();
+    }
+
+    /// A backing file that is a device (`qemu-img rebase -u -b /dev/null`).
+    #[test]
+    fn tampered_backing_a_device() {
+        let t = Tampered::new("dev");
+        qemu_img(
+            &t.chain,
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "/dev/null",
+                "-F",
+                "raw",
+                "point-0002.qcow2",
+            ],
+        );
+        t.refused(&[2, 3], "point-0002.qcow2", "backing file \"/dev/null\"");
+    }
+
+    /// A backing file outside the chain by an absolute path, with the same
+    /// content as the right one: what is read must be the chain itself.
+    #[test]
+    fn tampered_backing_an_absolute_path() {
+        let t = Tampered::new("abs");
+        let other = t.other.join(image_name(1));
+        let other = other.to_str().unwrap();
+        qemu_img(
+            &t.chain,
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                other,
+                "-F",
+                "qcow2",
+                "point-0002.qcow2",
+            ],
+        );
+        t.refused(
+            &[2, 3],
+            "point-0002.qcow2",
+            &format!("backing file \"{other}\""),
+        );
+    }
+
+    /// A backing file outside the chain by a relative path.
+    #[test]
+    fn tampered_backing_a_relative_path_out() {
+        let t = Tampered::new("rel");
+        qemu_img(
+            &t.chain,
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "../other/point-0001.qcow2",
+                "-F",
+                "qcow2",
+                "point-0002.qcow2",
+            ],
+        );
+        t.refused(
+            &[2, 3],
+            "point-0002.qcow2",
+            "backing file \"../other/point-0001.qcow2\"",
+        );
+    }
+
+    /// The manifest agrees with a header whose backing leaves the chain's
+    /// directory: a backing is the bare name of an older point.
+    #[test]
+    fn tampered_backing_a_relative_path_in_the_manifest_too() {
+        let t = Tampered::new("relm");
+        qemu_img(
+            &t.chain,
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "../other/point-0001.qcow2",
+                "-F",
+                "qcow2",
+                "point-0002.qcow2",
+            ],
+        );
+        set_manifest_backing(&t.chain, 2, Some("../other/point-0001.qcow2"));
+        t.refused(
+            &[2, 3],
+            "point-0002.qcow2",
+            "not the image of an older point",
+        );
+    }
+
+    /// The right backing file, read as raw.
+    #[test]
+    fn tampered_backing_format_raw() {
+        let t = Tampered::new("fmt");
+        qemu_img(
+            &t.chain,
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "point-0001.qcow2",
+                "-F",
+                "raw",
+                "point-0002.qcow2",
+            ],
+        );
+        t.refused(&[2, 3], "point-0002.qcow2", "format \"raw\"");
+    }
+
+    /// An overlay whose backing file was dropped.
+    #[test]
+    fn tampered_backing_dropped() {
+        let t = Tampered::new("drop");
+        qemu_img(&t.chain, &["rebase", "-u", "-b", "", "point-0003.qcow2"]);
+        t.refused(&[3], "point-0003.qcow2", "names no backing file");
+    }
+
+    /// A base given a backing file: the chain of headers loops (1 -> 3 ->
+    /// 2 -> 1).
+    #[test]
+    fn tampered_base_given_a_backing_loop() {
+        let t = Tampered::new("loop");
+        qemu_img(
+            &t.chain,
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "point-0003.qcow2",
+                "-F",
+                "qcow2",
+                "point-0001.qcow2",
+            ],
+        );
+        t.refused(
+            &[1, 2, 3],
+            "point-0001.qcow2",
+            "backing file \"point-0003.qcow2\"",
+        );
+    }
+
+    /// A loop that the manifests agree with: point 1 backed by point 3.
+    #[test]
+    fn tampered_loop_in_the_manifests_too() {
+        let t = Tampered::new("loopm");
+        qemu_img(
+            &t.chain,
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "point-0003.qcow2",
+                "-F",
+                "qcow2",
+                "point-0001.qcow2",
+            ],
+        );
+        set_manifest_backing(&t.chain, 1, Some("point-0003.qcow2"));
+        t.refused(&[1, 2, 3], "point-0001.qcow2", "loop");
+    }
+
+    /// A point's image is a symbolic link to an image of the same content
+    /// elsewhere.
+    #[test]
+    fn tampered_image_a_symlink() {
+        let t = Tampered::new("link");
+        fs::remove_file(t.chain.join(image_name(1))).unwrap();
+        std::os::unix::fs::symlink(t.other.join(image_name(1)), t.chain.join(image_name(1)))
+            .unwrap();
+        t.refused(&[1, 2, 3], "point-0001.qcow2", "not a regular file");
+    }
+
+    /// A point's image is a FIFO: refused without waiting for a writer.
+    #[test]
+    fn tampered_image_a_fifo() {
+        let t = Tampered::new("fifo");
+        fs::remove_file(t.chain.join(image_name(2))).unwrap();
+        let ok = std::process::Command::new("mkfifo")
+            .arg(t.chain.join(image_name(2)))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        t.refused(&[2, 3], "point-0002.qcow2", "not a regular file");
+    }
+
+    /// The base replaced by an image of the same content whose data is in
+    /// an external raw data file outside the chain (`data_file`), then
+    /// pointed at a device (`qemu-img amend`).
+    #[test]
+    fn tampered_external_data_file() {
+        let t = Tampered::new("data");
+        let raw = t.other.join("content-1.raw");
+        let base = t.chain.join(image_name(1));
+        fs::remove_file(&base).unwrap();
+        let opt = format!(
+            "data_file={},data_file_raw=on",
+            t.other.join("data.raw").display()
+        );
+        qemu_img(
+            &t.chain,
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                &opt,
+                raw.to_str().unwrap(),
+                "point-0001.qcow2",
+            ],
+        );
+        t.refused(&[1, 2, 3], "point-0001.qcow2", "external data file");
+        qemu_img(
+            &t.chain,
+            &["amend", "-o", "data_file=/dev/null", "point-0001.qcow2"],
+        );
+        t.refused(&[1, 2, 3], "point-0001.qcow2", "external data file");
+    }
+
+    /// A crafted header: the incompatible feature bit "external data file"
+    /// set in a point's image, no file named.
+    #[test]
+    fn tampered_external_data_file_bit() {
+        let t = Tampered::new("databit");
+        let img = t.chain.join(image_name(2));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        // Version 3 header: incompatible_features, big-endian u64 at 72;
+        // bit 2 is the external data file.
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 79).unwrap();
+        f.write_all_at(&[b[0] | 4], 79).unwrap();
+        drop(f);
+        t.refused(&[2, 3], "point-0002.qcow2", "external data file");
+    }
+
+    /// A prune whose merged base is tampered with after the merge, while
+    /// its manifest still says `merging`, refuses the chain too: `merging`
+    /// admits the new base (no backing file), nothing else.
+    #[test]
+    fn tampered_while_merging() {
+        let t = Tampered::new("merging");
+        let e = prune(&t.chain, 1, &|_| {}, Some("merge")).unwrap_err();
+        assert!(e.starts_with(CRASHED), "{e}");
+        let v = verify(&t.chain, &Quiet).unwrap();
+        assert!(v.iter().all(|c| c.error.is_none()), "{v:?}");
+        qemu_img(
+            &t.chain,
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "/dev/null",
+                "-F",
+                "raw",
+                "point-0003.qcow2",
+            ],
+        );
+        t.refused(&[3], "point-0003.qcow2", "backing file \"/dev/null\"");
+    }
+
+    /// A kept point whose header and manifest both name an older point
+    /// than the one below it, which the prune would remove: the prune
+    /// refuses, and changes nothing.
+    #[test]
+    fn prune_keeps_what_kept_points_read_through() {
+        let d = scratch("kept");
+        make_chain(&d, 5);
+        qemu_img(
+            &d,
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "point-0002.qcow2",
+                "-F",
+                "qcow2",
+                "point-0005.qcow2",
+            ],
+        );
+        set_manifest_backing(&d, 5, Some("point-0002.qcow2"));
+        let before = files(&d);
+        let e = prune(&d, 2, &|_| {}, None).expect_err("prune");
+        assert!(
+            e.contains("point 5") && e.contains("reads through point 2"),
+            "{e}"
+        );
+        assert!(files(&d) == before, "prune changed the chain");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// What a header may name, against the manifest of point 5.
+    #[test]
+    fn header_refs_against_the_manifest() {
+        let d = scratch("refs");
+        make_chain(&d, 1);
+        let mut m = Manifest::load(&manifest_path(&d, 1)).unwrap();
+        fs::remove_dir_all(&d).unwrap();
+        let refs = |backing: Option<&str>, format: Option<&str>| qcow::Refs {
+            backing: backing.map(str::to_string),
+            backing_format: format.map(str::to_string),
+            ..Default::default()
+        };
+        m.backing = None;
+        assert_eq!(check_refs(5, &m, &refs(None, None)), Ok(None));
+        let e = check_refs(5, &m, &refs(Some("point-0004.qcow2"), Some("qcow2"))).unwrap_err();
+        assert!(e.contains("but its manifest names none"), "{e}");
+        m.backing = Some("point-0004.qcow2".into());
+        assert_eq!(
+            check_refs(5, &m, &refs(Some("point-0004.qcow2"), Some("qcow2"))),
+            Ok(Some(4))
+        );
+        assert_eq!(
+            check_refs(5, &m, &refs(Some("point-0004.qcow2"), None)),
+            Ok(Some(4))
+        );
+        for (b, f, why) in [
+            (Some("point-0004.qcow2"), Some("raw"), "format \"raw\""),
+            (Some("point-0004.qcow2"), Some("file"), "format \"file\""),
+            (
+                Some("./point-0004.qcow2"),
+                Some("qcow2"),
+                "names the backing file",
+            ),
+            (
+                Some("point-0003.qcow2"),
+                Some("qcow2"),
+                "names the backing file",
+            ),
+            (None, None, "names no backing file"),
+        ] {
+            let e = check_refs(5, &m, &refs(b, f)).unwrap_err();
+            assert!(e.contains(why), "{b:?} {f:?}: {e}");
+        }
+        // While a prune merges the point: its new base too, nothing else.
+        m.merging = true;
+        assert_eq!(check_refs(5, &m, &refs(None, None)), Ok(None));
+        assert!(check_refs(5, &m, &refs(Some("/dev/sda"), Some("raw"))).is_err());
+        m.merging = false;
+        // The manifest's own backing: an older point's image, by its name.
+        for (b, why) in [
+            ("point-0005.qcow2", "loop"),
+            ("point-0009.qcow2", "loop"),
+            ("point-00004.qcow2", "not the image of an older point"),
+            ("point-4.qcow2", "not the image of an older point"),
+            ("sub/point-0004.qcow2", "not the image of an older point"),
+            ("/b/point-0004.qcow2", "not the image of an older point"),
+            ("..", "not the image of an older point"),
+        ] {
+            m.backing = Some(b.into());
+            let e = check_refs(5, &m, &refs(Some(b), Some("qcow2"))).unwrap_err();
+            assert!(e.contains(why), "{b}: {e}");
+        }
+        // No external data file, named or not.
+        m.backing = None;
+        for (needs, name) in [
+            (true, None),
+            (true, Some("d.raw")),
+            (false, Some("/dev/sda")),
+        ] {
+            let r = qcow::Refs {
+                needs_data_file: needs,
+                data_file: name.map(str::to_string),
+                ..Default::default()
+            };
+            let e = check_refs(5, &m, &r).unwrap_err();
+            assert!(e.contains("external data file"), "{e}");
+        }
     }
 
     #[test]

@@ -11,19 +11,109 @@
 //! so an image interrupted while being written may be inconsistent: it must
 //! never be one that a restore point depends on. Prune builds the merged
 //! image the same way (see [`merge`]).
+//!
+//! Nothing a qcow2 header names is opened here: an image is opened alone
+//! ([`open_alone`]: a regular file, not through a symbolic link, without
+//! its backing file or external data file), its references are read
+//! ([`refs`]) for the caller to check against what it knows
+//! ([`crate::points`] checks them against the manifests), and the backing
+//! image the caller opened the same way is attached explicitly
+//! ([`with_backing`]). A header can thus not make us read a device or a
+//! file outside the chain.
 
 use imago::file::File;
+use imago::format::drivers::FormatDriverInstance;
 use imago::qcow2::Qcow2;
 use imago::{
-    FormatAccess, FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate, Storage,
-    StorageCreateOptions,
+    DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, Storage, StorageCreateOptions,
+    StorageOpenOptions,
 };
 use std::fs;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A qcow2 image with its backing chain, open for reading or writing.
 pub type Image = FormatAccess<File>;
+
+/// A qcow2 image opened alone: its backing file and external data file,
+/// if its header names any, are not open.
+pub type Layer = Qcow2<File>;
+
+/// What a qcow2 header refers to outside its image.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refs {
+    /// The backing file name, as the header has it.
+    pub backing: Option<String>,
+    /// The backing file's format, if the header gives one.
+    pub backing_format: Option<String>,
+    /// The header says the data is in an external data file (incompatible
+    /// feature bit 2).
+    pub needs_data_file: bool,
+    /// The external data file's name, if the header gives one.
+    pub data_file: Option<String>,
+}
+
+/// Opens the qcow2 image at `path` for reading, alone: `path` must be a
+/// regular file, not a symbolic link (nor a device or a FIFO, which are
+/// not even opened); nothing its header names is opened.
+pub fn open_alone(path: &Path) -> io::Result<Layer> {
+    let not_regular = |t: fs::FileType| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            if t.is_symlink() {
+                "not a regular file (a symbolic link)"
+            } else {
+                "not a regular file"
+            },
+        )
+    };
+    let t = fs::symlink_metadata(path)?.file_type();
+    if !t.is_file() {
+        return Err(not_regular(t));
+    }
+    // Should it have been replaced since: no link followed, no wait for a
+    // FIFO's writer, and checked again once open.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    let t = f.metadata()?.file_type();
+    if !t.is_file() {
+        return Err(not_regular(t));
+    }
+    // Blocking reads again (O_RDONLY is 0).
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .map_err(io::Error::from)?;
+    let file = File::from_open_file(f, StorageOpenOptions::new().filename(path))?;
+    Qcow2::<File>::open_image(file, false)
+}
+
+/// What the header of `l` refers to outside it.
+pub fn refs(l: &Layer) -> Refs {
+    Refs {
+        backing: l.implicit_backing_file().cloned(),
+        backing_format: l.implicit_backing_format().cloned(),
+        needs_data_file: l.requires_external_data_file(),
+        data_file: l.implicit_external_data_file().cloned(),
+    }
+}
+
+/// The virtual size of an image opened alone.
+pub fn layer_size(l: &Layer) -> u64 {
+    l.size()
+}
+
+/// `l` reading through `backing` (or through nothing: unallocated
+/// clusters read as zeroes), its data in its own file.
+pub fn with_backing(mut l: Layer, backing: Option<Image>) -> Image {
+    l.set_data_file(None);
+    l.set_backing(backing);
+    FormatAccess::new(l)
+}
 
 /// The qcow2 cluster size of a base: 64 KiB, the CBT block size of devices
 /// up to 128 GiB and the digest block size.
@@ -64,42 +154,41 @@ fn tmp_name(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Opens `path` and its backing chain (backing files read-only).
-pub fn open(path: &Path) -> io::Result<Image> {
-    let q = Qcow2::<File>::builder_path(path)
-        .write(false)
-        .open(PermissiveImplicitOpenGate::default())?;
-    Ok(FormatAccess::new(q))
-}
-
 impl PointWriter {
     /// Starts a point of `size` bytes at `path`: a base image, or with
-    /// `backing` (a file name in the same directory) an overlay of it.
-    pub fn create(path: &Path, size: u64, backing: Option<&str>) -> io::Result<Self> {
-        let tmp = tmp_name(path);
-        let file = File::create_open(StorageCreateOptions::new().filename(&tmp).overwrite(true))?;
-        let mut b = Qcow2::<File>::create_builder(file)
-            .size(size)
-            .cluster_size(cluster_size(backing.is_some()));
-        if let Some(name) = backing {
-            if name.contains('/') {
+    /// `backing` an overlay of it: the backing file's name in the same
+    /// directory, written to the header, and that image, opened and checked
+    /// by the caller, which the new one reads through (nothing the header
+    /// names is opened).
+    pub fn create(path: &Path, size: u64, backing: Option<(&str, Image)>) -> io::Result<Self> {
+        let overlay = backing.is_some();
+        let (name, below) = backing.unzip();
+        if let Some(name) = name {
+            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("backing file {name:?} is not a name in the same directory"),
                 ));
             }
+        }
+        let tmp = tmp_name(path);
+        let file = File::create_open(StorageCreateOptions::new().filename(&tmp).overwrite(true))?;
+        let mut b = Qcow2::<File>::create_builder(file)
+            .size(size)
+            .cluster_size(cluster_size(overlay));
+        if let Some(name) = name {
             b = b.backing(name.to_string(), "qcow2".to_string());
         }
-        b.create()?;
-        // Backing names resolve relative to the image's directory.
-        let q = Qcow2::<File>::builder_path(&tmp)
-            .write(true)
-            .open(PermissiveImplicitOpenGate::default())?;
+        // The backing image is given, the data file is none: the gate
+        // refuses anything else.
+        let q = b.create_open(DenyImplicitOpenGate::default(), |image| {
+            Ok(Qcow2::<File>::builder(image).backing(below))
+        })?;
         Ok(Self {
             img: FormatAccess::new(q),
             tmp,
             path: path.to_path_buf(),
-            overlay: backing.is_some(),
+            overlay,
         })
     }
 
@@ -175,13 +264,13 @@ impl crate::backup::Sink for PointWriter {
 /// Bytes per copy step of [`merge`].
 const STEP: usize = 1 << 20;
 
-/// Prune's merge: the content of `top` (read through its chain) written as
-/// a new base image that replaces `top` under its name, so that the points
-/// backed by `top` still find it. Nothing published is modified before the
-/// rename; an interrupted merge leaves a `.tmp` file and every point as it
-/// was. The caller deletes the images below `top` afterwards.
-pub fn merge(top: &Path) -> io::Result<u64> {
-    let src = open(top)?;
+/// Prune's merge: the content of `src`, the image at `top` opened through
+/// its chain (checked by the caller), written as a new base image that
+/// replaces `top` under its name, so that the points backed by `top` still
+/// find it. Nothing published is modified before the rename; an
+/// interrupted merge leaves a `.tmp` file and every point as it was. The
+/// caller deletes the images below `top` afterwards.
+pub fn merge(src: Image, top: &Path) -> io::Result<u64> {
     let size = src.size();
     let w = PointWriter::create(top, size, None)?;
     let mut buf = vec![0u8; STEP];
@@ -210,6 +299,27 @@ mod tests {
         d
     }
 
+    /// Opens `path` and the chain its headers name (file names in the
+    /// same directory: these tests write them).
+    fn open(path: &Path) -> io::Result<Image> {
+        let l = open_alone(path)?;
+        let r = refs(&l);
+        assert!(!r.needs_data_file && r.data_file.is_none(), "{r:?}");
+        let below = match &r.backing {
+            Some(name) => {
+                assert!(!name.contains('/'), "{name}");
+                Some(open(&path.with_file_name(name))?)
+            }
+            None => None,
+        };
+        Ok(with_backing(l, below))
+    }
+
+    /// `name` in `d` as a backing: its name and its image.
+    fn backing(d: &Path, name: &'static str) -> Option<(&'static str, Image)> {
+        Some((name, open(&d.join(name)).unwrap()))
+    }
+
     fn read_all(img: &Image) -> Vec<u8> {
         let mut out = vec![0u8; img.size() as usize];
         img.read(&mut out, 0).unwrap();
@@ -233,7 +343,8 @@ mod tests {
         base.publish().unwrap();
         let want0 = want.clone();
 
-        let p1 = PointWriter::create(&d.join("p1.qcow2"), size as u64, Some("p0.qcow2")).unwrap();
+        let p1 =
+            PointWriter::create(&d.join("p1.qcow2"), size as u64, backing(&d, "p0.qcow2")).unwrap();
         // Zeros over data, a partial cluster, new data past the base's.
         p1.write(&[0u8; CLUSTER], 0).unwrap();
         want[..CLUSTER].fill(0);
@@ -245,7 +356,8 @@ mod tests {
         p1.publish().unwrap();
         let want1 = want.clone();
 
-        let p2 = PointWriter::create(&d.join("p2.qcow2"), size as u64, Some("p1.qcow2")).unwrap();
+        let p2 =
+            PointWriter::create(&d.join("p2.qcow2"), size as u64, backing(&d, "p1.qcow2")).unwrap();
         p2.write(&[5u8; 8192], 1 << 20).unwrap();
         want[1 << 20..(1 << 20) + 8192].fill(5);
         p2.publish().unwrap();
@@ -255,7 +367,7 @@ mod tests {
         assert!(read_all(&open(&d.join("p2.qcow2")).unwrap()) == want);
 
         // Prune to two points: p1 becomes a base, p0 goes.
-        merge(&d.join("p1.qcow2")).unwrap();
+        merge(open(&d.join("p1.qcow2")).unwrap(), &d.join("p1.qcow2")).unwrap();
         fs::remove_file(d.join("p0.qcow2")).unwrap();
         assert!(read_all(&open(&d.join("p1.qcow2")).unwrap()) == want1);
         assert!(read_all(&open(&d.join("p2.qcow2")).unwrap()) == want);
@@ -280,7 +392,7 @@ mod tests {
         let base = PointWriter::create(&d.join("p0.qcow2"), size, None).unwrap();
         base.write(&vec![3u8; size as usize], 0).unwrap();
         base.publish().unwrap();
-        let p1 = PointWriter::create(&d.join("p1.qcow2"), size, Some("p0.qcow2")).unwrap();
+        let p1 = PointWriter::create(&d.join("p1.qcow2"), size, backing(&d, "p0.qcow2")).unwrap();
         let mut copied = 0;
         for i in 0..64u64 {
             copied += p1.write(&[i as u8 + 7; 4096], i * 128 * 1024).unwrap();
@@ -312,7 +424,14 @@ mod tests {
         w.write(&[1u8; 4096], 0).unwrap();
         w.abandon();
         assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
-        assert!(PointWriter::create(&d.join("p1.qcow2"), 1 << 20, Some("../p0.qcow2")).is_err());
+        for bad in ["../p0.qcow2", "/dev/null", "", ".."] {
+            let w = PointWriter::create(&d.join("p1.qcow2"), 1 << 20, None).unwrap();
+            w.publish().unwrap();
+            let below = open(&d.join("p1.qcow2")).unwrap();
+            assert!(PointWriter::create(&d.join("p2.qcow2"), 1 << 20, Some((bad, below))).is_err());
+            fs::remove_file(d.join("p1.qcow2")).unwrap();
+        }
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -114,6 +114,7 @@ fn manifest(image: &str, sha: &str, size: u64) -> Manifest {
         backing: None,
         time: None,
         merged: false,
+        merging: false,
         snapshot: None,
     }
 }

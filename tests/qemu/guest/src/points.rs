@@ -36,6 +36,10 @@ pub const ALL: &[Test] = &[
     ),
     ("points_file_level_restore", file_level_restore),
     ("points_restore_refuses", restore_refuses),
+    (
+        "points_snapshot_failed_during_the_copy_publishes_nothing",
+        failed_during_the_copy,
+    ),
 ];
 
 const MIB: u64 = 1 << 20;
@@ -1153,4 +1157,119 @@ fn restore_refuses() -> TestResult {
     })();
     let _ = std::fs::remove_dir_all(&dir);
     r
+}
+
+/// A progress report that, once the copy has read the whole device,
+/// overflows the snapshot's store by writing `MIB` MiB to the origin and
+/// waits until the snapshot says it failed: the copy itself succeeded,
+/// only the snapshot's state tells.
+struct FailAtTheEnd {
+    dev: PathBuf,
+    mib: u64,
+    /// The snapshot's error once it failed, or why it did not.
+    outcome: std::cell::RefCell<Option<Result<i32, String>>>,
+}
+
+impl blksnap::backup::Progress for FailAtTheEnd {
+    fn update(&self, done: u64, total: u64) {
+        if done < total || self.outcome.borrow().is_some() {
+            return;
+        }
+        let r = (|| {
+            write_pattern(&self.dev, 0, self.mib << 11, 61)?;
+            let t = blksnap::Tracker::open(&self.dev).map_err(e)?;
+            for _ in 0..200 {
+                let code = t.snapshot_info().map_err(e)?.error_code;
+                if code != 0 {
+                    return Ok(code);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err("the snapshot did not fail within 20 s".to_string())
+        })();
+        *self.outcome.borrow_mut() = Some(r);
+    }
+}
+
+/// A snapshot that fails while a backup copies it (its 4 MiB store
+/// overflows after the last read, so every read succeeded) makes no
+/// complete restore point and no complete raw manifest: the backup fails
+/// naming the error, the point is abandoned (nothing of it is left), the
+/// raw manifest stays in-progress, no snapshot is left.
+fn failed_during_the_copy() -> TestResult {
+    use blksnap::backup::{self, Kind, Layout, Manifest, Status};
+    let c = disk("blksnap-c")?;
+    let name = name_of(&c);
+    let size = dev::size_sectors(&c)? * SECTOR;
+    let dir = dev::scratch().join("pt-failed");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _t = track(&c)?;
+    write_pattern(&c, 0, size / SECTOR, 60)?;
+    let devices = vec![c.clone()];
+    let store = dev::scratch();
+    for layout in [Layout::Points, Layout::Raw] {
+        let hook = FailAtTheEnd {
+            dev: c.clone(),
+            mib: 16,
+            outcome: std::cell::RefCell::new(None),
+        };
+        let stop = AtomicBool::new(false);
+        let r = backup::run(&backup::Options {
+            devices: &devices,
+            store: &store,
+            limit_sectors: 4 << 11,
+            dir: &dir,
+            kind: Kind::Full,
+            stop: &stop,
+            progress: &hook,
+            log: &|m| println!("    log: {m}"),
+            keep_snapshot: false,
+            layout,
+        });
+        let code = match hook.outcome.take() {
+            Some(Ok(code)) => code,
+            Some(Err(err)) => fail!("{layout:?}: {err}"),
+            None => fail!("{layout:?}: the copy never reported its end"),
+        };
+        println!(
+            "    {layout:?}: the snapshot failed with {code} after the last read; backup: {r:?}"
+        );
+        check_eq!(
+            code,
+            -(nix::errno::Errno::ENOSPC as i32),
+            "{layout:?}: snapshot error"
+        );
+        match &r {
+            Err(err) if err.contains("while") && err.contains("No space left on device") => {}
+            _ => fail!("{layout:?}: the backup of a snapshot that failed during the copy: {r:?}"),
+        }
+        match layout {
+            Layout::Points => {
+                let chain = dir.join(&name);
+                let left: Vec<String> = std::fs::read_dir(&chain)
+                    .map_err(|err| err.to_string())?
+                    .map(|d| d.map(|d| d.file_name().to_string_lossy().to_string()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|err| err.to_string())?;
+                check_eq!(
+                    left,
+                    vec![".lock".to_string()],
+                    "files left in {}",
+                    chain.display()
+                );
+            }
+            Layout::Raw => {
+                let (_, manifest, _) = backup::paths(&dir, &c);
+                check_eq!(
+                    Manifest::load(&manifest)?.status,
+                    Status::InProgress,
+                    "status of {}",
+                    manifest.display()
+                );
+            }
+        }
+        check_eq!(snapshot_count()?, 0, "{layout:?}: snapshots left");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

@@ -1031,10 +1031,24 @@ pub(crate) fn load_digests(dir: &Path, f: &DigestFile, size: u64) -> Result<Dige
             digest::ALGORITHM
         ));
     }
+    // A name in the backup's own directory, of a regular file: a manifest
+    // that names anything else is not followed.
+    if f.file.is_empty() || f.file.contains('/') || f.file == "." || f.file == ".." {
+        return Err(format!(
+            "the manifest names the digests file {:?}: only a file of {} is read",
+            f.file,
+            dir.display()
+        ));
+    }
     let path = dir.join(&f.file);
-    let len = std::fs::metadata(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .len();
+    let md = std::fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !md.file_type().is_file() {
+        return Err(format!(
+            "{}: not a regular file: the digests are not read from it",
+            path.display()
+        ));
+    }
+    let len = md.len();
     let sum = sha256_file(&path, len)?;
     if sum != f.sha256 {
         return Err(format!(
@@ -1124,4 +1138,43 @@ pub fn verify(image: &Path, manifest: &Path) -> Result<String, String> {
         ));
     }
     Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_read_from_the_backups_own_directory_only() {
+        let dir = std::env::temp_dir().join(format!("blksnap-dg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let d = Digests::new(1 << 20);
+        let f = store_digests(&d, &dir.join("ok.digests")).unwrap();
+        assert!(load_digests(&dir, &f, 1 << 20).is_ok());
+        std::os::unix::fs::symlink(dir.join("ok.digests"), dir.join("link.digests")).unwrap();
+        std::fs::copy(dir.join("ok.digests"), dir.join("sub/x.digests")).unwrap();
+        // A good digests file outside the directory.
+        let outside = format!("blksnap-dg-{}-outside.digests", std::process::id());
+        let outside_path = dir.parent().unwrap().join(&outside);
+        std::fs::copy(dir.join("ok.digests"), &outside_path).unwrap();
+        let up = format!("../{outside}");
+        for (name, want) in [
+            (up.as_str(), "only a file of"),
+            ("sub/x.digests", "only a file of"),
+            ("/etc/passwd", "only a file of"),
+            ("..", "only a file of"),
+            ("", "only a file of"),
+            ("link.digests", "not a regular file"),
+        ] {
+            let bad = DigestFile {
+                file: name.into(),
+                ..f.clone()
+            };
+            let e = load_digests(&dir, &bad, 1 << 20).unwrap_err();
+            assert!(e.contains(want), "{name}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_file(outside_path).unwrap();
+    }
 }

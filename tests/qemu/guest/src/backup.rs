@@ -668,7 +668,15 @@ fn interrupted() -> TestResult {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
-    std::thread::sleep(Duration::from_secs(3));
+    // Interrupted once it copies: its manifest says in-progress (it sets
+    // its handler of SIGINT before; a start slowed by a busy host took
+    // more than a fixed 3 s here once, and SIGINT killed it).
+    let (_, manifest, _) = backup::paths(&dir, &edisk);
+    let start = std::time::Instant::now();
+    while !manifest.exists() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,

@@ -22,6 +22,7 @@
 //! incomplete, and the next incremental falls back to a full backup.
 
 use crate::digest::{self, Digests};
+use crate::identity::Identity;
 use crate::{changed_ranges, Control, MapKind, SnapshotId, Tracker};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -90,7 +91,9 @@ pub struct Manifest {
     pub device: String,
     /// `major:minor` of the device.
     pub dev: String,
-    /// Device identity from sysfs (serial or WWID), if it has one.
+    /// Device identity from sysfs ([`Identity::text`]: serial, WWID,
+    /// device-mapper UUID or loop file, partition, size); manifests of
+    /// earlier versions hold a serial or WWID alone.
     pub identity: Option<String>,
     /// Device size in bytes.
     pub size: u64,
@@ -275,19 +278,103 @@ pub fn paths(dir: &Path, device: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
-/// Identity of a device from sysfs: its serial or WWID.
+/// The identity a manifest records of a device ([`Identity::text`]), if
+/// it can be read.
 pub fn identity(device: &Path) -> Option<String> {
-    let name = std::fs::canonicalize(device).ok()?;
-    let name = name.file_name()?.to_string_lossy().to_string();
-    let sys = Path::new("/sys/class/block").join(&name);
-    for attr in ["serial", "device/serial", "wwid", "device/wwid"] {
-        if let Ok(s) = std::fs::read_to_string(sys.join(attr)) {
-            if !s.trim().is_empty() {
-                return Some(s.trim().to_string());
-            }
+    Identity::read(device).ok().map(|i| i.text())
+}
+
+/// What an incremental (or differential) of a device is made as, and why
+/// it is not what was asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Choice {
+    /// What is made.
+    pub kind: Kind,
+    /// How it finds what to copy.
+    pub method: Method,
+    /// Why the change map is not used, if it is not.
+    pub why: Option<String>,
+}
+
+/// How to make an incremental (or differential, `kind`) of `device`, whose
+/// last backup is `prev`, now that its snapshot is taken: the device has
+/// `size` bytes, CBT generation `generation` and identity `identity`. The
+/// change map is used only on positive evidence that it describes the
+/// device the last backup was made of, since then: the same size, the
+/// same generation, and a recorded identity that names the device
+/// uniquely and matches it now. Otherwise an incremental with usable
+/// digests reads the whole device ([`Method::Digest`]); a device of
+/// another size, or a differential, gets a full backup.
+pub fn choose(
+    prev: &Manifest,
+    kind: Kind,
+    device: &Path,
+    size: u64,
+    generation: &str,
+    identity: &Result<Identity, String>,
+) -> Choice {
+    let dev = device.display();
+    let what = match prev.point {
+        Some(n) => format!("point {n}"),
+        None => "the last backup".to_string(),
+    };
+    if kind == Kind::Full {
+        return Choice {
+            kind,
+            method: Method::Full,
+            why: None,
+        };
+    }
+    if prev.size != size {
+        return Choice {
+            kind: Kind::Full,
+            method: Method::Full,
+            why: Some(format!(
+                "the device size changed from {} to {size}",
+                prev.size
+            )),
+        };
+    }
+    let mut why = Vec::new();
+    match (prev.identity.as_deref(), identity) {
+        (_, Err(e)) => why.push(format!("the identity of {dev} cannot be read ({e})")),
+        (None, Ok(_)) => why.push(format!("{what} records no identity of its device")),
+        (Some(_), Ok(now)) if !now.unique() => why.push(format!(
+            "{dev} has nothing that names it uniquely (no serial, WWID, device-mapper UUID or loop file; identity {now}), so it cannot be proven to be the device of {what}"
+        )),
+        (Some(rec), Ok(now)) if !crate::identity::matches(rec, now) => why.push(format!(
+            "identity of {dev} is {now}, {what} was made of {rec}",
+            now = now.text()
+        )),
+        _ => {}
+    }
+    if prev.generation != generation {
+        why.push(format!(
+            "the change tracking generation changed ({} -> {generation}): tracking was restarted",
+            prev.generation
+        ));
+    }
+    if why.is_empty() {
+        return Choice {
+            kind,
+            method: Method::Cbt,
+            why: None,
+        };
+    }
+    let why = Some(why.join("; and "));
+    if kind == Kind::Incremental && prev.digests.is_some() {
+        Choice {
+            kind,
+            method: Method::Digest,
+            why,
+        }
+    } else {
+        Choice {
+            kind: Kind::Full,
+            method: Method::Full,
+            why,
         }
     }
-    None
 }
 
 /// `major:minor` of a device.
@@ -711,41 +798,38 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
 
     // The take starts a new CBT generation if tracking restarted or the
     // device changed size: only now can the numbers be compared.
+    let mut why_digest = Vec::new();
     for d in devices.iter_mut() {
         let (Some(m), Kind::Incremental | Kind::Differential) = (&d.previous, d.kind) else {
+            why_digest.push(None);
             continue;
         };
         let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
-        if m.size != info.device_capacity {
+        let c = choose(
+            m,
+            d.kind,
+            &d.path,
+            info.device_capacity,
+            &info.generation,
+            &Identity::read(&d.path),
+        );
+        if let (Kind::Full, Some(why)) = (c.kind, &c.why) {
             (opts.log)(&format!(
-                "{}: the device size changed from {} to {}; making a full backup instead",
-                d.path.display(),
-                m.size,
-                info.device_capacity
+                "{}: {why}; making a full backup instead",
+                d.path.display()
             ));
-            d.kind = Kind::Full;
-            d.method = Method::Full;
-        } else if m.generation != info.generation {
-            if d.kind == Kind::Incremental && m.digests.is_some() {
-                d.method = Method::Digest;
-            } else {
-                (opts.log)(&format!(
-                    "{}: the change tracking generation changed ({} -> {}): tracking was restarted; making a full backup instead",
-                    d.path.display(),
-                    m.generation,
-                    info.generation
-                ));
-                d.kind = Kind::Full;
-                d.method = Method::Full;
-            }
         }
+        d.kind = c.kind;
+        d.method = c.method;
+        why_digest.push(c.why.filter(|_| c.method == Method::Digest));
     }
     // The digests an incremental compares (digest method) or keeps up to
     // date (change map).
-    for d in devices.iter_mut() {
+    for (d, why) in devices.iter_mut().zip(why_digest) {
         let (Some(m), Kind::Incremental) = (&d.previous, d.kind) else {
             continue;
         };
+        let why = why.unwrap_or_default();
         let Some(f) = &m.digests else {
             continue;
         };
@@ -758,7 +842,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             Ok(digests) => d.digests = Some(digests),
             Err(e) if d.method == Method::Digest => {
                 (opts.log)(&format!(
-                    "{}: the change map cannot be used and {e}; making a full backup instead",
+                    "{}: {why}, and {e}; making a full backup instead",
                     d.path.display()
                 ));
                 d.kind = Kind::Full;
@@ -771,7 +855,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
         }
         if d.method == Method::Digest {
             (opts.log)(&format!(
-                "{}: the change map cannot be used (tracking was restarted); reading the whole device and writing the blocks whose digest changed",
+                "{}: the change map is not used: {why}; reading the whole device and writing the blocks whose digest changed",
                 d.path.display()
             ));
         }

@@ -4,8 +4,10 @@
 //! verification and incremental planning.
 
 use blksnap::backup::{
-    plan, sha256_file, total, verify, DigestFile, Kind, Manifest, Method, Status, FORMAT,
+    choose, plan, sha256_file, total, verify, Choice, DigestFile, Kind, Manifest, Method, Status,
+    FORMAT,
 };
+use blksnap::identity::Identity;
 use proptest::prelude::*;
 use std::path::PathBuf;
 use std::process::Command;
@@ -220,4 +222,190 @@ fn fine_answers_become_merged_extents() {
     let mut out = Vec::new();
     fine_extents(0, &[0, 1], 4096, 4096 + 512, &mut out);
     assert_eq!(out, vec![(4096, 512)]);
+}
+
+/// The decision of an incremental: the change map only for the device the
+/// last point was made of (same size, generation, a unique identity that
+/// matches); the digest method where the sizes match and the point has
+/// digests; else a full backup. Each refusal says why.
+#[test]
+fn incremental_uses_the_change_map_only_on_the_same_device() {
+    let dev = std::path::Path::new("/dev/vdb");
+    let size = 1u64 << 30;
+    let vdb = Identity {
+        disk: Some("serial=blksnap-p".into()),
+        partition: None,
+        sectors: size >> 9,
+    };
+    let mut prev = manifest("point-0003.qcow2", "", size);
+    prev.point = Some(3);
+    prev.identity = Some(vdb.text());
+    let generation = prev.generation.clone();
+    let choice = |prev: &Manifest, kind, size, generation: &str, id: &Result<Identity, String>| {
+        choose(prev, kind, dev, size, generation, id)
+    };
+    let cbt = Choice {
+        kind: Kind::Incremental,
+        method: Method::Cbt,
+        why: None,
+    };
+    assert_eq!(
+        choice(
+            &prev,
+            Kind::Incremental,
+            size,
+            &generation,
+            &Ok(vdb.clone())
+        ),
+        cbt
+    );
+    // The first manifest format: the serial alone, a whole disk.
+    let mut old = prev.clone();
+    old.identity = Some("blksnap-p".into());
+    assert_eq!(
+        choice(&old, Kind::Incremental, size, &generation, &Ok(vdb.clone())),
+        cbt
+    );
+
+    // Another disk of the same size in its place: digests.
+    let other = Identity {
+        disk: Some("serial=blksnap-x".into()),
+        ..vdb.clone()
+    };
+    let c = choice(
+        &prev,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Ok(other.clone()),
+    );
+    assert_eq!((c.kind, c.method), (Kind::Incremental, Method::Digest));
+    assert_eq!(
+        c.why.as_deref(),
+        Some(
+            "identity of /dev/vdb is serial=blksnap-x,sectors=2097152, \
+             point 3 was made of serial=blksnap-p,sectors=2097152"
+        )
+    );
+    // Without digests, or a differential: a full backup.
+    let mut nodig = prev.clone();
+    nodig.digests = None;
+    let c = choice(
+        &nodig,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Ok(other.clone()),
+    );
+    assert_eq!((c.kind, c.method), (Kind::Full, Method::Full));
+    assert!(c.why.unwrap().starts_with("identity of /dev/vdb is"));
+    let c = choice(
+        &prev,
+        Kind::Differential,
+        size,
+        &generation,
+        &Ok(other.clone()),
+    );
+    assert_eq!((c.kind, c.method), (Kind::Full, Method::Full));
+    // A partition of the same disk at another place, or the old format's
+    // serial for a partition: not proven.
+    let part = Identity {
+        partition: Some((1, 2048)),
+        ..vdb.clone()
+    };
+    let c = choice(
+        &old,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Ok(part.clone()),
+    );
+    assert_eq!(c.method, Method::Digest, "{c:?}");
+    let mut p1 = prev.clone();
+    p1.identity = Some(part.text());
+    let moved = Identity {
+        partition: Some((1, 4096)),
+        ..vdb.clone()
+    };
+    assert_eq!(
+        choice(&p1, Kind::Incremental, size, &generation, &Ok(part)),
+        cbt
+    );
+    assert_eq!(
+        choice(&p1, Kind::Incremental, size, &generation, &Ok(moved)).method,
+        Method::Digest
+    );
+
+    // No identity in the manifest, none readable now, nothing unique now.
+    let mut none = prev.clone();
+    none.identity = None;
+    let c = choice(
+        &none,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Ok(vdb.clone()),
+    );
+    assert_eq!(c.method, Method::Digest);
+    assert_eq!(
+        c.why.as_deref(),
+        Some("point 3 records no identity of its device")
+    );
+    let c = choice(
+        &prev,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Err("gone".into()),
+    );
+    assert_eq!(c.method, Method::Digest);
+    assert_eq!(
+        c.why.as_deref(),
+        Some("the identity of /dev/vdb cannot be read (gone)")
+    );
+    let bare = Identity {
+        disk: None,
+        partition: None,
+        sectors: size >> 9,
+    };
+    let mut bare_prev = prev.clone();
+    bare_prev.identity = Some(bare.text());
+    let c = choice(&bare_prev, Kind::Incremental, size, &generation, &Ok(bare));
+    assert_eq!(c.method, Method::Digest);
+    assert!(c.why.unwrap().contains("nothing that names it uniquely"));
+
+    // The generation: digests, with both reasons when the identity differs too.
+    let c = choice(&prev, Kind::Incremental, size, "another", &Ok(vdb.clone()));
+    assert_eq!(c.method, Method::Digest);
+    assert!(c.why.unwrap().contains("generation changed"));
+    let c = choice(
+        &prev,
+        Kind::Incremental,
+        size,
+        "another",
+        &Ok(other.clone()),
+    );
+    let why = c.why.unwrap();
+    assert!(
+        why.contains("identity of") && why.contains("generation changed"),
+        "{why}"
+    );
+    // The size: full, whatever the rest.
+    let c = choice(
+        &prev,
+        Kind::Incremental,
+        size * 2,
+        &generation,
+        &Ok(vdb.clone()),
+    );
+    assert_eq!((c.kind, c.method), (Kind::Full, Method::Full));
+    assert_eq!(
+        c.why.as_deref(),
+        Some("the device size changed from 1073741824 to 2147483648")
+    );
+    // A full is a full.
+    assert_eq!(
+        choice(&prev, Kind::Full, size, &generation, &Ok(vdb)).method,
+        Method::Full
+    );
 }

@@ -23,6 +23,7 @@
 
 use crate::digest::{self, Digests};
 use crate::identity::Identity;
+use crate::source::{Check, Found};
 use crate::{changed_ranges, Control, MapKind, SnapshotId, Tracker};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -154,6 +155,11 @@ pub struct Manifest {
     /// prune of the chain destroys it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// Byte ranges (start, end) that a check against the device
+    /// ([`crate::source`]) found changed although the change map did not
+    /// mark them, copied into this backup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missed: Vec<(u64, u64)>,
 }
 
 /// The current manifest format.
@@ -415,6 +421,10 @@ impl Buffer {
     pub(crate) fn get(&mut self, len: usize) -> &mut [u8] {
         &mut self.0[self.1..self.1 + len]
     }
+
+    pub(crate) fn slice(&self, len: usize) -> &[u8] {
+        &self.0[self.1..self.1 + len]
+    }
 }
 
 /// Counts of one copy.
@@ -550,6 +560,40 @@ pub fn copy_extents(
     Ok(Copied { read, written })
 }
 
+/// Reads the whole snapshot image `src` of `size` bytes with O_DIRECT
+/// through the digest pipeline ([`digest::pipeline`]: the blocks are
+/// digested on other threads while the next piece is read) and hands each
+/// piece with the digests of its blocks to `consume`. Stops with an error
+/// when `stop` is set. Returns the bytes read.
+pub(crate) fn read_digested(
+    src: &Path,
+    size: u64,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+    consume: &mut digest::Consume<'_>,
+) -> Result<u64, String> {
+    let img = open_image(src)?;
+    let mut read = 0;
+    digest::pipeline(
+        size,
+        IO_SIZE,
+        digest::threads(),
+        &mut |off, buf| {
+            if stop.load(Ordering::Relaxed) {
+                return Err("interrupted".into());
+            }
+            // Direct I/O wants whole sectors; the device size is one.
+            img.read_exact_at(buf, off)
+                .map_err(|e| format!("read {} at {off}: {e}", src.display()))?;
+            read += buf.len() as u64;
+            progress.update(read, size);
+            Ok(())
+        },
+        consume,
+    )?;
+    Ok(read)
+}
+
 /// Reads the whole snapshot image `src` and writes to `dst` the blocks of
 /// `digests` whose digest differs, setting their new digest: an
 /// incremental backup without a change map.
@@ -561,22 +605,111 @@ pub fn copy_changed_blocks(
     progress: &dyn Progress,
 ) -> Result<Copied, String> {
     let mut written = 0;
-    let whole = [(0, digests.size())];
-    let read = read_extents(src, &whole, stop, progress, |off, data| {
+    let size = digests.size();
+    let read = read_digested(src, size, stop, progress, &mut |off, data, sums| {
         // Pieces start on multiples of IO_SIZE, a multiple of the block:
-        // every block here is whole.
+        // every block here is whole (the last one ends the device).
         let first = (off / digest::BLOCK) as usize;
-        for (k, block) in data.chunks(digest::BLOCK as usize).enumerate() {
-            let sum = digest::hash(block);
-            if digests.get(first + k) == Some(&sum) {
+        for (k, (block, sum)) in data.chunks(digest::BLOCK as usize).zip(sums).enumerate() {
+            if digests.get(first + k) == Some(sum) {
                 continue;
             }
             written += dst.put(block, off + k as u64 * digest::BLOCK)?;
-            digests.set(first + k, sum);
+            digests.set(first + k, *sum);
         }
         Ok(())
     })?;
     Ok(Copied { read, written })
+}
+
+/// Writes to `dst` the blocks of the snapshot image `src` whose digest in
+/// `known` (the image's, computed by an earlier read of it) differs from
+/// `digests` (the previous backup's), and makes `digests` the image's: a
+/// digest incremental that reads only what it writes.
+pub fn copy_known(
+    src: &Path,
+    dst: &dyn Sink,
+    digests: &mut Digests,
+    known: Digests,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<Copied, String> {
+    if known.size() != digests.size() {
+        return Err("the digests read are of another size".into());
+    }
+    let mut extents: Vec<Extent> = Vec::new();
+    for i in (0..known.blocks()).filter(|&i| known.get(i) != digests.get(i)) {
+        let (s, e) = known.span(i);
+        match extents.last_mut() {
+            Some(last) if last.0 + last.1 == s => last.1 += e - s,
+            _ => extents.push((s, e - s)),
+        }
+    }
+    let c = copy_extents(src, dst, &extents, None, None, stop, progress)?;
+    *digests = known;
+    Ok(c)
+}
+
+/// An incremental that checks its device ([`crate::source`]): reads the
+/// whole snapshot image `src`, writes to `dst` what `plan` (the change
+/// map's extents) holds and every block that differs from the previous
+/// backup (digests `prev`) although the plan does not make it equal to the
+/// device (`point` reads `dst`'s content, through its backing chain), then
+/// makes `prev` the image's digests. Returns the counts and what the check
+/// found.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_checked(
+    src: &Path,
+    dst: &dyn Sink,
+    plan: &[Extent],
+    prev: &mut Digests,
+    point: &mut crate::digest::ReadAt<'_>,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<(Copied, Found), String> {
+    let mut written = 0;
+    let size = prev.size();
+    let (read, found, now) = {
+        let mut check = Check::new(prev, Some(plan));
+        let read = read_digested(src, size, stop, progress, &mut |off, data, sums| {
+            let end = off + data.len() as u64;
+            let first = plan.partition_point(|&(s, len)| s + len <= off);
+            for &(s, len) in plan[first..].iter().take_while(|&&(s, _)| s < end) {
+                let (a, b) = (s.max(off), (s + len).min(end));
+                written += dst.put(&data[(a - off) as usize..(b - off) as usize], a)?;
+            }
+            for i in check.piece(off, data, sums, point)? {
+                let (s, e) = check.now.span(i);
+                written += dst.put(&data[(s - off) as usize..(e - off) as usize], s)?;
+            }
+            Ok(())
+        })?;
+        (read, Found::of(&check, None), check.now)
+    };
+    *prev = now;
+    Ok((Copied { read, written }, found))
+}
+
+/// Says what a check of `device` against `what` (the previous backup)
+/// found, loudly where the change map missed blocks, copied into `into`.
+pub(crate) fn report_check(device: &Path, f: &Found, what: &str, into: &str, log: &dyn Fn(&str)) {
+    let dev = device.display();
+    if f.missed.is_empty() {
+        log(&format!(
+            "{dev}: checked against the device: {} blocks differ from {what}, all of them marked by the change map",
+            f.differ
+        ));
+        return;
+    }
+    log(&format!(
+        "{dev}: WARNING: the change map MISSED {} blocks of {} KiB ({} bytes) that differ from {what}: something wrote to the device unseen by the tracking (another OS, a host editing the disk image, a write before tracking started...); they are copied into {into}, which equals the device:",
+        f.missed.len(),
+        digest::BLOCK >> 10,
+        f.missed.iter().map(|m| m.end - m.start).sum::<u64>()
+    ));
+    for l in f.missed_lines(32) {
+        log(&format!("{dev}:   missed {l}"));
+    }
 }
 
 /// Digests `blocks` again from the backup file `path`.
@@ -645,6 +778,9 @@ pub struct Options<'a> {
     pub keep_snapshot: bool,
     /// How the backups are kept.
     pub layout: Layout,
+    /// Check incrementals against the device ([`crate::source`]): read it
+    /// whole, and copy the blocks the change map missed too.
+    pub verify_source: bool,
 }
 
 /// How the backups of a device are kept.
@@ -689,6 +825,10 @@ pub struct Outcome {
     pub point: Option<u32>,
     /// The backup file written.
     pub file: PathBuf,
+    /// What a check against the device found (`verify_source`), the
+    /// missed blocks copied into this backup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Found>,
 }
 
 pub(crate) struct Device {
@@ -699,12 +839,16 @@ pub(crate) struct Device {
     pub(crate) method: Method,
     /// The digests of the previous backup's image, for an incremental.
     pub(crate) digests: Option<Digests>,
+    /// The digests of the snapshot image, when they were read before
+    /// (`verify --source --repair`): a digest incremental then reads only
+    /// the blocks that differ.
+    pub(crate) known: Option<Digests>,
     /// The chain's lock, for the points layout.
     pub(crate) _lock: Option<crate::points::Lock>,
 }
 
 /// Destroys the snapshot when dropped.
-struct SnapshotGuard<'a>(&'a Control, SnapshotId);
+pub(crate) struct SnapshotGuard<'a>(pub(crate) &'a Control, pub(crate) SnapshotId);
 
 impl Drop for SnapshotGuard<'_> {
     fn drop(&mut self) {
@@ -783,6 +927,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
                 Method::Cbt
             },
             digests: None,
+            known: None,
             _lock: lock,
         });
     }
@@ -860,6 +1005,15 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             ));
         }
     }
+    if opts.verify_source {
+        for d in devices.iter().filter(|d| d.method != Method::Cbt) {
+            (opts.log)(&format!(
+                "{}: --verify-source: a {} backup copies every block that differs: nothing for the check to add",
+                d.path.display(),
+                if d.method == Method::Digest { "digest" } else { "full" }
+            ));
+        }
+    }
 
     let mut out = Vec::new();
     for d in devices.iter_mut() {
@@ -920,8 +1074,10 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
         time: None,
         merged: false,
         snapshot: None,
+        missed: Vec::new(),
     };
     let mut method = d.method;
+    let mut verified = None;
     let (copied, manifest) = match d.kind {
         Kind::Full => {
             m.store(&manifest_path)?;
@@ -963,6 +1119,7 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
                 inprogress.status = Status::InProgress;
                 inprogress.store(&manifest_path)?;
                 let f = OpenOptions::new()
+                    .read(true)
                     .write(true)
                     .open(&img_path)
                     .map_err(|e| format!("{}: {e}", img_path.display()))?;
@@ -971,8 +1128,41 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
                         copy_changed_blocks(&image, &InPlace(&f), digests, opts.stop, opts.progress)
                             .map_err(|e| format!("{}: {e}", img_path.display()))?
                     }
+                    (_, Some(digests)) if opts.verify_source => {
+                        method = Method::Cbt;
+                        let map = d
+                            .tracker
+                            .read_cbt_map(MapKind::Snapshot)
+                            .map_err(|e| e.to_string())?;
+                        let coarse = plan(&map, prev.snapshot_number, info.block_size, size);
+                        let (extents, _) = refine(&d.tracker, prev.snapshot_number, &coarse, size)?;
+                        let (c, found) = copy_checked(
+                            &image,
+                            &InPlace(&f),
+                            &extents,
+                            digests,
+                            &mut |s, buf| {
+                                f.read_exact_at(buf, s).map_err(|e| {
+                                    format!("{}: read at {s}: {e}", img_path.display())
+                                })
+                            },
+                            opts.stop,
+                            opts.progress,
+                        )
+                        .map_err(|e| format!("{}: {e}", img_path.display()))?;
+                        report_check(&d.path, &found, "the last backup", "the image", opts.log);
+                        m.missed = found.missed_ranges();
+                        verified = Some(found);
+                        c
+                    }
                     (_, digests) => {
                         method = Method::Cbt;
+                        if opts.verify_source {
+                            (opts.log)(&format!(
+                                "{}: WARNING: --verify-source: the last backup has no usable digests: the device is not checked",
+                                d.path.display()
+                            ));
+                        }
                         let map = d
                             .tracker
                             .read_cbt_map(MapKind::Snapshot)
@@ -1038,6 +1228,7 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
         image,
         point: None,
         file: opts.dir.join(&m.image),
+        verified,
     })
 }
 

@@ -18,6 +18,7 @@
 //! format version, the block size and the device size, little endian) and
 //! then one 32-byte digest per block.
 
+use crate::backup::Buffer;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -43,6 +44,105 @@ pub struct Digests {
 /// The digest of one block.
 pub fn hash(block: &[u8]) -> [u8; LEN] {
     *blake3::hash(block).as_bytes()
+}
+
+/// Reads bytes at an offset into a buffer.
+pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), String> + 'a;
+/// Takes a piece read at an offset, with the digests of its blocks.
+pub type Consume<'a> = dyn FnMut(u64, &[u8], &[[u8; LEN]]) -> Result<(), String> + 'a;
+
+/// The digests of the blocks of `data` (which starts on a block), the
+/// blocks spread over `threads` threads; none for 0 threads.
+pub fn hash_blocks(data: &[u8], threads: usize) -> Vec<[u8; LEN]> {
+    if threads == 0 {
+        return Vec::new();
+    }
+    let blocks: Vec<&[u8]> = data.chunks(BLOCK as usize).collect();
+    let mut sums = vec![[0; LEN]; blocks.len()];
+    let per = blocks.len().div_ceil(threads.max(1)).max(1);
+    if per >= blocks.len() {
+        for (s, b) in sums.iter_mut().zip(&blocks) {
+            *s = hash(b);
+        }
+        return sums;
+    }
+    std::thread::scope(|scope| {
+        let mut parts = blocks.chunks(per).zip(sums.chunks_mut(per));
+        // The first part on this thread.
+        let first = parts.next();
+        for (bs, ss) in parts {
+            scope.spawn(move || {
+                for (s, b) in ss.iter_mut().zip(bs) {
+                    *s = hash(b);
+                }
+            });
+        }
+        if let Some((bs, ss)) = first {
+            for (s, b) in ss.iter_mut().zip(bs) {
+                *s = hash(b);
+            }
+        }
+    });
+    sums
+}
+
+/// The threads that digest: one per CPU the process may use.
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Reads `size` bytes in pieces of `step` bytes (a multiple of [`BLOCK`];
+/// the last piece is shorter) through `read` (offset, buffer: page aligned,
+/// for direct I/O) and hands each piece with the digests of its blocks to
+/// `consume`, in order (with 0 `threads`, no digests: the pieces alone).
+/// A pipeline: while a piece is digested (on `threads`
+/// threads), the next one is read and the one before is consumed, so that
+/// digesting costs no time where the CPUs can keep up with the reads.
+pub fn pipeline(
+    size: u64,
+    step: usize,
+    threads: usize,
+    read: &mut ReadAt<'_>,
+    consume: &mut Consume<'_>,
+) -> Result<(), String> {
+    assert!(
+        step > 0 && (step as u64).is_multiple_of(BLOCK),
+        "pieces of whole blocks"
+    );
+    std::thread::scope(|scope| {
+        let mut free: Vec<Buffer> = (0..2).map(|_| Buffer::new(step)).collect();
+        type Hashed = (Buffer, Vec<[u8; LEN]>);
+        let mut pending: Option<(u64, usize, std::thread::ScopedJoinHandle<'_, Hashed>)> = None;
+        let mut off = 0u64;
+        loop {
+            let next = if off < size {
+                let n = (size - off).min(step as u64) as usize;
+                let mut buf = free.pop().expect("two buffers in turn");
+                read(off, buf.get(n))?;
+                let h = scope.spawn(move || {
+                    let sums = hash_blocks(buf.slice(n), threads);
+                    (buf, sums)
+                });
+                Some((off, n, h))
+            } else {
+                None
+            };
+            if let Some((at, n, h)) = pending.take() {
+                let (buf, sums) = h
+                    .join()
+                    .map_err(|_| "a digest thread panicked".to_string())?;
+                consume(at, buf.slice(n), &sums)?;
+                free.push(buf);
+            }
+            match next {
+                Some(p) => {
+                    off += p.1 as u64;
+                    pending = Some(p);
+                }
+                None => return Ok(()),
+            }
+        }
+    })
 }
 
 impl Digests {
@@ -79,6 +179,13 @@ impl Digests {
     pub fn set(&mut self, i: usize, sum: [u8; LEN]) {
         if let Some(s) = self.sums.get_mut(i) {
             *s = sum;
+        }
+    }
+
+    /// Sets the digests of the blocks from block `first` on.
+    pub fn set_from(&mut self, first: usize, sums: &[[u8; LEN]]) {
+        for (k, s) in sums.iter().enumerate() {
+            self.set(first + k, *s);
         }
     }
 
@@ -188,6 +295,71 @@ mod tests {
         // The short last block is whole when the data reaches the end.
         assert!(e.absorb(3 * BLOCK, &data[3 * BLOCK as usize..]).is_empty());
         assert_eq!(e.get(3), d.get(3));
+    }
+
+    /// The pipeline hands every piece over in order, with the digests a
+    /// plain loop computes, whatever the threads and a short last piece.
+    #[test]
+    fn pipeline_equals_plain_digests() {
+        let size = 9 * BLOCK + 1536;
+        let data: Vec<u8> = (0..size).map(|i| (i * 13 % 241) as u8).collect();
+        let mut want = Digests::new(size);
+        assert!(want.absorb(0, &data).is_empty());
+        for threads in [1, 2, 3, 8] {
+            for step in [BLOCK as usize, 2 * BLOCK as usize, 16 * BLOCK as usize] {
+                let mut got = Digests::new(size);
+                let mut seen = Vec::new();
+                pipeline(
+                    size,
+                    step,
+                    threads,
+                    &mut |off, buf| {
+                        buf.copy_from_slice(&data[off as usize..off as usize + buf.len()]);
+                        Ok(())
+                    },
+                    &mut |off, piece, sums| {
+                        assert_eq!(piece, &data[off as usize..off as usize + piece.len()]);
+                        assert_eq!(sums.len() as u64, (piece.len() as u64).div_ceil(BLOCK));
+                        got.set_from((off / BLOCK) as usize, sums);
+                        seen.push(off);
+                        Ok(())
+                    },
+                )
+                .unwrap();
+                assert_eq!(got, want, "{threads} threads, pieces of {step}");
+                let offs: Vec<u64> = (0..size).step_by(step).collect();
+                assert_eq!(seen, offs);
+            }
+        }
+        // An error of a read or a consumer ends it with that error.
+        let e = pipeline(
+            size,
+            BLOCK as usize,
+            2,
+            &mut |off, _| {
+                if off == 3 * BLOCK {
+                    Err("bad read".into())
+                } else {
+                    Ok(())
+                }
+            },
+            &mut |_, _, _| Ok(()),
+        );
+        assert_eq!(e.unwrap_err(), "bad read");
+        let e = pipeline(
+            size,
+            BLOCK as usize,
+            2,
+            &mut |_, _| Ok(()),
+            &mut |off, _, _| {
+                if off == 2 * BLOCK {
+                    Err("bad write".into())
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        assert_eq!(e.unwrap_err(), "bad write");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod digest;
 pub mod identity;
 pub mod points;
 pub mod qcow;
+pub mod source;
 pub mod stack;
 
 use blk_snap_logic::uapi::{self, ctl};

@@ -21,8 +21,8 @@
 //! lock file `.lock`.
 
 use crate::backup::{
-    self, copy_changed_blocks, copy_extents, hex, plan, refine, store_digests, Device, Extent,
-    Kind, Manifest, Method, Options, Outcome, Progress, Status, Tap,
+    self, copy_changed_blocks, copy_checked, copy_extents, copy_known, hex, plan, refine,
+    store_digests, Device, Extent, Kind, Manifest, Method, Options, Outcome, Progress, Status, Tap,
 };
 use crate::digest::{self, Digests};
 use crate::qcow::{self, PointWriter};
@@ -209,29 +209,33 @@ fn next_number(chain: &Path) -> Result<u32, String> {
         .ok_or_else(|| format!("{}: no point number left", chain.display()))
 }
 
-/// Reads the content of `img` (through its chain) in steps, handing each
-/// to `f` with its offset.
+/// Reads the content of `img` (through its chain) in steps through the
+/// digest pipeline ([`digest::pipeline`]), handing each step with the
+/// digests of its blocks (if `digested`) to `f`.
 fn read_chain(
     img: &qcow::Image,
     size: u64,
+    digested: bool,
     stop: Option<&AtomicBool>,
     progress: &dyn Progress,
-    mut f: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    f: &mut digest::Consume<'_>,
 ) -> Result<(), String> {
-    let mut buf = vec![0u8; STEP];
-    let mut off = 0;
-    while off < size {
-        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
-            return Err("interrupted".into());
-        }
-        let n = (size - off).min(STEP as u64) as usize;
-        img.read(&mut buf[..n], off)
-            .map_err(|e| format!("read at {off}: {e}"))?;
-        f(off, &buf[..n])?;
-        off += n as u64;
-        progress.update(off, size);
-    }
-    Ok(())
+    digest::pipeline(
+        size,
+        STEP,
+        if digested { digest::threads() } else { 0 },
+        &mut |off, buf| {
+            if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                return Err("interrupted".into());
+            }
+            let n = buf.len() as u64;
+            img.read(buf, off)
+                .map_err(|e| format!("read at {off}: {e}"))?;
+            progress.update(off + n, size);
+            Ok(())
+        },
+        f,
+    )
 }
 
 /// The per-block digests of an image's content and, with `sha`, its
@@ -245,15 +249,22 @@ fn checksums(
 ) -> Result<(Option<String>, Digests), String> {
     let mut h = sha.then(Sha256::new);
     let mut digests = Digests::new(size);
-    read_chain(img, size, Some(stop), progress, |off, data| {
-        if let Some(h) = h.as_mut() {
-            h.update(data);
-        }
-        // Steps start on multiples of the digest block: all whole but
-        // the last, which ends at the device's end.
-        digests.absorb(off, data);
-        Ok(())
-    })?;
+    read_chain(
+        img,
+        size,
+        true,
+        Some(stop),
+        progress,
+        &mut |off, data, sums| {
+            if let Some(h) = h.as_mut() {
+                h.update(data);
+            }
+            // Steps start on multiples of the digest block: all whole but
+            // the last, which ends at the device's end.
+            digests.set_from((off / digest::BLOCK) as usize, sums);
+            Ok(())
+        },
+    )?;
     Ok((h.map(|h| hex(&h.finalize())), digests))
 }
 
@@ -362,6 +373,7 @@ pub(crate) fn backup_device(
         time: Some(now()),
         merged: false,
         snapshot: Some(snapshot.to_string()),
+        missed: Vec::new(),
     };
     m.store(&manifest_path)?;
     let w = PointWriter::create(&img_path, size, backing.as_deref())
@@ -376,6 +388,8 @@ pub(crate) fn backup_device(
     };
     let mut hash = (d.kind == Kind::Full).then(Sha256::new);
     let mut partial = Vec::new();
+    let mut verified = None;
+    let prev_point = d.previous.as_ref().and_then(|p| p.point).unwrap_or(0);
     let copied = (|| {
         match d.kind {
         Kind::Full => {
@@ -394,13 +408,13 @@ pub(crate) fn backup_device(
             )
         }
         _ => match (method, digests.as_mut()) {
-            (Method::Digest, Some(digests)) => {
-                copy_changed_blocks(&image, &w, digests, opts.stop, opts.progress)
-            }
+            (Method::Digest, Some(digests)) => match d.known.take() {
+                Some(known) => copy_known(&image, &w, digests, known, opts.stop, opts.progress),
+                None => copy_changed_blocks(&image, &w, digests, opts.stop, opts.progress),
+            },
             (Method::Digest, None) => Err(format!(
-                "{}: the change map cannot be used and point {} has no usable digests: make a full backup",
+                "{}: the change map cannot be used and point {prev_point} has no usable digests: make a full backup",
                 d.path.display(),
-                d.previous.as_ref().and_then(|p| p.point).unwrap_or(0)
             )),
             (_, digests) => {
                 method = Method::Cbt;
@@ -411,6 +425,27 @@ pub(crate) fn backup_device(
                     .map_err(|e| e.to_string())?;
                 let coarse = plan(&map, since, info.block_size, size);
                 let (extents, _): (Vec<Extent>, u32) = refine(&d.tracker, since, &coarse, size)?;
+                if opts.verify_source {
+                    if let Some(digests) = digests {
+                        let (c, found) = copy_checked(
+                            &image,
+                            &w,
+                            &extents,
+                            digests,
+                            &mut |s, buf| {
+                                w.image().read(buf, s).map_err(|e| format!("read at {s}: {e}"))
+                            },
+                            opts.stop,
+                            opts.progress,
+                        )?;
+                        verified = Some(found);
+                        return Ok(c);
+                    }
+                    (opts.log)(&format!(
+                        "{}: WARNING: --verify-source: point {prev_point} has no usable digests: the device is not checked",
+                        d.path.display()
+                    ));
+                }
                 let mut tap = digests.map(|digests| Tap {
                     digests,
                     partial: Vec::new(),
@@ -458,6 +493,16 @@ pub(crate) fn backup_device(
             return Err(format!("{}: {e}", img_path.display()));
         }
     };
+    if let Some(f) = &verified {
+        backup::report_check(
+            &d.path,
+            f,
+            &format!("point {prev_point}"),
+            &format!("point {number}"),
+            opts.log,
+        );
+        m.missed = f.missed_ranges();
+    }
     w.publish()
         .map_err(|e| format!("{}: {e}", img_path.display()))?;
     m.digests = Some(store_digests(&digests, &chain.join(digests_name(number)))?);
@@ -478,6 +523,7 @@ pub(crate) fn backup_device(
         image,
         point: Some(number),
         file: img_path,
+        verified,
     })
 }
 
@@ -806,21 +852,28 @@ pub fn restore(
         f
     };
     let mut zeroed = 0;
-    read_chain(&img, size, Some(stop), progress, |off, data| {
-        if data.iter().all(|&b| b == 0) {
-            if !is_bdev {
-                return Ok(()); // a new file reads zeroes there
+    read_chain(
+        &img,
+        size,
+        false,
+        Some(stop),
+        progress,
+        &mut |off, data, _| {
+            if data.iter().all(|&b| b == 0) {
+                if !is_bdev {
+                    return Ok(()); // a new file reads zeroes there
+                }
+                // The device zeroes the range itself where it can (write
+                // zeroes, unmap); else the zeroes are written.
+                if zero_out(&dst, off, data.len() as u64).is_ok() {
+                    zeroed += data.len() as u64;
+                    return Ok(());
+                }
             }
-            // The device zeroes the range itself where it can (write
-            // zeroes, unmap); else the zeroes are written.
-            if zero_out(&dst, off, data.len() as u64).is_ok() {
-                zeroed += data.len() as u64;
-                return Ok(());
-            }
-        }
-        dst.write_all_at(data, off)
-            .map_err(|e| format!("{}: write at {off}: {e}", target.display()))
-    })?;
+            dst.write_all_at(data, off)
+                .map_err(|e| format!("{}: write at {off}: {e}", target.display()))
+        },
+    )?;
     dst.sync_all()
         .map_err(|e| format!("{}: {e}", target.display()))?;
     drop(dst);
@@ -880,20 +933,23 @@ fn readback(path: &Path, size: u64, direct: bool) -> Result<(String, Digests), S
     let f = o
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut buf = backup::Buffer::new(STEP);
     let mut h = Sha256::new();
     let mut digests = Digests::new(size);
-    let mut off = 0;
-    while off < size {
-        let n = (size - off).min(STEP as u64) as usize;
-        // Sizes of devices are whole sectors, so are the pieces.
-        let data = buf.get(n);
-        f.read_exact_at(data, off)
-            .map_err(|e| format!("{}: read at {off}: {e}", path.display()))?;
-        h.update(&data[..]);
-        digests.absorb(off, data);
-        off += n as u64;
-    }
+    digest::pipeline(
+        size,
+        STEP,
+        digest::threads(),
+        &mut |off, buf| {
+            // Sizes of devices are whole sectors, so are the pieces.
+            f.read_exact_at(buf, off)
+                .map_err(|e| format!("{}: read at {off}: {e}", path.display()))
+        },
+        &mut |off, data, sums| {
+            h.update(data);
+            digests.set_from((off / digest::BLOCK) as usize, sums);
+            Ok(())
+        },
+    )?;
     Ok((hex(&h.finalize()), digests))
 }
 
@@ -989,6 +1045,7 @@ mod tests {
             time: Some(n.into()),
             merged: false,
             snapshot: None,
+            missed: Vec::new(),
         };
         m.store(&manifest_path(chain, n)).unwrap();
     }

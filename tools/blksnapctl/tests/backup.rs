@@ -4,9 +4,10 @@
 //! verification and incremental planning.
 
 use blksnap::backup::{
-    choose, plan, sha256_file, total, verify, Choice, DigestFile, Kind, Manifest, Method, Status,
-    FORMAT,
+    choose, copy_checked, plan, sha256_file, total, verify, Choice, DigestFile, InPlace, Kind,
+    Manifest, Method, Quiet, Status, FORMAT,
 };
+use blksnap::digest::{Digests, BLOCK};
 use blksnap::identity::Identity;
 use proptest::prelude::*;
 use std::path::PathBuf;
@@ -117,6 +118,7 @@ fn manifest(image: &str, sha: &str, size: u64) -> Manifest {
         time: None,
         merged: false,
         snapshot: None,
+        missed: Vec::new(),
     }
 }
 
@@ -408,4 +410,80 @@ fn incremental_uses_the_change_map_only_on_the_same_device() {
         choice(&prev, Kind::Full, size, &generation, &Ok(vdb)).method,
         Method::Full
     );
+}
+
+/// An incremental with --verify-source, on files: the previous backup in
+/// place, a "snapshot image" that differs from it in blocks the plan (the
+/// change map) copies and in blocks it does not. The backup ends equal to
+/// the image, its digests the image's, and the check names exactly the
+/// blocks the plan missed (a block the plan copies in part, with another
+/// part written unseen, among them).
+#[test]
+fn checked_incremental_copies_what_the_map_missed() {
+    use std::os::unix::fs::FileExt;
+    let d = tmp("checked");
+    let size = 64 * BLOCK + 4096;
+    let old: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    let mut new = old.clone();
+    let b = BLOCK as usize;
+    // Seen: block 3 whole, 4 KiB of block 10.
+    new[3 * b..4 * b].fill(0x33);
+    new[10 * b + 4096..10 * b + 8192].fill(0x10);
+    // Unseen: 4 KiB of block 20, 512 bytes of block 10 beside the seen
+    // piece, the short last block.
+    new[20 * b + 8192..20 * b + 12288].fill(0x20);
+    new[10 * b + 40960..10 * b + 41472].fill(0x11);
+    new[64 * b + 100] ^= 0xff;
+    let plan = [
+        (3 * BLOCK, BLOCK),
+        (10 * BLOCK + 4096, 4096),
+        (40 * BLOCK, 8192),
+    ];
+    let img = d.join("snapshot.img");
+    let bak = d.join("backup.img");
+    std::fs::write(&img, &new).unwrap();
+    std::fs::write(&bak, &old).unwrap();
+    let mut prev = Digests::new(size);
+    assert!(prev.absorb(0, &old).is_empty());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&bak)
+        .unwrap();
+    let (c, found) = copy_checked(
+        &img,
+        &InPlace(&f),
+        &plan,
+        &mut prev,
+        &mut |s, buf| f.read_exact_at(buf, s).map_err(|e| e.to_string()),
+        &std::sync::atomic::AtomicBool::new(false),
+        &Quiet,
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(&bak).unwrap(),
+        new,
+        "the backup equals the image"
+    );
+    let mut want = Digests::new(size);
+    want.absorb(0, &new);
+    assert_eq!(prev, want, "the digests are the image's");
+    assert_eq!(c.read, size);
+    // The plan's 3 pieces, then blocks 10, 20, 64 whole.
+    assert_eq!(c.written, BLOCK + 4096 + 8192 + 2 * BLOCK + 4096);
+    assert_eq!((found.differ, found.explained), (4, 1));
+    let missed: Vec<(usize, Vec<(u64, u64)>)> = found
+        .missed
+        .iter()
+        .map(|m| (m.block, m.differ.clone()))
+        .collect();
+    assert_eq!(
+        missed,
+        [
+            (10, vec![(10 * BLOCK + 40960, 10 * BLOCK + 45056)]),
+            (20, vec![(20 * BLOCK + 8192, 20 * BLOCK + 12288)]),
+            (64, vec![(64 * BLOCK, 64 * BLOCK + 4096)]),
+        ]
+    );
+    std::fs::remove_dir_all(&d).unwrap();
 }

@@ -9,6 +9,7 @@
 //! Every error carries the errno and what was attempted.
 
 pub mod backup;
+pub mod bench;
 pub mod boot;
 pub mod digest;
 pub mod identity;

@@ -116,6 +116,20 @@ enum Command {
     /// Generate the man pages or shell completions.
     #[command(subcommand, hide = true)]
     Generate(GenerateCommand),
+    /// Measure reading FILE against reading and digesting it (the digest
+    /// paths: digest incrementals, verify, verify --source), with direct
+    /// I/O and from the page cache.
+    #[command(hide = true)]
+    DigestBench {
+        /// A file on the disk to measure (made of mixed data if missing).
+        file: PathBuf,
+        /// Size of the file made.
+        #[arg(long, value_parser = parse_size, default_value = "1G")]
+        size: u64,
+        /// Rounds of every row (interleaved; the median is shown).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -478,6 +492,7 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
         | Command::Verify { .. }
         | Command::Restore { .. }
         | Command::Generate(_)
+        | Command::DigestBench { .. }
         | Command::Cbt(CbtCommand::Boot { .. }) => unreachable!(),
     }
     Ok(())
@@ -1222,6 +1237,44 @@ fn restore_cmd(
     Ok(())
 }
 
+fn digest_bench(file: &Path, size: u64, rounds: usize, json: bool) -> Result<(), (u8, String)> {
+    let rows = blksnap::bench::run(file, size, rounds).map_err(|e| (exit::FAILED, e))?;
+    if json {
+        println!("{}", serde_json::to_string(&rows).unwrap());
+        return Ok(());
+    }
+    let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "{}: {} MiB, {} rounds (median MB/s; ratio to the read of the same kind), {} CPUs",
+        file.display(),
+        len >> 20,
+        rounds,
+        blksnap::digest::threads()
+    );
+    let base = |direct: bool| {
+        rows.iter()
+            .find(|r| r.direct == Some(direct) && r.threads == 0)
+            .map_or(1.0, |r| r.mb_s)
+    };
+    for r in &rows {
+        let (kind, b) = match r.direct {
+            Some(true) => ("direct I/O", base(true)),
+            Some(false) => ("page cache", base(false)),
+            None => ("memory", base(false)),
+        };
+        let rounds: Vec<String> = r.rounds.iter().map(|x| format!("{x:.0}")).collect();
+        println!(
+            "  {:<10}  {:<45}  {:>8.0} MB/s  {:>5.2}  [{}]",
+            kind,
+            r.what,
+            r.mb_s,
+            r.mb_s / b,
+            rounds.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn generate(cmd: GenerateCommand) -> Result<(), (u8, String)> {
     match cmd {
         GenerateCommand::Man { dir } => {
@@ -1283,6 +1336,7 @@ fn main() -> ExitCode {
             force,
         } => restore_cmd(&dir, point, &target, device.as_deref(), force, json),
         Command::Generate(cmd) => generate(cmd),
+        Command::DigestBench { file, size, rounds } => digest_bench(&file, size, rounds, json),
         Command::Cbt(CbtCommand::Boot { config, device }) => {
             cbt_boot(&config, device.as_deref(), json)
         }

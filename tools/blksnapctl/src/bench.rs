@@ -144,7 +144,11 @@ pub fn run(path: &Path, size: u64, rounds: usize) -> Result<Vec<Row>, String> {
         .len()
         / 4096
         * 4096;
-    let cpus = digest::threads();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The digest threads of the pipeline as the product runs it, and one
+    // per CPU when that is more.
+    let mut pools = vec![1, digest::threads(), cpus];
+    pools.dedup();
     let kinds: Vec<(String, Option<bool>, &str, usize)> = {
         let mut v = Vec::new();
         for direct in [true, false] {
@@ -155,31 +159,23 @@ pub fn run(path: &Path, size: u64, rounds: usize) -> Result<Vec<Row>, String> {
                 "sequential",
                 1,
             ));
+            for &n in &pools {
+                v.push((
+                    format!("read + digest, pipeline, {n} digest thread(s)"),
+                    Some(direct),
+                    "pipeline",
+                    n,
+                ));
+            }
+        }
+        for &n in &pools {
             v.push((
-                "read + digest, pipeline, 1 digest thread".to_string(),
-                Some(direct),
-                "pipeline",
-                1,
-            ));
-            v.push((
-                format!("read + digest, pipeline, {cpus} digest threads"),
-                Some(direct),
-                "pipeline",
-                cpus,
+                format!("digest alone, in memory, {n} thread(s)"),
+                None,
+                "memory",
+                n,
             ));
         }
-        v.push((
-            "digest alone, in memory, 1 thread".into(),
-            None,
-            "memory",
-            1,
-        ));
-        v.push((
-            format!("digest alone, in memory, {cpus} threads"),
-            None,
-            "memory",
-            cpus,
-        ));
         v
     };
     let mut data = vec![0u8; 64 << 20];

@@ -86,9 +86,11 @@ pub fn hash_blocks(data: &[u8], threads: usize) -> Vec<[u8; LEN]> {
     sums
 }
 
-/// The threads that digest: one per CPU the process may use.
+/// The threads that digest in [`pipeline`]: one per CPU the process may
+/// use but the one that reads (at least one). More would only wait for a
+/// CPU, and a piece is done when its slowest part is.
 pub fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
 /// Reads `size` bytes in pieces of `step` bytes (a multiple of [`BLOCK`];

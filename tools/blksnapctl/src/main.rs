@@ -1245,10 +1245,11 @@ fn digest_bench(file: &Path, size: u64, rounds: usize, json: bool) -> Result<(),
     }
     let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
     println!(
-        "{}: {} MiB, {} rounds (median MB/s; ratio to the read of the same kind), {} CPUs",
+        "{}: {} MiB, {} rounds (median MB/s; ratio to the read of the same kind), {} CPUs, the pipeline digests on {} thread(s)",
         file.display(),
         len >> 20,
         rounds,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
         blksnap::digest::threads()
     );
     let base = |direct: bool| {

@@ -4,8 +4,8 @@
 //! verification and incremental planning.
 
 use blksnap::backup::{
-    choose, copy_checked, plan, sha256_file, total, verify, Choice, DigestFile, InPlace, Kind,
-    Manifest, Method, Quiet, Status, FORMAT,
+    choose, copy_checked, copy_known, plan, sha256_file, total, verify, Choice, DigestFile,
+    InPlace, Kind, Manifest, Method, Quiet, Status, FORMAT,
 };
 use blksnap::digest::{Digests, BLOCK};
 use blksnap::identity::Identity;
@@ -485,5 +485,44 @@ fn checked_incremental_copies_what_the_map_missed() {
             (64, vec![(64 * BLOCK, 64 * BLOCK + 4096)]),
         ]
     );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The repair's copy: given the image's digests (read before), it reads
+/// and writes only the blocks whose digest differs from the previous
+/// backup's, and the backup then equals the image.
+#[test]
+fn known_digests_copy_only_what_differs() {
+    let d = tmp("known");
+    let size = 16 * BLOCK + 512;
+    let old: Vec<u8> = (0..size).map(|i| (i * 5 % 241) as u8).collect();
+    let mut new = old.clone();
+    let b = BLOCK as usize;
+    new[2 * b + 7] ^= 1;
+    new[3 * b..4 * b].fill(0);
+    new[16 * b + 3] ^= 1;
+    let img = d.join("snapshot.img");
+    let bak = d.join("backup.img");
+    std::fs::write(&img, &new).unwrap();
+    std::fs::write(&bak, &old).unwrap();
+    let mut prev = Digests::new(size);
+    prev.absorb(0, &old);
+    let mut known = Digests::new(size);
+    known.absorb(0, &new);
+    let f = std::fs::OpenOptions::new().write(true).open(&bak).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    assert!(copy_known(
+        &img,
+        &InPlace(&f),
+        &mut prev.clone(),
+        Digests::new(size + 512),
+        &stop,
+        &Quiet
+    )
+    .is_err());
+    let c = copy_known(&img, &InPlace(&f), &mut prev, known.clone(), &stop, &Quiet).unwrap();
+    assert_eq!(c.read, 2 * BLOCK + 512, "blocks 2-3 and the short last one");
+    assert_eq!(std::fs::read(&bak).unwrap(), new);
+    assert_eq!(prev, known);
     std::fs::remove_dir_all(&d).unwrap();
 }

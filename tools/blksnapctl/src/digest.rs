@@ -52,11 +52,8 @@ pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), String> + 'a;
 pub type Consume<'a> = dyn FnMut(u64, &[u8], &[[u8; LEN]]) -> Result<(), String> + 'a;
 
 /// The digests of the blocks of `data` (which starts on a block), the
-/// blocks spread over `threads` threads; none for 0 threads.
+/// blocks spread over `threads` threads.
 pub fn hash_blocks(data: &[u8], threads: usize) -> Vec<[u8; LEN]> {
-    if threads == 0 {
-        return Vec::new();
-    }
     let blocks: Vec<&[u8]> = data.chunks(BLOCK as usize).collect();
     let mut sums = vec![[0; LEN]; blocks.len()];
     let per = blocks.len().div_ceil(threads.max(1)).max(1);
@@ -96,8 +93,7 @@ pub fn threads() -> usize {
 /// Reads `size` bytes in pieces of `step` bytes (a multiple of [`BLOCK`];
 /// the last piece is shorter) through `read` (offset, buffer: page aligned,
 /// for direct I/O) and hands each piece with the digests of its blocks to
-/// `consume`, in order (with 0 `threads`, no digests: the pieces alone).
-/// A pipeline: while a piece is digested (on `threads`
+/// `consume`, in order. A pipeline: while a piece is digested (on `threads`
 /// threads), the next one is read and the one before is consumed, so that
 /// digesting costs no time where the CPUs can keep up with the reads.
 pub fn pipeline(

@@ -209,23 +209,47 @@ fn next_number(chain: &Path) -> Result<u32, String> {
         .ok_or_else(|| format!("{}: no point number left", chain.display()))
 }
 
-/// Reads the content of `img` (through its chain) in steps through the
-/// digest pipeline ([`digest::pipeline`]), handing each step with the
-/// digests of its blocks (if `digested`) to `f`.
+/// Reads the content of `img` (through its chain) in steps, handing each
+/// to `f` with its offset.
 fn read_chain(
     img: &qcow::Image,
     size: u64,
-    digested: bool,
     stop: Option<&AtomicBool>,
+    progress: &dyn Progress,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; STEP];
+    let mut off = 0;
+    while off < size {
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            return Err("interrupted".into());
+        }
+        let n = (size - off).min(STEP as u64) as usize;
+        img.read(&mut buf[..n], off)
+            .map_err(|e| format!("read at {off}: {e}"))?;
+        f(off, &buf[..n])?;
+        off += n as u64;
+        progress.update(off, size);
+    }
+    Ok(())
+}
+
+/// [`read_chain`] through the digest pipeline ([`digest::pipeline`]):
+/// each step comes with the digests of its blocks, computed on other
+/// threads while the next step is read.
+fn read_chain_digested(
+    img: &qcow::Image,
+    size: u64,
+    stop: &AtomicBool,
     progress: &dyn Progress,
     f: &mut digest::Consume<'_>,
 ) -> Result<(), String> {
     digest::pipeline(
         size,
         STEP,
-        if digested { digest::threads() } else { 0 },
+        digest::threads(),
         &mut |off, buf| {
-            if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            if stop.load(Ordering::Relaxed) {
                 return Err("interrupted".into());
             }
             let n = buf.len() as u64;
@@ -249,22 +273,15 @@ fn checksums(
 ) -> Result<(Option<String>, Digests), String> {
     let mut h = sha.then(Sha256::new);
     let mut digests = Digests::new(size);
-    read_chain(
-        img,
-        size,
-        true,
-        Some(stop),
-        progress,
-        &mut |off, data, sums| {
-            if let Some(h) = h.as_mut() {
-                h.update(data);
-            }
-            // Steps start on multiples of the digest block: all whole but
-            // the last, which ends at the device's end.
-            digests.set_from((off / digest::BLOCK) as usize, sums);
-            Ok(())
-        },
-    )?;
+    read_chain_digested(img, size, stop, progress, &mut |off, data, sums| {
+        if let Some(h) = h.as_mut() {
+            h.update(data);
+        }
+        // Steps start on multiples of the digest block: all whole but
+        // the last, which ends at the device's end.
+        digests.set_from((off / digest::BLOCK) as usize, sums);
+        Ok(())
+    })?;
     Ok((h.map(|h| hex(&h.finalize())), digests))
 }
 
@@ -442,7 +459,7 @@ pub(crate) fn backup_device(
                         return Ok(c);
                     }
                     (opts.log)(&format!(
-                        "{}: WARNING: --verify-source: point {prev_point} has no usable digests: the device is not checked",
+                        "{}: WARNING, --verify-source: point {prev_point} has no usable digests: the device is not checked",
                         d.path.display()
                     ));
                 }
@@ -852,28 +869,21 @@ pub fn restore(
         f
     };
     let mut zeroed = 0;
-    read_chain(
-        &img,
-        size,
-        false,
-        Some(stop),
-        progress,
-        &mut |off, data, _| {
-            if data.iter().all(|&b| b == 0) {
-                if !is_bdev {
-                    return Ok(()); // a new file reads zeroes there
-                }
-                // The device zeroes the range itself where it can (write
-                // zeroes, unmap); else the zeroes are written.
-                if zero_out(&dst, off, data.len() as u64).is_ok() {
-                    zeroed += data.len() as u64;
-                    return Ok(());
-                }
+    read_chain(&img, size, Some(stop), progress, |off, data| {
+        if data.iter().all(|&b| b == 0) {
+            if !is_bdev {
+                return Ok(()); // a new file reads zeroes there
             }
-            dst.write_all_at(data, off)
-                .map_err(|e| format!("{}: write at {off}: {e}", target.display()))
-        },
-    )?;
+            // The device zeroes the range itself where it can (write
+            // zeroes, unmap); else the zeroes are written.
+            if zero_out(&dst, off, data.len() as u64).is_ok() {
+                zeroed += data.len() as u64;
+                return Ok(());
+            }
+        }
+        dst.write_all_at(data, off)
+            .map_err(|e| format!("{}: write at {off}: {e}", target.display()))
+    })?;
     dst.sync_all()
         .map_err(|e| format!("{}: {e}", target.display()))?;
     drop(dst);

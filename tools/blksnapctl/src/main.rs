@@ -32,7 +32,7 @@ mod exit {
     name = "blksnapctl",
     version,
     about = "Change block tracking and snapshots of block devices (blksnap)",
-    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
+    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n  blksnapctl verify --source /dev/vdb /backup --store /var/tmp\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of text.

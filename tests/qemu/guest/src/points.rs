@@ -1423,6 +1423,63 @@ fn verify_source_finds_missed_writes() -> TestResult {
         if !out.contains("none missed") {
             fail!("verify --source after the checked incremental: {out:?}");
         }
+        // The raw layout: a --verify-source incremental updates the image
+        // in place with the unseen write too.
+        let rdir = dir.join("raw");
+        let rd = rdir.to_str().unwrap().to_string();
+        let rargs = |kind: &str| {
+            vec![
+                "--json".to_string(),
+                "backup".into(),
+                kind.into(),
+                sd.clone(),
+                "--store".into(),
+                store.clone(),
+                "--to".into(),
+                rd.clone(),
+                "--format".into(),
+                "raw".into(),
+            ]
+        };
+        let a = rargs("full");
+        ctl_ok(&a.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let z = 30 * MIB + 4096;
+        write_behind(lo.backing(), z, 4096, 0x77)?;
+        write_pattern(&src, 16 * MIB / SECTOR, 8, 0x55)?;
+        let mut a = rargs("incremental");
+        a.push("--verify-source".into());
+        let out = run(
+            "blksnapctl",
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        check_eq!(out.code, 0, "raw --verify-source incremental exit code");
+        let v: Value =
+            serde_json::from_str(&out.stdout).map_err(|err| format!("{err}: {}", out.stdout))?;
+        let zb = z / 65536 * 65536;
+        check_eq!(
+            v["devices"][0]["verified"]["missed"],
+            serde_json::json!([{
+                "block": zb / 65536,
+                "start": zb,
+                "end": zb + 65536,
+                "differ": [[z, z + 4096]],
+            }]),
+            "the missed blocks of the raw incremental"
+        );
+        if !out.stderr.contains("MISSED 1 blocks") {
+            fail!("no warning of the raw incremental: {:?}", out.stderr);
+        }
+        check_eq!(
+            sha_prefix(&rdir.join(format!("{name}.img")), size)?,
+            sha_prefix(lo.backing(), size)?,
+            "the raw image after the checked incremental against the device"
+        );
+        ctl_ok(&[
+            "verify",
+            rdir.join(format!("{name}.img")).to_str().unwrap(),
+            "--manifest",
+            rdir.join(format!("{name}.manifest.json")).to_str().unwrap(),
+        ])?;
         Ok(())
     })();
     let _ = std::fs::remove_file(&raw);

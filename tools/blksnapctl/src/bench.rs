@@ -79,6 +79,48 @@ fn open(path: &Path, direct: bool) -> Result<File, String> {
     o.open(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The first pipeline, for comparison: a thread spawned for each piece
+/// (joined before the next one is consumed), two buffers, no read-ahead.
+fn pipeline_spawned(
+    size: u64,
+    threads: usize,
+    read: &mut digest::ReadAt<'_>,
+    consume: &mut digest::Consume<'_>,
+) -> Result<(), String> {
+    type Hashed = (Buffer, Vec<[u8; digest::LEN]>);
+    std::thread::scope(|scope| {
+        let mut free: Vec<Buffer> = (0..2).map(|_| Buffer::new(IO_SIZE)).collect();
+        let mut pending: Option<(u64, usize, std::thread::ScopedJoinHandle<'_, Hashed>)> = None;
+        let mut off = 0u64;
+        loop {
+            let next = if off < size {
+                let n = (size - off).min(IO_SIZE as u64) as usize;
+                let mut buf = free.pop().expect("two buffers in turn");
+                read(off, buf.get(n))?;
+                let h = scope.spawn(move || {
+                    let sums = digest::hash_blocks(buf.slice(n), threads);
+                    (buf, sums)
+                });
+                Some((off, n, h))
+            } else {
+                None
+            };
+            if let Some((at, n, h)) = pending.take() {
+                let (buf, sums) = h.join().map_err(|_| "panicked".to_string())?;
+                consume(at, buf.slice(n), &sums)?;
+                free.push(buf);
+            }
+            match next {
+                Some(p) => {
+                    off += p.1 as u64;
+                    pending = Some(p);
+                }
+                None => return Ok(()),
+            }
+        }
+    })
+}
+
 /// One pass over the file; returns the seconds it took.
 fn pass(path: &Path, size: u64, direct: bool, mode: &str, threads: usize) -> Result<f64, String> {
     let f = open(path, direct)?;
@@ -105,6 +147,15 @@ fn pass(path: &Path, size: u64, direct: bool, mode: &str, threads: usize) -> Res
                 off += n as u64;
             }
         }
+        "spawned" => pipeline_spawned(
+            size,
+            threads,
+            &mut |off, buf| read(off, buf),
+            &mut |_, _, sums| {
+                black_box(sums);
+                Ok(())
+            },
+        )?,
         _ => digest::pipeline(
             size,
             IO_SIZE,
@@ -158,6 +209,12 @@ pub fn run(path: &Path, size: u64, rounds: usize) -> Result<Vec<Row>, String> {
                 Some(direct),
                 "sequential",
                 1,
+            ));
+            v.push((
+                "read + digest, thread per piece (first pipeline)".to_string(),
+                Some(direct),
+                "spawned",
+                digest::threads(),
             ));
             for &n in &pools {
                 v.push((

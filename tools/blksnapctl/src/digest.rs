@@ -107,39 +107,55 @@ pub fn pipeline(
         step > 0 && (step as u64).is_multiple_of(BLOCK),
         "pieces of whole blocks"
     );
+    // Three buffers: one being read or consumed here, one queued for or
+    // being digested by the digest thread, one digested and queued for
+    // this thread; the channels hold one each, so that a send here never
+    // waits while this thread holds every free buffer.
+    const BUFFERS: usize = 3;
+    type Piece = (u64, usize, Buffer);
+    type Hashed = (u64, usize, Buffer, Vec<[u8; LEN]>);
     std::thread::scope(|scope| {
-        let mut free: Vec<Buffer> = (0..2).map(|_| Buffer::new(step)).collect();
-        type Hashed = (Buffer, Vec<[u8; LEN]>);
-        let mut pending: Option<(u64, usize, std::thread::ScopedJoinHandle<'_, Hashed>)> = None;
-        let mut off = 0u64;
-        loop {
-            let next = if off < size {
-                let n = (size - off).min(step as u64) as usize;
-                let mut buf = free.pop().expect("two buffers in turn");
-                read(off, buf.get(n))?;
-                let h = scope.spawn(move || {
-                    let sums = hash_blocks(buf.slice(n), threads);
-                    (buf, sums)
-                });
-                Some((off, n, h))
-            } else {
-                None
-            };
-            if let Some((at, n, h)) = pending.take() {
-                let (buf, sums) = h
-                    .join()
-                    .map_err(|_| "a digest thread panicked".to_string())?;
+        let (to_hash, hash_rx) = std::sync::mpsc::sync_channel::<Piece>(1);
+        let (hashed_tx, hashed) = std::sync::mpsc::sync_channel::<Hashed>(1);
+        let worker = scope.spawn(move || {
+            for (off, n, buf) in hash_rx {
+                let sums = hash_blocks(buf.slice(n), threads);
+                if hashed_tx.send((off, n, buf, sums)).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut free: Vec<Buffer> = (0..BUFFERS).map(|_| Buffer::new(step)).collect();
+        let (mut off, mut done) = (0u64, 0u64);
+        let r = (|| {
+            while done < size {
+                // Read ahead while a buffer is free, else consume the
+                // oldest piece digested.
+                if off < size && !free.is_empty() {
+                    let n = (size - off).min(step as u64) as usize;
+                    let mut buf = free.pop().expect("a free buffer");
+                    read(off, buf.get(n))?;
+                    to_hash
+                        .send((off, n, buf))
+                        .map_err(|_| "the digest thread ended".to_string())?;
+                    off += n as u64;
+                    continue;
+                }
+                let (at, n, buf, sums) = hashed
+                    .recv()
+                    .map_err(|_| "the digest thread ended".to_string())?;
                 consume(at, buf.slice(n), &sums)?;
+                done += n as u64;
                 free.push(buf);
             }
-            match next {
-                Some(p) => {
-                    off += p.1 as u64;
-                    pending = Some(p);
-                }
-                None => return Ok(()),
-            }
+            Ok(())
+        })();
+        drop(to_hash);
+        drop(hashed);
+        if worker.join().is_err() {
+            return Err("a digest thread panicked".to_string());
         }
+        r
     })
 }
 

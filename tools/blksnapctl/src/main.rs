@@ -1265,7 +1265,7 @@ fn digest_bench(file: &Path, size: u64, rounds: usize, json: bool) -> Result<(),
         };
         let rounds: Vec<String> = r.rounds.iter().map(|x| format!("{x:.0}")).collect();
         println!(
-            "  {:<10}  {:<45}  {:>8.0} MB/s  {:>5.2}  [{}]",
+            "  {:<10}  {:<50}  {:>8.0} MB/s  {:>5.2}  [{}]",
             kind,
             r.what,
             r.mb_s,

@@ -43,6 +43,35 @@ fn usage_errors_exit_with_2_and_help_has_examples() {
         &["cbt", "mark", "/dev/x", "12"],
         &["snapshot", "add", "not-a-uuid", "/dev/x"],
         &["nosuchcommand"],
+        // verify --source needs --store; --repair and --store need it;
+        // it checks one device's chain, not --device's or a raw image's.
+        &["verify", "--source", "/dev/x", "/b"],
+        &["verify", "/b", "--repair"],
+        &["verify", "/b", "--store", "/s"],
+        &[
+            "verify", "--source", "/dev/x", "/b", "--store", "/s", "--device", "x",
+        ],
+        &[
+            "verify",
+            "--source",
+            "/dev/x",
+            "/b",
+            "--store",
+            "/s",
+            "--manifest",
+            "m",
+        ],
+        &[
+            "backup",
+            "incremental",
+            "/dev/x",
+            "--store",
+            "/s",
+            "--to",
+            "/d",
+            "--differential",
+            "--verify-source",
+        ],
     ] {
         let out = bin().args(args).output().unwrap();
         assert_eq!(
@@ -55,7 +84,9 @@ fn usage_errors_exit_with_2_and_help_has_examples() {
     let help = bin().arg("--help").output().unwrap();
     let text = String::from_utf8(help.stdout).unwrap();
     assert!(
-        text.contains("Examples:") && text.contains("backup incremental"),
+        text.contains("Examples:")
+            && text.contains("backup incremental")
+            && text.contains("verify --source"),
         "{text}"
     );
 }

@@ -22,6 +22,8 @@
 //! incomplete, and the next incremental falls back to a full backup.
 
 use crate::digest::{self, Digests};
+use crate::identity::Identity;
+use crate::source::{Check, Found};
 use crate::{changed_ranges, Control, MapKind, SnapshotId, Tracker};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -90,7 +92,9 @@ pub struct Manifest {
     pub device: String,
     /// `major:minor` of the device.
     pub dev: String,
-    /// Device identity from sysfs (serial or WWID), if it has one.
+    /// Device identity from sysfs ([`Identity::text`]: serial, WWID,
+    /// device-mapper UUID or loop file, partition, size); manifests of
+    /// earlier versions hold a serial or WWID alone.
     pub identity: Option<String>,
     /// Device size in bytes.
     pub size: u64,
@@ -156,6 +160,11 @@ pub struct Manifest {
     /// prune of the chain destroys it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// Byte ranges (start, end) that a check against the device
+    /// ([`crate::source`]) found changed although the change map did not
+    /// mark them, copied into this backup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missed: Vec<(u64, u64)>,
 }
 
 /// The current manifest format.
@@ -280,19 +289,103 @@ pub fn paths(dir: &Path, device: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
-/// Identity of a device from sysfs: its serial or WWID.
+/// The identity a manifest records of a device ([`Identity::text`]), if
+/// it can be read.
 pub fn identity(device: &Path) -> Option<String> {
-    let name = std::fs::canonicalize(device).ok()?;
-    let name = name.file_name()?.to_string_lossy().to_string();
-    let sys = Path::new("/sys/class/block").join(&name);
-    for attr in ["serial", "device/serial", "wwid", "device/wwid"] {
-        if let Ok(s) = std::fs::read_to_string(sys.join(attr)) {
-            if !s.trim().is_empty() {
-                return Some(s.trim().to_string());
-            }
+    Identity::read(device).ok().map(|i| i.text())
+}
+
+/// What an incremental (or differential) of a device is made as, and why
+/// it is not what was asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Choice {
+    /// What is made.
+    pub kind: Kind,
+    /// How it finds what to copy.
+    pub method: Method,
+    /// Why the change map is not used, if it is not.
+    pub why: Option<String>,
+}
+
+/// How to make an incremental (or differential, `kind`) of `device`, whose
+/// last backup is `prev`, now that its snapshot is taken: the device has
+/// `size` bytes, CBT generation `generation` and identity `identity`. The
+/// change map is used only on positive evidence that it describes the
+/// device the last backup was made of, since then: the same size, the
+/// same generation (the same tracking since then: a state restored after a
+/// reboot only on the kernel's proof, see README), and a recorded identity
+/// that matches it now (a disk without a serial or other unique name is
+/// told by its size and partition only: the generation is the proof
+/// there). Otherwise an incremental with usable
+/// digests reads the whole device ([`Method::Digest`]); a device of
+/// another size, or a differential, gets a full backup.
+pub fn choose(
+    prev: &Manifest,
+    kind: Kind,
+    device: &Path,
+    size: u64,
+    generation: &str,
+    identity: &Result<Identity, String>,
+) -> Choice {
+    let dev = device.display();
+    let what = match prev.point {
+        Some(n) => format!("point {n}"),
+        None => "the last backup".to_string(),
+    };
+    if kind == Kind::Full {
+        return Choice {
+            kind,
+            method: Method::Full,
+            why: None,
+        };
+    }
+    if prev.size != size {
+        return Choice {
+            kind: Kind::Full,
+            method: Method::Full,
+            why: Some(format!(
+                "the device size changed from {} to {size}",
+                prev.size
+            )),
+        };
+    }
+    let mut why = Vec::new();
+    match (prev.identity.as_deref(), identity) {
+        (_, Err(e)) => why.push(format!("the identity of {dev} cannot be read ({e})")),
+        (None, Ok(_)) => why.push(format!("{what} records no identity of its device")),
+        (Some(rec), Ok(now)) if !crate::identity::matches(rec, now) => why.push(format!(
+            "identity of {dev} is {now}, {what} was made of {rec}",
+            now = now.text()
+        )),
+        _ => {}
+    }
+    if prev.generation != generation {
+        why.push(format!(
+            "the change tracking generation changed ({} -> {generation}): tracking was restarted",
+            prev.generation
+        ));
+    }
+    if why.is_empty() {
+        return Choice {
+            kind,
+            method: Method::Cbt,
+            why: None,
+        };
+    }
+    let why = Some(why.join("; and "));
+    if kind == Kind::Incremental && prev.digests.is_some() {
+        Choice {
+            kind,
+            method: Method::Digest,
+            why,
+        }
+    } else {
+        Choice {
+            kind: Kind::Full,
+            method: Method::Full,
+            why,
         }
     }
-    None
 }
 
 /// `major:minor` of a device.
@@ -332,6 +425,10 @@ impl Buffer {
 
     pub(crate) fn get(&mut self, len: usize) -> &mut [u8] {
         &mut self.0[self.1..self.1 + len]
+    }
+
+    pub(crate) fn slice(&self, len: usize) -> &[u8] {
+        &self.0[self.1..self.1 + len]
     }
 }
 
@@ -468,6 +565,40 @@ pub fn copy_extents(
     Ok(Copied { read, written })
 }
 
+/// Reads the whole snapshot image `src` of `size` bytes with O_DIRECT
+/// through the digest pipeline ([`digest::pipeline`]: the blocks are
+/// digested on other threads while the next piece is read) and hands each
+/// piece with the digests of its blocks to `consume`. Stops with an error
+/// when `stop` is set. Returns the bytes read.
+pub(crate) fn read_digested(
+    src: &Path,
+    size: u64,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+    consume: &mut digest::Consume<'_>,
+) -> Result<u64, String> {
+    let img = open_image(src)?;
+    let mut read = 0;
+    digest::pipeline(
+        size,
+        IO_SIZE,
+        digest::threads(),
+        &mut |off, buf| {
+            if stop.load(Ordering::Relaxed) {
+                return Err("interrupted".into());
+            }
+            // Direct I/O wants whole sectors; the device size is one.
+            img.read_exact_at(buf, off)
+                .map_err(|e| format!("read {} at {off}: {e}", src.display()))?;
+            read += buf.len() as u64;
+            progress.update(read, size);
+            Ok(())
+        },
+        consume,
+    )?;
+    Ok(read)
+}
+
 /// Reads the whole snapshot image `src` and writes to `dst` the blocks of
 /// `digests` whose digest differs, setting their new digest: an
 /// incremental backup without a change map.
@@ -479,22 +610,113 @@ pub fn copy_changed_blocks(
     progress: &dyn Progress,
 ) -> Result<Copied, String> {
     let mut written = 0;
-    let whole = [(0, digests.size())];
-    let read = read_extents(src, &whole, stop, progress, |off, data| {
+    let size = digests.size();
+    let read = read_digested(src, size, stop, progress, &mut |off, data, sums| {
         // Pieces start on multiples of IO_SIZE, a multiple of the block:
-        // every block here is whole.
+        // every block here is whole (the last one ends the device).
         let first = (off / digest::BLOCK) as usize;
-        for (k, block) in data.chunks(digest::BLOCK as usize).enumerate() {
-            let sum = digest::hash(block);
-            if digests.get(first + k) == Some(&sum) {
+        for (k, (block, sum)) in data.chunks(digest::BLOCK as usize).zip(sums).enumerate() {
+            if digests.get(first + k) == Some(sum) {
                 continue;
             }
             written += dst.put(block, off + k as u64 * digest::BLOCK)?;
-            digests.set(first + k, sum);
+            digests.set(first + k, *sum);
         }
         Ok(())
     })?;
     Ok(Copied { read, written })
+}
+
+/// Writes to `dst` the blocks of the snapshot image `src` whose digest in
+/// `known` (the image's, computed by an earlier read of it) differs from
+/// `digests` (the previous backup's), and makes `digests` the image's: a
+/// digest incremental that reads only what it writes.
+pub fn copy_known(
+    src: &Path,
+    dst: &dyn Sink,
+    digests: &mut Digests,
+    known: Digests,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<Copied, String> {
+    if known.size() != digests.size() {
+        return Err("the digests read are of another size".into());
+    }
+    let mut extents: Vec<Extent> = Vec::new();
+    for i in (0..known.blocks()).filter(|&i| known.get(i) != digests.get(i)) {
+        let (s, e) = known.span(i);
+        match extents.last_mut() {
+            Some(last) if last.0 + last.1 == s => last.1 += e - s,
+            _ => extents.push((s, e - s)),
+        }
+    }
+    let c = copy_extents(src, dst, &extents, None, None, stop, progress)?;
+    *digests = known;
+    Ok(c)
+}
+
+/// An incremental that checks its device ([`crate::source`]): reads the
+/// whole snapshot image `src`, writes to `dst` what `plan` (the change
+/// map's extents) holds and every block that differs from the previous
+/// backup (digests `prev`) although the plan does not make it equal to the
+/// device (`point` reads `dst`'s content, through its backing chain), then
+/// makes `prev` the image's digests. Returns the counts and what the check
+/// found.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_checked(
+    src: &Path,
+    dst: &dyn Sink,
+    plan: &[Extent],
+    prev: &mut Digests,
+    point: &mut crate::digest::ReadAt<'_>,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<(Copied, Found), String> {
+    let mut written = 0;
+    let size = prev.size();
+    let (read, found, now) = {
+        let mut check = Check::new(prev, Some(plan));
+        let read = read_digested(src, size, stop, progress, &mut |off, data, sums| {
+            let end = off + data.len() as u64;
+            let first = plan.partition_point(|&(s, len)| s + len <= off);
+            for &(s, len) in plan[first..].iter().take_while(|&&(s, _)| s < end) {
+                let (a, b) = (s.max(off), (s + len).min(end));
+                written += dst.put(&data[(a - off) as usize..(b - off) as usize], a)?;
+            }
+            for i in check.piece(off, data, sums, point)? {
+                let (s, e) = check.now.span(i);
+                written += dst.put(&data[(s - off) as usize..(e - off) as usize], s)?;
+            }
+            Ok(())
+        })?;
+        (read, Found::of(&check, None), check.now)
+    };
+    *prev = now;
+    Ok((Copied { read, written }, found))
+}
+
+/// Says what a check of `device` against `what` (the previous backup)
+/// found, loudly where the change map missed blocks, copied into `into`.
+/// (`WARNING,` and not `WARNING:`, which is what a kernel splat says: the
+/// test harness fails a run whose console shows one.)
+pub(crate) fn report_check(device: &Path, f: &Found, what: &str, into: &str, log: &dyn Fn(&str)) {
+    let dev = device.display();
+    if f.missed.is_empty() {
+        log(&format!(
+            "{dev}: checked against the device: {} blocks differ from {what}, all of them marked by the change map",
+            f.differ
+        ));
+        return;
+    }
+    log(&format!(
+        "{dev}: WARNING, the change map MISSED {} blocks of {} KiB ({} bytes) that differ from {what}: something wrote to the device unseen by the tracking (another OS, a host editing the disk image, a write before tracking started...); they are copied into {into}, which equals the device:",
+        f.missed.len(),
+        digest::BLOCK >> 10,
+        f.missed.iter().map(|m| m.end - m.start).sum::<u64>()
+    ));
+    for l in f.missed_lines(32) {
+        log(&format!("{dev}:   missed {l}"));
+    }
 }
 
 /// Digests `blocks` again from the backup file `path`.
@@ -563,6 +785,9 @@ pub struct Options<'a> {
     pub keep_snapshot: bool,
     /// How the backups are kept.
     pub layout: Layout,
+    /// Check incrementals against the device ([`crate::source`]): read it
+    /// whole, and copy the blocks the change map missed too.
+    pub verify_source: bool,
 }
 
 /// How the backups of a device are kept.
@@ -607,6 +832,10 @@ pub struct Outcome {
     pub point: Option<u32>,
     /// The backup file written.
     pub file: PathBuf,
+    /// What a check against the device found (`verify_source`), the
+    /// missed blocks copied into this backup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Found>,
 }
 
 pub(crate) struct Device {
@@ -617,6 +846,10 @@ pub(crate) struct Device {
     pub(crate) method: Method,
     /// The digests of the previous backup's image, for an incremental.
     pub(crate) digests: Option<Digests>,
+    /// The digests of the snapshot image, when they were read before
+    /// (`verify --source --repair`): a digest incremental then reads only
+    /// the blocks that differ.
+    pub(crate) known: Option<Digests>,
     /// The chain's lock, for the points layout.
     pub(crate) _lock: Option<crate::points::Lock>,
     /// The previous point opened through its chain, every image checked
@@ -626,7 +859,7 @@ pub(crate) struct Device {
 }
 
 /// Destroys the snapshot when dropped.
-struct SnapshotGuard<'a>(&'a Control, SnapshotId);
+pub(crate) struct SnapshotGuard<'a>(pub(crate) &'a Control, pub(crate) SnapshotId);
 
 impl Drop for SnapshotGuard<'_> {
     fn drop(&mut self) {
@@ -738,6 +971,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
                 Method::Cbt
             },
             digests: None,
+            known: None,
             _lock: lock,
             previous_image,
         });
@@ -754,41 +988,38 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
 
     // The take starts a new CBT generation if tracking restarted or the
     // device changed size: only now can the numbers be compared.
+    let mut why_digest = Vec::new();
     for d in devices.iter_mut() {
         let (Some(m), Kind::Incremental | Kind::Differential) = (&d.previous, d.kind) else {
+            why_digest.push(None);
             continue;
         };
         let info = d.tracker.cbt_info().map_err(|e| e.to_string())?;
-        if m.size != info.device_capacity {
+        let c = choose(
+            m,
+            d.kind,
+            &d.path,
+            info.device_capacity,
+            &info.generation,
+            &Identity::read(&d.path),
+        );
+        if let (Kind::Full, Some(why)) = (c.kind, &c.why) {
             (opts.log)(&format!(
-                "{}: the device size changed from {} to {}; making a full backup instead",
-                d.path.display(),
-                m.size,
-                info.device_capacity
+                "{}: {why}; making a full backup instead",
+                d.path.display()
             ));
-            d.kind = Kind::Full;
-            d.method = Method::Full;
-        } else if m.generation != info.generation {
-            if d.kind == Kind::Incremental && m.digests.is_some() {
-                d.method = Method::Digest;
-            } else {
-                (opts.log)(&format!(
-                    "{}: the change tracking generation changed ({} -> {}): tracking was restarted; making a full backup instead",
-                    d.path.display(),
-                    m.generation,
-                    info.generation
-                ));
-                d.kind = Kind::Full;
-                d.method = Method::Full;
-            }
         }
+        d.kind = c.kind;
+        d.method = c.method;
+        why_digest.push(c.why.filter(|_| c.method == Method::Digest));
     }
     // The digests an incremental compares (digest method) or keeps up to
     // date (change map).
-    for d in devices.iter_mut() {
+    for (d, why) in devices.iter_mut().zip(why_digest) {
         let (Some(m), Kind::Incremental) = (&d.previous, d.kind) else {
             continue;
         };
+        let why = why.unwrap_or_default();
         let Some(f) = &m.digests else {
             continue;
         };
@@ -801,7 +1032,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             Ok(digests) => d.digests = Some(digests),
             Err(e) if d.method == Method::Digest => {
                 (opts.log)(&format!(
-                    "{}: the change map cannot be used and {e}; making a full backup instead",
+                    "{}: {why}, and {e}; making a full backup instead",
                     d.path.display()
                 ));
                 d.kind = Kind::Full;
@@ -814,8 +1045,17 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
         }
         if d.method == Method::Digest {
             (opts.log)(&format!(
-                "{}: the change map cannot be used (tracking was restarted); reading the whole device and writing the blocks whose digest changed",
+                "{}: the change map is not used: {why}; reading the whole device and writing the blocks whose digest changed",
                 d.path.display()
+            ));
+        }
+    }
+    if opts.verify_source {
+        for d in devices.iter().filter(|d| d.method != Method::Cbt) {
+            (opts.log)(&format!(
+                "{}: --verify-source: a {} backup copies every block that differs: nothing for the check to add",
+                d.path.display(),
+                if d.method == Method::Digest { "digest" } else { "full" }
             ));
         }
     }
@@ -876,8 +1116,10 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
         merged: false,
         merging: false,
         snapshot: None,
+        missed: Vec::new(),
     };
     let mut method = d.method;
+    let mut verified = None;
     let (copied, manifest) = match d.kind {
         Kind::Full => {
             m.store(&manifest_path)?;
@@ -919,6 +1161,7 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
                 inprogress.status = Status::InProgress;
                 inprogress.store(&manifest_path)?;
                 let f = OpenOptions::new()
+                    .read(true)
                     .write(true)
                     .open(&img_path)
                     .map_err(|e| format!("{}: {e}", img_path.display()))?;
@@ -927,8 +1170,41 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
                         copy_changed_blocks(&image, &InPlace(&f), digests, opts.stop, opts.progress)
                             .map_err(|e| format!("{}: {e}", img_path.display()))?
                     }
+                    (_, Some(digests)) if opts.verify_source => {
+                        method = Method::Cbt;
+                        let map = d
+                            .tracker
+                            .read_cbt_map(MapKind::Snapshot)
+                            .map_err(|e| e.to_string())?;
+                        let coarse = plan(&map, prev.snapshot_number, info.block_size, size);
+                        let (extents, _) = refine(&d.tracker, prev.snapshot_number, &coarse, size)?;
+                        let (c, found) = copy_checked(
+                            &image,
+                            &InPlace(&f),
+                            &extents,
+                            digests,
+                            &mut |s, buf| {
+                                f.read_exact_at(buf, s).map_err(|e| {
+                                    format!("{}: read at {s}: {e}", img_path.display())
+                                })
+                            },
+                            opts.stop,
+                            opts.progress,
+                        )
+                        .map_err(|e| format!("{}: {e}", img_path.display()))?;
+                        report_check(&d.path, &found, "the last backup", "the image", opts.log);
+                        m.missed = found.missed_ranges();
+                        verified = Some(found);
+                        c
+                    }
                     (_, digests) => {
                         method = Method::Cbt;
+                        if opts.verify_source {
+                            (opts.log)(&format!(
+                                "{}: WARNING, --verify-source: the last backup has no usable digests: the device is not checked",
+                                d.path.display()
+                            ));
+                        }
                         let map = d
                             .tracker
                             .read_cbt_map(MapKind::Snapshot)
@@ -1003,6 +1279,7 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
         image,
         point: None,
         file: opts.dir.join(&m.image),
+        verified,
     })
 }
 

@@ -18,6 +18,7 @@
 //! format version, the block size and the device size, little endian) and
 //! then one 32-byte digest per block.
 
+use crate::backup::Buffer;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -43,6 +44,119 @@ pub struct Digests {
 /// The digest of one block.
 pub fn hash(block: &[u8]) -> [u8; LEN] {
     *blake3::hash(block).as_bytes()
+}
+
+/// Reads bytes at an offset into a buffer.
+pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), String> + 'a;
+/// Takes a piece read at an offset, with the digests of its blocks.
+pub type Consume<'a> = dyn FnMut(u64, &[u8], &[[u8; LEN]]) -> Result<(), String> + 'a;
+
+/// The digests of the blocks of `data` (which starts on a block), the
+/// blocks spread over `threads` threads.
+pub fn hash_blocks(data: &[u8], threads: usize) -> Vec<[u8; LEN]> {
+    let blocks: Vec<&[u8]> = data.chunks(BLOCK as usize).collect();
+    let mut sums = vec![[0; LEN]; blocks.len()];
+    let per = blocks.len().div_ceil(threads.max(1)).max(1);
+    if per >= blocks.len() {
+        for (s, b) in sums.iter_mut().zip(&blocks) {
+            *s = hash(b);
+        }
+        return sums;
+    }
+    std::thread::scope(|scope| {
+        let mut parts = blocks.chunks(per).zip(sums.chunks_mut(per));
+        // The first part on this thread.
+        let first = parts.next();
+        for (bs, ss) in parts {
+            scope.spawn(move || {
+                for (s, b) in ss.iter_mut().zip(bs) {
+                    *s = hash(b);
+                }
+            });
+        }
+        if let Some((bs, ss)) = first {
+            for (s, b) in ss.iter_mut().zip(bs) {
+                *s = hash(b);
+            }
+        }
+    });
+    sums
+}
+
+/// The threads that digest in [`pipeline`]: one per CPU the process may
+/// use but the one that reads (at least one). More would only wait for a
+/// CPU, and a piece is done when its slowest part is.
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+}
+
+/// Reads `size` bytes in pieces of `step` bytes (a multiple of [`BLOCK`];
+/// the last piece is shorter) through `read` (offset, buffer: page aligned,
+/// for direct I/O) and hands each piece with the digests of its blocks to
+/// `consume`, in order. A pipeline: while a piece is digested (on `threads`
+/// threads), the next one is read and the one before is consumed, so that
+/// digesting costs no time where the CPUs can keep up with the reads.
+pub fn pipeline(
+    size: u64,
+    step: usize,
+    threads: usize,
+    read: &mut ReadAt<'_>,
+    consume: &mut Consume<'_>,
+) -> Result<(), String> {
+    assert!(
+        step > 0 && (step as u64).is_multiple_of(BLOCK),
+        "pieces of whole blocks"
+    );
+    // Three buffers: one being read or consumed here, one queued for or
+    // being digested by the digest thread, one digested and queued for
+    // this thread; the channels hold one each, so that a send here never
+    // waits while this thread holds every free buffer.
+    const BUFFERS: usize = 3;
+    type Piece = (u64, usize, Buffer);
+    type Hashed = (u64, usize, Buffer, Vec<[u8; LEN]>);
+    std::thread::scope(|scope| {
+        let (to_hash, hash_rx) = std::sync::mpsc::sync_channel::<Piece>(1);
+        let (hashed_tx, hashed) = std::sync::mpsc::sync_channel::<Hashed>(1);
+        let worker = scope.spawn(move || {
+            for (off, n, buf) in hash_rx {
+                let sums = hash_blocks(buf.slice(n), threads);
+                if hashed_tx.send((off, n, buf, sums)).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut free: Vec<Buffer> = (0..BUFFERS).map(|_| Buffer::new(step)).collect();
+        let (mut off, mut done) = (0u64, 0u64);
+        let r = (|| {
+            while done < size {
+                // Read ahead while a buffer is free, else consume the
+                // oldest piece digested.
+                if off < size && !free.is_empty() {
+                    let n = (size - off).min(step as u64) as usize;
+                    let mut buf = free.pop().expect("a free buffer");
+                    read(off, buf.get(n))?;
+                    to_hash
+                        .send((off, n, buf))
+                        .map_err(|_| "the digest thread ended".to_string())?;
+                    off += n as u64;
+                    continue;
+                }
+                let (at, n, buf, sums) = hashed
+                    .recv()
+                    .map_err(|_| "the digest thread ended".to_string())?;
+                consume(at, buf.slice(n), &sums)?;
+                done += n as u64;
+                free.push(buf);
+            }
+            Ok(())
+        })();
+        drop(to_hash);
+        drop(hashed);
+        if worker.join().is_err() {
+            return Err("a digest thread panicked".to_string());
+        }
+        r
+    })
 }
 
 impl Digests {
@@ -79,6 +193,13 @@ impl Digests {
     pub fn set(&mut self, i: usize, sum: [u8; LEN]) {
         if let Some(s) = self.sums.get_mut(i) {
             *s = sum;
+        }
+    }
+
+    /// Sets the digests of the blocks from block `first` on.
+    pub fn set_from(&mut self, first: usize, sums: &[[u8; LEN]]) {
+        for (k, s) in sums.iter().enumerate() {
+            self.set(first + k, *s);
         }
     }
 
@@ -188,6 +309,71 @@ mod tests {
         // The short last block is whole when the data reaches the end.
         assert!(e.absorb(3 * BLOCK, &data[3 * BLOCK as usize..]).is_empty());
         assert_eq!(e.get(3), d.get(3));
+    }
+
+    /// The pipeline hands every piece over in order, with the digests a
+    /// plain loop computes, whatever the threads and a short last piece.
+    #[test]
+    fn pipeline_equals_plain_digests() {
+        let size = 9 * BLOCK + 1536;
+        let data: Vec<u8> = (0..size).map(|i| (i * 13 % 241) as u8).collect();
+        let mut want = Digests::new(size);
+        assert!(want.absorb(0, &data).is_empty());
+        for threads in [1, 2, 3, 8] {
+            for step in [BLOCK as usize, 2 * BLOCK as usize, 16 * BLOCK as usize] {
+                let mut got = Digests::new(size);
+                let mut seen = Vec::new();
+                pipeline(
+                    size,
+                    step,
+                    threads,
+                    &mut |off, buf| {
+                        buf.copy_from_slice(&data[off as usize..off as usize + buf.len()]);
+                        Ok(())
+                    },
+                    &mut |off, piece, sums| {
+                        assert_eq!(piece, &data[off as usize..off as usize + piece.len()]);
+                        assert_eq!(sums.len() as u64, (piece.len() as u64).div_ceil(BLOCK));
+                        got.set_from((off / BLOCK) as usize, sums);
+                        seen.push(off);
+                        Ok(())
+                    },
+                )
+                .unwrap();
+                assert_eq!(got, want, "{threads} threads, pieces of {step}");
+                let offs: Vec<u64> = (0..size).step_by(step).collect();
+                assert_eq!(seen, offs);
+            }
+        }
+        // An error of a read or a consumer ends it with that error.
+        let e = pipeline(
+            size,
+            BLOCK as usize,
+            2,
+            &mut |off, _| {
+                if off == 3 * BLOCK {
+                    Err("bad read".into())
+                } else {
+                    Ok(())
+                }
+            },
+            &mut |_, _, _| Ok(()),
+        );
+        assert_eq!(e.unwrap_err(), "bad read");
+        let e = pipeline(
+            size,
+            BLOCK as usize,
+            2,
+            &mut |_, _| Ok(()),
+            &mut |off, _, _| {
+                if off == 2 * BLOCK {
+                    Err("bad write".into())
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        assert_eq!(e.unwrap_err(), "bad write");
     }
 
     #[test]

@@ -9,11 +9,13 @@
 //! Every error carries the errno and what was attempted.
 
 pub mod backup;
+pub mod bench;
 pub mod boot;
 pub mod digest;
 pub mod identity;
 pub mod points;
 pub mod qcow;
+pub mod source;
 pub mod stack;
 
 use blk_snap_logic::uapi::{self, ctl};

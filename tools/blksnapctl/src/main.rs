@@ -32,7 +32,7 @@ mod exit {
     name = "blksnapctl",
     version,
     about = "Change block tracking and snapshots of block devices (blksnap)",
-    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
+    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n  blksnapctl verify --source /dev/vdb /backup --store /var/tmp\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of text.
@@ -62,17 +62,40 @@ enum Command {
     /// Back up devices: a full image, or the blocks changed since.
     #[command(subcommand)]
     Backup(BackupCommand),
-    /// Check backups: every restore point of a chain (DIR), or a raw image
-    /// against its manifest (IMAGE --manifest FILE).
+    /// Check backups: every restore point of a chain (DIR), a raw image
+    /// against its manifest (IMAGE --manifest FILE), or a chain against its
+    /// device (--source DEV DIR).
+    ///
+    /// With --source: takes a snapshot of DEV, reads it whole (a full read
+    /// of the device), and compares it with the newest complete point of
+    /// DEV's chain in DIR, taking into account what the change map says
+    /// changed since that point. Blocks that differ although the map does
+    /// not mark them were missed by the chain (a write the tracking never
+    /// saw): they are listed with their byte ranges, and the exit status
+    /// is 3. --repair then makes a new point that includes them.
     Verify {
         /// A backup directory (or one device's chain in it), or a raw image.
         path: PathBuf,
         /// The raw image's manifest.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "source")]
         manifest: Option<PathBuf>,
         /// The device whose chain to check, when DIR has several.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "source")]
         device: Option<String>,
+        /// Check the chain against this device (see above).
+        #[arg(long, requires = "store")]
+        source: Option<PathBuf>,
+        /// With --source: difference storage for its snapshot (a
+        /// directory, file or device, as for `backup`).
+        #[arg(long, requires = "source")]
+        store: Option<PathBuf>,
+        /// With --source: largest size of the difference storage.
+        #[arg(long, value_parser = parse_size, default_value = "1G")]
+        limit: u64,
+        /// With --source: when blocks were missed, make a new restore point
+        /// from the same snapshot that includes them (it equals the device).
+        #[arg(long, requires = "source")]
+        repair: bool,
     },
     /// Write a restore point's content to a device or a raw file.
     Restore {
@@ -93,6 +116,20 @@ enum Command {
     /// Generate the man pages or shell completions.
     #[command(subcommand, hide = true)]
     Generate(GenerateCommand),
+    /// Measure reading FILE against reading and digesting it (the digest
+    /// paths: digest incrementals, verify, verify --source), with direct
+    /// I/O and from the page cache.
+    #[command(hide = true)]
+    DigestBench {
+        /// A file on the disk to measure (made of mixed data if missing).
+        file: PathBuf,
+        /// Size of the file made.
+        #[arg(long, value_parser = parse_size, default_value = "1G")]
+        size: u64,
+        /// Rounds of every row (interleaved; the median is shown).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -139,6 +176,11 @@ enum BackupCommand {
         /// since it to DIR/<name>.diff.img instead.
         #[arg(long)]
         differential: bool,
+        /// Also check the device against the last backup (a full read, as
+        /// `verify --source`): blocks the change map missed are copied too,
+        /// with a warning.
+        #[arg(long, conflicts_with = "differential")]
+        verify_source: bool,
     },
     /// List the restore points in DIR.
     List { dir: PathBuf },
@@ -470,6 +512,7 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
         | Command::Verify { .. }
         | Command::Restore { .. }
         | Command::Generate(_)
+        | Command::DigestBench { .. }
         | Command::Cbt(CbtCommand::Boot { .. }) => unreachable!(),
     }
     Ok(())
@@ -840,7 +883,7 @@ fn mib(b: u64) -> String {
 }
 
 fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
-    let (args, kind) = match cmd {
+    let (args, kind, verify_source) = match cmd {
         BackupCommand::List { dir } => return list_cmd(&dir, json),
         BackupCommand::Prune {
             dir,
@@ -848,14 +891,19 @@ fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
             device,
             crash_after,
         } => return prune_cmd(&dir, keep, device.as_deref(), crash_after.as_deref(), json),
-        BackupCommand::Full(args) => (args, Kind::Full),
-        BackupCommand::Incremental { args, differential } => (
+        BackupCommand::Full(args) => (args, Kind::Full, false),
+        BackupCommand::Incremental {
+            args,
+            differential,
+            verify_source,
+        } => (
             args,
             if differential {
                 Kind::Differential
             } else {
                 Kind::Incremental
             },
+            verify_source,
         ),
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -880,6 +928,7 @@ fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
             Format::Qcow2 => backup::Layout::Points,
             Format::Raw => backup::Layout::Raw,
         },
+        verify_source,
     });
     match result {
         Ok(report) => {
@@ -1113,6 +1162,116 @@ fn verify_cmd(dir: &Path, device: Option<&str>, json: bool) -> Result<(), (u8, S
     Ok(())
 }
 
+fn verify_source_cmd(
+    device: &Path,
+    dir: &Path,
+    store: Option<&Path>,
+    limit: u64,
+    repair: bool,
+    json: bool,
+) -> Result<(), (u8, String)> {
+    let store = store.ok_or((2, "--source needs --store".to_string()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed));
+    }
+    let progress = progress(json);
+    let log = |m: &str| eprintln!("blksnapctl: {m}");
+    let r = blksnap::source::verify(&blksnap::source::Options {
+        device,
+        dir,
+        store,
+        limit_sectors: limit >> 9,
+        repair,
+        stop: &stop,
+        progress: progress.as_ref(),
+        log: &log,
+    })
+    .map_err(|e| {
+        if stop.load(Ordering::Relaxed) {
+            (
+                exit::INTERRUPTED,
+                format!("interrupted ({e}); the snapshot is destroyed"),
+            )
+        } else {
+            (exit::FAILED, e)
+        }
+    })?;
+    let f = &r.found;
+    let missed: u64 = f.missed.iter().map(|m| m.end - m.start).sum();
+    if json {
+        println!("{}", serde_json::to_string(&r).unwrap());
+    } else {
+        println!(
+            "{}: read {} of the device; {} blocks of {} KiB differ from point {} of {}",
+            r.device,
+            mib(r.bytes_read),
+            f.differ,
+            blksnap::digest::BLOCK >> 10,
+            r.point,
+            r.chain.display()
+        );
+        if f.cbt {
+            println!(
+                "  {} of them marked by the change map since point {} (the next incremental copies them)",
+                f.explained, r.point
+            );
+            if f.missed.is_empty() {
+                println!("  none missed: the chain and the change map account for the device");
+            } else {
+                println!(
+                    "  MISSED by the change map: {} blocks ({missed} bytes); the chain does not hold them and no CBT incremental would copy them:",
+                    f.missed.len()
+                );
+                for l in f.missed_lines(64) {
+                    println!("    missed {l}");
+                }
+            }
+        } else {
+            println!(
+                "  the change map cannot say which of them changed since point {}: {}",
+                r.point,
+                f.why_not.as_deref().unwrap_or("")
+            );
+            println!("  (the next incremental is a digest incremental: it copies every block that differs)");
+            for &(a, b) in f.unexplained.iter().take(64) {
+                println!("    differ: bytes {a}..{b}");
+            }
+            if f.unexplained.len() > 64 {
+                println!("    ... and {} more ranges", f.unexplained.len() - 64);
+            }
+        }
+        if let Some(o) = &r.repaired {
+            println!(
+                "REPAIRED: point {} made from the same snapshot, with every block that differs ({} written); it equals the device -> {}",
+                o.point.unwrap_or(0),
+                mib(o.copied.written),
+                o.file.display()
+            );
+        } else if !f.missed.is_empty() && !repair {
+            println!("  (`blksnapctl verify --source {} {} --store ... --repair` makes a point that includes them)", r.device, dir.display());
+        }
+    }
+    if !f.missed.is_empty() {
+        let what = if r.repaired.is_some() {
+            "; they are in the new point"
+        } else {
+            ""
+        };
+        return Err((
+            exit::MISMATCH,
+            format!(
+                "{}: the change map missed {} blocks ({missed} bytes) that differ from point {}{what}",
+                r.device,
+                f.missed.len(),
+                r.point
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn restore_cmd(
     dir: &Path,
     point: u32,
@@ -1159,6 +1318,45 @@ fn restore_cmd(
     Ok(())
 }
 
+fn digest_bench(file: &Path, size: u64, rounds: usize, json: bool) -> Result<(), (u8, String)> {
+    let rows = blksnap::bench::run(file, size, rounds).map_err(|e| (exit::FAILED, e))?;
+    if json {
+        println!("{}", serde_json::to_string(&rows).unwrap());
+        return Ok(());
+    }
+    let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "{}: {} MiB, {} rounds (median MB/s; ratio to the read of the same kind), {} CPUs, the pipeline digests on {} thread(s)",
+        file.display(),
+        len >> 20,
+        rounds,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        blksnap::digest::threads()
+    );
+    let base = |direct: bool| {
+        rows.iter()
+            .find(|r| r.direct == Some(direct) && r.threads == 0)
+            .map_or(1.0, |r| r.mb_s)
+    };
+    for r in &rows {
+        let (kind, b) = match r.direct {
+            Some(true) => ("direct I/O", base(true)),
+            Some(false) => ("page cache", base(false)),
+            None => ("memory", base(false)),
+        };
+        let rounds: Vec<String> = r.rounds.iter().map(|x| format!("{x:.0}")).collect();
+        println!(
+            "  {:<10}  {:<50}  {:>8.0} MB/s  {:>5.2}  [{}]",
+            kind,
+            r.what,
+            r.mb_s,
+            r.mb_s / b,
+            rounds.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn generate(cmd: GenerateCommand) -> Result<(), (u8, String)> {
     match cmd {
         GenerateCommand::Man { dir } => {
@@ -1185,6 +1383,14 @@ fn main() -> ExitCode {
         Command::Backup(cmd) => backup_cmd(cmd, json),
         Command::Verify {
             path,
+            source: Some(source),
+            store,
+            limit,
+            repair,
+            ..
+        } => verify_source_cmd(&source, &path, store.as_deref(), limit, repair, json),
+        Command::Verify {
+            path,
             manifest: Some(manifest),
             ..
         } => match backup::verify(&path, &manifest) {
@@ -1202,6 +1408,7 @@ fn main() -> ExitCode {
             path,
             manifest: None,
             device,
+            ..
         } => verify_cmd(&path, device.as_deref(), json),
         Command::Restore {
             point,
@@ -1211,6 +1418,7 @@ fn main() -> ExitCode {
             force,
         } => restore_cmd(&dir, point, &target, device.as_deref(), force, json),
         Command::Generate(cmd) => generate(cmd),
+        Command::DigestBench { file, size, rounds } => digest_bench(&file, size, rounds, json),
         Command::Cbt(CbtCommand::Boot { config, device }) => {
             cbt_boot(&config, device.as_deref(), json)
         }

@@ -21,8 +21,8 @@
 //! lock file `.lock`.
 
 use crate::backup::{
-    self, copy_changed_blocks, copy_extents, hex, plan, refine, store_digests, Device, Extent,
-    Kind, Manifest, Method, Options, Outcome, Progress, Status, Tap,
+    self, copy_changed_blocks, copy_checked, copy_extents, copy_known, hex, plan, refine,
+    store_digests, Device, Extent, Kind, Manifest, Method, Options, Outcome, Progress, Status, Tap,
 };
 use crate::digest::{self, Digests};
 use crate::qcow::{self, PointWriter};
@@ -345,6 +345,34 @@ fn read_chain(
     Ok(())
 }
 
+/// [`read_chain`] through the digest pipeline ([`digest::pipeline`]):
+/// each step comes with the digests of its blocks, computed on other
+/// threads while the next step is read.
+fn read_chain_digested(
+    img: &qcow::Image,
+    size: u64,
+    stop: &AtomicBool,
+    progress: &dyn Progress,
+    f: &mut digest::Consume<'_>,
+) -> Result<(), String> {
+    digest::pipeline(
+        size,
+        STEP,
+        digest::threads(),
+        &mut |off, buf| {
+            if stop.load(Ordering::Relaxed) {
+                return Err("interrupted".into());
+            }
+            let n = buf.len() as u64;
+            img.read(buf, off)
+                .map_err(|e| format!("read at {off}: {e}"))?;
+            progress.update(off + n, size);
+            Ok(())
+        },
+        f,
+    )
+}
+
 /// The per-block digests of an image's content and, with `sha`, its
 /// SHA-256.
 fn checksums(
@@ -356,13 +384,13 @@ fn checksums(
 ) -> Result<(Option<String>, Digests), String> {
     let mut h = sha.then(Sha256::new);
     let mut digests = Digests::new(size);
-    read_chain(img, size, Some(stop), progress, |off, data| {
+    read_chain_digested(img, size, stop, progress, &mut |off, data, sums| {
         if let Some(h) = h.as_mut() {
             h.update(data);
         }
         // Steps start on multiples of the digest block: all whole but
         // the last, which ends at the device's end.
-        digests.absorb(off, data);
+        digests.set_from((off / digest::BLOCK) as usize, sums);
         Ok(())
     })?;
     Ok((h.map(|h| hex(&h.finalize())), digests))
@@ -479,6 +507,7 @@ pub(crate) fn backup_device(
         merged: false,
         merging: false,
         snapshot: Some(snapshot.to_string()),
+        missed: Vec::new(),
     };
     m.store(&manifest_path)?;
     let w = PointWriter::create(&img_path, size, below)
@@ -493,6 +522,8 @@ pub(crate) fn backup_device(
     };
     let mut hash = (d.kind == Kind::Full).then(Sha256::new);
     let mut partial = Vec::new();
+    let mut verified = None;
+    let prev_point = d.previous.as_ref().and_then(|p| p.point).unwrap_or(0);
     let copied = (|| {
         match d.kind {
         Kind::Full => {
@@ -511,13 +542,13 @@ pub(crate) fn backup_device(
             )
         }
         _ => match (method, digests.as_mut()) {
-            (Method::Digest, Some(digests)) => {
-                copy_changed_blocks(&image, &w, digests, opts.stop, opts.progress)
-            }
+            (Method::Digest, Some(digests)) => match d.known.take() {
+                Some(known) => copy_known(&image, &w, digests, known, opts.stop, opts.progress),
+                None => copy_changed_blocks(&image, &w, digests, opts.stop, opts.progress),
+            },
             (Method::Digest, None) => Err(format!(
-                "{}: the change map cannot be used and point {} has no usable digests: make a full backup",
+                "{}: the change map cannot be used and point {prev_point} has no usable digests: make a full backup",
                 d.path.display(),
-                d.previous.as_ref().and_then(|p| p.point).unwrap_or(0)
             )),
             (_, digests) => {
                 method = Method::Cbt;
@@ -528,6 +559,27 @@ pub(crate) fn backup_device(
                     .map_err(|e| e.to_string())?;
                 let coarse = plan(&map, since, info.block_size, size);
                 let (extents, _): (Vec<Extent>, u32) = refine(&d.tracker, since, &coarse, size)?;
+                if opts.verify_source {
+                    if let Some(digests) = digests {
+                        let (c, found) = copy_checked(
+                            &image,
+                            &w,
+                            &extents,
+                            digests,
+                            &mut |s, buf| {
+                                w.image().read(buf, s).map_err(|e| format!("read at {s}: {e}"))
+                            },
+                            opts.stop,
+                            opts.progress,
+                        )?;
+                        verified = Some(found);
+                        return Ok(c);
+                    }
+                    (opts.log)(&format!(
+                        "{}: WARNING, --verify-source: point {prev_point} has no usable digests: the device is not checked",
+                        d.path.display()
+                    ));
+                }
                 let mut tap = digests.map(|digests| Tap {
                     digests,
                     partial: Vec::new(),
@@ -584,6 +636,16 @@ pub(crate) fn backup_device(
             d.path.display()
         ));
     }
+    if let Some(f) = &verified {
+        backup::report_check(
+            &d.path,
+            f,
+            &format!("point {prev_point}"),
+            &format!("point {number}"),
+            opts.log,
+        );
+        m.missed = f.missed_ranges();
+    }
     w.publish()
         .map_err(|e| format!("{}: {e}", img_path.display()))?;
     m.digests = Some(store_digests(&digests, &chain.join(digests_name(number)))?);
@@ -604,6 +666,7 @@ pub(crate) fn backup_device(
         image,
         point: Some(number),
         file: img_path,
+        verified,
     })
 }
 
@@ -1014,20 +1077,23 @@ fn readback(path: &Path, size: u64, direct: bool) -> Result<(String, Digests), S
     let f = o
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut buf = backup::Buffer::new(STEP);
     let mut h = Sha256::new();
     let mut digests = Digests::new(size);
-    let mut off = 0;
-    while off < size {
-        let n = (size - off).min(STEP as u64) as usize;
-        // Sizes of devices are whole sectors, so are the pieces.
-        let data = buf.get(n);
-        f.read_exact_at(data, off)
-            .map_err(|e| format!("{}: read at {off}: {e}", path.display()))?;
-        h.update(&data[..]);
-        digests.absorb(off, data);
-        off += n as u64;
-    }
+    digest::pipeline(
+        size,
+        STEP,
+        digest::threads(),
+        &mut |off, buf| {
+            // Sizes of devices are whole sectors, so are the pieces.
+            f.read_exact_at(buf, off)
+                .map_err(|e| format!("{}: read at {off}: {e}", path.display()))
+        },
+        &mut |off, data, sums| {
+            h.update(data);
+            digests.set_from((off / digest::BLOCK) as usize, sums);
+            Ok(())
+        },
+    )?;
     Ok((hex(&h.finalize()), digests))
 }
 
@@ -1125,6 +1191,7 @@ mod tests {
             merged: false,
             merging: false,
             snapshot: None,
+            missed: Vec::new(),
         };
         m.store(&manifest_path(chain, n)).unwrap();
     }

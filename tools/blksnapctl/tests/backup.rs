@@ -4,8 +4,11 @@
 //! verification and incremental planning.
 
 use blksnap::backup::{
-    plan, sha256_file, total, verify, DigestFile, Kind, Manifest, Method, Status, FORMAT,
+    choose, copy_checked, copy_known, plan, sha256_file, total, verify, Choice, DigestFile,
+    InPlace, Kind, Manifest, Method, Quiet, Status, FORMAT,
 };
+use blksnap::digest::{Digests, BLOCK};
+use blksnap::identity::Identity;
 use proptest::prelude::*;
 use std::path::PathBuf;
 use std::process::Command;
@@ -40,6 +43,35 @@ fn usage_errors_exit_with_2_and_help_has_examples() {
         &["cbt", "mark", "/dev/x", "12"],
         &["snapshot", "add", "not-a-uuid", "/dev/x"],
         &["nosuchcommand"],
+        // verify --source needs --store; --repair and --store need it;
+        // it checks one device's chain, not --device's or a raw image's.
+        &["verify", "--source", "/dev/x", "/b"],
+        &["verify", "/b", "--repair"],
+        &["verify", "/b", "--store", "/s"],
+        &[
+            "verify", "--source", "/dev/x", "/b", "--store", "/s", "--device", "x",
+        ],
+        &[
+            "verify",
+            "--source",
+            "/dev/x",
+            "/b",
+            "--store",
+            "/s",
+            "--manifest",
+            "m",
+        ],
+        &[
+            "backup",
+            "incremental",
+            "/dev/x",
+            "--store",
+            "/s",
+            "--to",
+            "/d",
+            "--differential",
+            "--verify-source",
+        ],
     ] {
         let out = bin().args(args).output().unwrap();
         assert_eq!(
@@ -52,7 +84,9 @@ fn usage_errors_exit_with_2_and_help_has_examples() {
     let help = bin().arg("--help").output().unwrap();
     let text = String::from_utf8(help.stdout).unwrap();
     assert!(
-        text.contains("Examples:") && text.contains("backup incremental"),
+        text.contains("Examples:")
+            && text.contains("backup incremental")
+            && text.contains("verify --source"),
         "{text}"
     );
 }
@@ -116,6 +150,7 @@ fn manifest(image: &str, sha: &str, size: u64) -> Manifest {
         merged: false,
         merging: false,
         snapshot: None,
+        missed: Vec::new(),
     }
 }
 
@@ -221,4 +256,324 @@ fn fine_answers_become_merged_extents() {
     let mut out = Vec::new();
     fine_extents(0, &[0, 1], 4096, 4096 + 512, &mut out);
     assert_eq!(out, vec![(4096, 512)]);
+}
+
+/// The decision of an incremental: the change map only for the device the
+/// last point was made of (same size, generation, a unique identity that
+/// matches); the digest method where the sizes match and the point has
+/// digests; else a full backup. Each refusal says why.
+#[test]
+fn incremental_uses_the_change_map_only_on_the_same_device() {
+    let dev = std::path::Path::new("/dev/vdb");
+    let size = 1u64 << 30;
+    let vdb = Identity {
+        disk: Some("serial=blksnap-p".into()),
+        partition: None,
+        sectors: size >> 9,
+    };
+    let mut prev = manifest("point-0003.qcow2", "", size);
+    prev.point = Some(3);
+    prev.identity = Some(vdb.text());
+    let generation = prev.generation.clone();
+    let choice = |prev: &Manifest, kind, size, generation: &str, id: &Result<Identity, String>| {
+        choose(prev, kind, dev, size, generation, id)
+    };
+    let cbt = Choice {
+        kind: Kind::Incremental,
+        method: Method::Cbt,
+        why: None,
+    };
+    assert_eq!(
+        choice(
+            &prev,
+            Kind::Incremental,
+            size,
+            &generation,
+            &Ok(vdb.clone())
+        ),
+        cbt
+    );
+    // The first manifest format: the serial alone, a whole disk.
+    let mut old = prev.clone();
+    old.identity = Some("blksnap-p".into());
+    assert_eq!(
+        choice(&old, Kind::Incremental, size, &generation, &Ok(vdb.clone())),
+        cbt
+    );
+
+    // Another disk of the same size in its place: digests.
+    let other = Identity {
+        disk: Some("serial=blksnap-x".into()),
+        ..vdb.clone()
+    };
+    let c = choice(
+        &prev,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Ok(other.clone()),
+    );
+    assert_eq!((c.kind, c.method), (Kind::Incremental, Method::Digest));
+    assert_eq!(
+        c.why.as_deref(),
+        Some(
+            "identity of /dev/vdb is serial=blksnap-x,sectors=2097152, \
+             point 3 was made of serial=blksnap-p,sectors=2097152"
+        )
+    );
+    // Without digests, or a differential: a full backup.
+    let mut nodig = prev.clone();
+    nodig.digests = None;
+    let c = choice(
+        &nodig,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Ok(other.clone()),
+    );
+    assert_eq!((c.kind, c.method), (Kind::Full, Method::Full));
+    assert!(c.why.unwrap().starts_with("identity of /dev/vdb is"));
+    let c = choice(
+        &prev,
+        Kind::Differential,
+        size,
+        &generation,
+        &Ok(other.clone()),
+    );
+    assert_eq!((c.kind, c.method), (Kind::Full, Method::Full));
+    // A partition of the same disk at another place, or the old format's
+    // serial for a partition: not proven.
+    let part = Identity {
+        partition: Some((1, 2048)),
+        ..vdb.clone()
+    };
+    let c = choice(
+        &old,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Ok(part.clone()),
+    );
+    assert_eq!(c.method, Method::Digest, "{c:?}");
+    let mut p1 = prev.clone();
+    p1.identity = Some(part.text());
+    let moved = Identity {
+        partition: Some((1, 4096)),
+        ..vdb.clone()
+    };
+    assert_eq!(
+        choice(&p1, Kind::Incremental, size, &generation, &Ok(part)),
+        cbt
+    );
+    assert_eq!(
+        choice(&p1, Kind::Incremental, size, &generation, &Ok(moved)).method,
+        Method::Digest
+    );
+
+    // No identity in the manifest, none readable now, nothing unique now.
+    let mut none = prev.clone();
+    none.identity = None;
+    let c = choice(
+        &none,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Ok(vdb.clone()),
+    );
+    assert_eq!(c.method, Method::Digest);
+    assert_eq!(
+        c.why.as_deref(),
+        Some("point 3 records no identity of its device")
+    );
+    let c = choice(
+        &prev,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Err("gone".into()),
+    );
+    assert_eq!(c.method, Method::Digest);
+    assert_eq!(
+        c.why.as_deref(),
+        Some("the identity of /dev/vdb cannot be read (gone)")
+    );
+    let bare = Identity {
+        disk: None,
+        partition: None,
+        sectors: size >> 9,
+    };
+    let mut bare_prev = prev.clone();
+    bare_prev.identity = Some(bare.text());
+    // Nothing unique: the same size and generation are the proof.
+    let c = choice(
+        &bare_prev,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Ok(bare.clone()),
+    );
+    assert_eq!(c.method, Method::Cbt, "{:?}", c.why);
+    // But another size is another identity.
+    let bigger = Identity {
+        sectors: (size >> 9) + 8,
+        ..bare
+    };
+    let c = choice(
+        &bare_prev,
+        Kind::Incremental,
+        size,
+        &generation,
+        &Ok(bigger),
+    );
+    assert_eq!(c.method, Method::Digest);
+
+    // The generation: digests, with both reasons when the identity differs too.
+    let c = choice(&prev, Kind::Incremental, size, "another", &Ok(vdb.clone()));
+    assert_eq!(c.method, Method::Digest);
+    assert!(c.why.unwrap().contains("generation changed"));
+    let c = choice(
+        &prev,
+        Kind::Incremental,
+        size,
+        "another",
+        &Ok(other.clone()),
+    );
+    let why = c.why.unwrap();
+    assert!(
+        why.contains("identity of") && why.contains("generation changed"),
+        "{why}"
+    );
+    // The size: full, whatever the rest.
+    let c = choice(
+        &prev,
+        Kind::Incremental,
+        size * 2,
+        &generation,
+        &Ok(vdb.clone()),
+    );
+    assert_eq!((c.kind, c.method), (Kind::Full, Method::Full));
+    assert_eq!(
+        c.why.as_deref(),
+        Some("the device size changed from 1073741824 to 2147483648")
+    );
+    // A full is a full.
+    assert_eq!(
+        choice(&prev, Kind::Full, size, &generation, &Ok(vdb)).method,
+        Method::Full
+    );
+}
+
+/// An incremental with --verify-source, on files: the previous backup in
+/// place, a "snapshot image" that differs from it in blocks the plan (the
+/// change map) copies and in blocks it does not. The backup ends equal to
+/// the image, its digests the image's, and the check names exactly the
+/// blocks the plan missed (a block the plan copies in part, with another
+/// part written unseen, among them).
+#[test]
+fn checked_incremental_copies_what_the_map_missed() {
+    use std::os::unix::fs::FileExt;
+    let d = tmp("checked");
+    let size = 64 * BLOCK + 4096;
+    let old: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    let mut new = old.clone();
+    let b = BLOCK as usize;
+    // Seen: block 3 whole, 4 KiB of block 10.
+    new[3 * b..4 * b].fill(0x33);
+    new[10 * b + 4096..10 * b + 8192].fill(0x10);
+    // Unseen: 4 KiB of block 20, 512 bytes of block 10 beside the seen
+    // piece, the short last block.
+    new[20 * b + 8192..20 * b + 12288].fill(0x20);
+    new[10 * b + 40960..10 * b + 41472].fill(0x11);
+    new[64 * b + 100] ^= 0xff;
+    let plan = [
+        (3 * BLOCK, BLOCK),
+        (10 * BLOCK + 4096, 4096),
+        (40 * BLOCK, 8192),
+    ];
+    let img = d.join("snapshot.img");
+    let bak = d.join("backup.img");
+    std::fs::write(&img, &new).unwrap();
+    std::fs::write(&bak, &old).unwrap();
+    let mut prev = Digests::new(size);
+    assert!(prev.absorb(0, &old).is_empty());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&bak)
+        .unwrap();
+    let (c, found) = copy_checked(
+        &img,
+        &InPlace(&f),
+        &plan,
+        &mut prev,
+        &mut |s, buf| f.read_exact_at(buf, s).map_err(|e| e.to_string()),
+        &std::sync::atomic::AtomicBool::new(false),
+        &Quiet,
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(&bak).unwrap(),
+        new,
+        "the backup equals the image"
+    );
+    let mut want = Digests::new(size);
+    want.absorb(0, &new);
+    assert_eq!(prev, want, "the digests are the image's");
+    assert_eq!(c.read, size);
+    // The plan's 3 pieces, then blocks 10, 20, 64 whole.
+    assert_eq!(c.written, BLOCK + 4096 + 8192 + 2 * BLOCK + 4096);
+    assert_eq!((found.differ, found.explained), (4, 1));
+    let missed: Vec<(usize, Vec<(u64, u64)>)> = found
+        .missed
+        .iter()
+        .map(|m| (m.block, m.differ.clone()))
+        .collect();
+    assert_eq!(
+        missed,
+        [
+            (10, vec![(10 * BLOCK + 40960, 10 * BLOCK + 45056)]),
+            (20, vec![(20 * BLOCK + 8192, 20 * BLOCK + 12288)]),
+            (64, vec![(64 * BLOCK, 64 * BLOCK + 4096)]),
+        ]
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The repair's copy: given the image's digests (read before), it reads
+/// and writes only the blocks whose digest differs from the previous
+/// backup's, and the backup then equals the image.
+#[test]
+fn known_digests_copy_only_what_differs() {
+    let d = tmp("known");
+    let size = 16 * BLOCK + 512;
+    let old: Vec<u8> = (0..size).map(|i| (i * 5 % 241) as u8).collect();
+    let mut new = old.clone();
+    let b = BLOCK as usize;
+    new[2 * b + 7] ^= 1;
+    new[3 * b..4 * b].fill(0);
+    new[16 * b + 3] ^= 1;
+    let img = d.join("snapshot.img");
+    let bak = d.join("backup.img");
+    std::fs::write(&img, &new).unwrap();
+    std::fs::write(&bak, &old).unwrap();
+    let mut prev = Digests::new(size);
+    prev.absorb(0, &old);
+    let mut known = Digests::new(size);
+    known.absorb(0, &new);
+    let f = std::fs::OpenOptions::new().write(true).open(&bak).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    assert!(copy_known(
+        &img,
+        &InPlace(&f),
+        &mut prev.clone(),
+        Digests::new(size + 512),
+        &stop,
+        &Quiet
+    )
+    .is_err());
+    let c = copy_known(&img, &InPlace(&f), &mut prev, known.clone(), &stop, &Quiet).unwrap();
+    assert_eq!(c.read, 2 * BLOCK + 512, "blocks 2-3 and the short last one");
+    assert_eq!(std::fs::read(&bak).unwrap(), new);
+    assert_eq!(prev, known);
+    std::fs::remove_dir_all(&d).unwrap();
 }

@@ -53,6 +53,7 @@ pub(crate) fn opts<'a>(
         log: &|m| println!("    log: {m}"),
         keep_snapshot: keep,
         layout: backup::Layout::Raw,
+        verify_source: false,
     }
 }
 

@@ -40,6 +40,14 @@ pub const ALL: &[Test] = &[
         "points_snapshot_failed_during_the_copy_publishes_nothing",
         failed_during_the_copy,
     ),
+    (
+        "points_verify_source_finds_writes_the_cbt_missed",
+        verify_source_finds_missed_writes,
+    ),
+    (
+        "points_incremental_checks_the_device_identity",
+        incremental_checks_identity,
+    ),
 ];
 
 const MIB: u64 = 1 << 20;
@@ -194,8 +202,20 @@ struct Made {
 /// the snapshot image, destroys the snapshot, checks the point's manifest
 /// has the image's SHA-256.
 fn backup(kind: &str, dev: &Path, dir: &Path) -> Result<Made, String> {
+    backup_with(kind, dev, dir, &[]).map(|b| b.0)
+}
+
+/// [`backup`] with more arguments; also returns the device's outcome in
+/// the JSON report and what the command wrote to stderr.
+fn backup_with(
+    kind: &str,
+    dev: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<(Made, Value, String), String> {
     let store = dev::scratch();
-    let v = ctl_json(&[
+    let mut args = vec![
+        "--json",
         "backup",
         kind,
         dev.to_str().unwrap(),
@@ -206,7 +226,19 @@ fn backup(kind: &str, dev: &Path, dir: &Path) -> Result<Made, String> {
         "--to",
         dir.to_str().unwrap(),
         "--keep-snapshot",
-    ])?;
+    ];
+    args.extend_from_slice(extra);
+    let out = run("blksnapctl", &args);
+    if out.code != 0 {
+        fail!(
+            "blksnapctl {} exited {}: {}",
+            args.join(" "),
+            out.code,
+            out.stderr.trim()
+        );
+    }
+    let v: Value = serde_json::from_str(&out.stdout)
+        .map_err(|err| format!("blksnapctl {}: not JSON ({err})", args.join(" ")))?;
     let o = &v["devices"][0];
     let id = v["snapshot"]
         .as_str()
@@ -265,7 +297,7 @@ fn backup(kind: &str, dev: &Path, dir: &Path) -> Result<Made, String> {
             manifest.display()
         ),
     }
-    Ok(made)
+    Ok((made, o.clone(), out.stderr))
 }
 
 /// `qemu-img check` of a point: no errors.
@@ -1225,6 +1257,7 @@ fn failed_during_the_copy() -> TestResult {
             log: &|m| println!("    log: {m}"),
             keep_snapshot: false,
             layout,
+            verify_source: false,
         });
         let code = match hook.outcome.take() {
             Some(Ok(code)) => code,
@@ -1272,4 +1305,398 @@ fn failed_during_the_copy() -> TestResult {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Writes `len` bytes of `fill` at `off` into the backing file of a loop
+/// device, not through the device: the blksnap filter of the loop device
+/// never sees that write.
+fn write_behind(backing: &Path, off: u64, len: usize, fill: u8) -> TestResult {
+    println!(
+        "    (writing {len} bytes of {fill:#04x} at byte {off} of {} behind the loop device's back)",
+        backing.display()
+    );
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(backing)
+        .map_err(|err| format!("{}: {err}", backing.display()))?;
+    f.write_all_at(&vec![fill; len], off)
+        .and_then(|_| f.sync_all())
+        .map_err(|err| format!("{}: {err}", backing.display()))
+}
+
+/// The byte ranges (merged, in 4 KiB pieces) where two files differ in
+/// their first `size` bytes.
+fn differing(a: &Path, b: &Path, size: u64) -> Result<Vec<(u64, u64)>, String> {
+    let open = |p: &Path| std::fs::File::open(p).map_err(|err| format!("{}: {err}", p.display()));
+    let (fa, fb) = (open(a)?, open(b)?);
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let (mut x, mut y) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(MIB) as usize;
+        fa.read_exact_at(&mut x[..n], off)
+            .and_then(|_| fb.read_exact_at(&mut y[..n], off))
+            .map_err(|err| format!("read at {off}: {err}"))?;
+        for (k, (p, q)) in x[..n].chunks(4096).zip(y[..n].chunks(4096)).enumerate() {
+            if p != q {
+                let s = off + k as u64 * 4096;
+                match out.last_mut() {
+                    Some(last) if last.1 == s => last.1 = s + p.len() as u64,
+                    _ => out.push((s, s + p.len() as u64)),
+                }
+            }
+        }
+        off += n as u64;
+    }
+    Ok(out)
+}
+
+/// A point's manifest, as JSON.
+fn manifest_of(dir: &Path, name: &str, n: u64) -> Result<Value, String> {
+    let p = dir.join(name).join(format!("point-{n:04}.json"));
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).map_err(|err| format!("{}: {err}", p.display()))?,
+    )
+    .map_err(|err| format!("{}: {err}", p.display()))
+}
+
+/// A write the change map never saw: a loop device (buffered, over a file
+/// on the scratch tmpfs) is tracked and backed up, then its backing file
+/// is written directly. A normal incremental leaves that write out and
+/// `verify` says the chain is OK, yet point 2 differs from the device;
+/// `verify --source` names exactly the block (and the 4 KiB piece in it)
+/// and exits 3; `--repair` makes point 3, restored equal to the device;
+/// `backup incremental --verify-source` copies a second such write into
+/// its point with a warning, and that point equals its snapshot image.
+fn verify_source_finds_missed_writes() -> TestResult {
+    let size = 32 * MIB;
+    let scratch = dev::scratch();
+    let lo = dev::LoopDev::new("pt-vs-src", size)?;
+    let src = lo.path.clone();
+    let sd = src.to_str().unwrap().to_string();
+    let name = name_of(&src);
+    let dir = scratch.join("pt-vs");
+    let d = dir.to_str().unwrap().to_string();
+    let store = scratch.to_str().unwrap().to_string();
+    let raw = scratch.join("pt-vs.raw");
+    let _ = std::fs::remove_dir_all(&dir);
+    let r = (|| {
+        let _t = track(&src)?;
+        write_pattern(&src, 0, size / SECTOR, 0x51)?;
+        backup("full", &src, &dir)?;
+        // Seen: 8 KiB at 2 MiB. Unseen: 4 KiB at 5 MiB + 12 KiB.
+        write_pattern(&src, 2 * MIB / SECTOR, 16, 0x52)?;
+        let x = 5 * MIB + 12 * 1024;
+        write_behind(lo.backing(), x, 4096, 0xa5)?;
+        let p2 = backup("incremental", &src, &dir)?;
+        let truth = sha_prefix(lo.backing(), size)?;
+        check_eq!(
+            p2.sha,
+            truth,
+            "point 2's snapshot image against the backing file"
+        );
+        // The chain checks out against itself...
+        verify(&dir, &name, &[1, 2])?;
+        // ...yet point 2 is not the device: it lacks the unseen write.
+        ctl_json(&[
+            "restore",
+            "--point",
+            "2",
+            &d,
+            raw.to_str().unwrap(),
+            "--device",
+            &name,
+        ])?;
+        check_eq!(
+            differing(&raw, lo.backing(), size)?,
+            vec![(x, x + 4096)],
+            "where point 2 (verify: OK) differs from the device"
+        );
+        println!(
+            "    (verify says point 2 is OK; it differs from the device at bytes {x}..{})",
+            x + 4096
+        );
+        // A seen write since point 2: explained.
+        write_pattern(&src, 9 * MIB / SECTOR, 16, 0x53)?;
+        let vs = ["verify", "--source", &sd, &d, "--store", &store];
+        let out = run("blksnapctl", &vs);
+        check_eq!(
+            out.code,
+            3,
+            "verify --source exit code (stderr {:?})",
+            out.stderr.trim()
+        );
+        let blk = x / 65536 * 65536;
+        let want = format!(
+            "missed bytes {blk}..{} (block {} of 64 KiB): differ at {x}..{}",
+            blk + 65536,
+            blk / 65536,
+            x + 4096
+        );
+        if !out.stdout.contains(&want) {
+            fail!("verify --source: no `{want}` in {:?}", out.stdout);
+        }
+        check_eq!(
+            out.stdout.matches("missed bytes").count(),
+            1,
+            "missed blocks listed in {:?}",
+            out.stdout
+        );
+        let mut js = vec!["--json"];
+        js.extend_from_slice(&vs);
+        let out = run("blksnapctl", &js);
+        check_eq!(out.code, 3, "verify --source --json exit code");
+        let v: Value =
+            serde_json::from_str(&out.stdout).map_err(|err| format!("{err}: {}", out.stdout))?;
+        check_eq!(v["point"].as_u64(), Some(2), "the point compared with");
+        check_eq!(v["cbt"].as_bool(), Some(true), "the change map could say");
+        check_eq!(
+            (v["differ"].as_u64(), v["explained"].as_u64()),
+            (Some(2), Some(1)),
+            "blocks that differ and blocks the map explains"
+        );
+        check_eq!(
+            v["missed"],
+            serde_json::json!([{
+                "block": blk / 65536,
+                "start": blk,
+                "end": blk + 65536,
+                "differ": [[x, x + 4096]],
+            }]),
+            "the missed blocks"
+        );
+        // --repair: point 3 from the same snapshot, equal to the device
+        // (nothing writes to it now).
+        let mut rep = vs.to_vec();
+        rep.push("--repair");
+        let out = run("blksnapctl", &rep);
+        check_eq!(out.code, 3, "verify --source --repair exit code");
+        if !out.stdout.contains("REPAIRED: point 3") {
+            fail!(
+                "verify --source --repair: no `REPAIRED: point 3` in {:?}",
+                out.stdout
+            );
+        }
+        let truth = sha_prefix(lo.backing(), size)?;
+        let m3 = manifest_of(&dir, &name, 3)?;
+        check_eq!(
+            m3["method"].as_str(),
+            Some("digest"),
+            "method of the repair point"
+        );
+        check_eq!(
+            m3["backing"].as_str(),
+            Some("point-0002.qcow2"),
+            "backing of point 3"
+        );
+        check_eq!(
+            m3["missed"],
+            serde_json::json!([[blk, blk + 65536]]),
+            "missed in point 3's manifest"
+        );
+        let p3 = dir.join(&name).join("point-0003.qcow2");
+        restore_check(&dir, &name, 3, &raw, size, &truth, Some(&p3))?;
+        verify(&dir, &name, &[1, 2, 3])?;
+        let out = ctl_ok(&vs)?;
+        if !out.contains("none missed") {
+            fail!("verify --source after the repair: {out:?}");
+        }
+        // backup incremental --verify-source: a second unseen write (and a
+        // seen one) go into the point, with a warning.
+        let y = 20 * MIB + 28 * 1024;
+        write_behind(lo.backing(), y, 4096, 0x5a)?;
+        write_pattern(&src, 12 * MIB / SECTOR, 16, 0x54)?;
+        let (p4, o, stderr) = backup_with("incremental", &src, &dir, &["--verify-source"])?;
+        check_eq!(p4.point, 4, "point of the checked incremental");
+        check_eq!(
+            o["method"].as_str(),
+            Some("cbt"),
+            "method of the checked incremental"
+        );
+        if !stderr.contains("WARNING") || !stderr.contains("MISSED 1 blocks") {
+            fail!("no loud warning of the missed block on stderr: {stderr:?}");
+        }
+        let yb = y / 65536 * 65536;
+        check_eq!(
+            o["verified"]["missed"],
+            serde_json::json!([{
+                "block": yb / 65536,
+                "start": yb,
+                "end": yb + 65536,
+                "differ": [[y, y + 4096]],
+            }]),
+            "the missed blocks the incremental reports"
+        );
+        check_eq!(
+            manifest_of(&dir, &name, 4)?["missed"],
+            serde_json::json!([[yb, yb + 65536]]),
+            "missed in point 4's manifest"
+        );
+        check_eq!(
+            p4.sha,
+            sha_prefix(lo.backing(), size)?,
+            "point 4's snapshot image against the backing file"
+        );
+        restore_check(&dir, &name, 4, &raw, size, &p4.sha, Some(&p4.file))?;
+        verify(&dir, &name, &[1, 2, 3, 4])?;
+        let out = ctl_ok(&vs)?;
+        if !out.contains("none missed") {
+            fail!("verify --source after the checked incremental: {out:?}");
+        }
+        // The raw layout: a --verify-source incremental updates the image
+        // in place with the unseen write too.
+        let rdir = dir.join("raw");
+        let rd = rdir.to_str().unwrap().to_string();
+        let rargs = |kind: &str| {
+            vec![
+                "--json".to_string(),
+                "backup".into(),
+                kind.into(),
+                sd.clone(),
+                "--store".into(),
+                store.clone(),
+                "--to".into(),
+                rd.clone(),
+                "--format".into(),
+                "raw".into(),
+            ]
+        };
+        let a = rargs("full");
+        ctl_ok(&a.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let z = 30 * MIB + 4096;
+        write_behind(lo.backing(), z, 4096, 0x77)?;
+        write_pattern(&src, 16 * MIB / SECTOR, 8, 0x55)?;
+        let mut a = rargs("incremental");
+        a.push("--verify-source".into());
+        let out = run(
+            "blksnapctl",
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        check_eq!(out.code, 0, "raw --verify-source incremental exit code");
+        let v: Value =
+            serde_json::from_str(&out.stdout).map_err(|err| format!("{err}: {}", out.stdout))?;
+        let zb = z / 65536 * 65536;
+        check_eq!(
+            v["devices"][0]["verified"]["missed"],
+            serde_json::json!([{
+                "block": zb / 65536,
+                "start": zb,
+                "end": zb + 65536,
+                "differ": [[z, z + 4096]],
+            }]),
+            "the missed blocks of the raw incremental"
+        );
+        if !out.stderr.contains("MISSED 1 blocks") {
+            fail!("no warning of the raw incremental: {:?}", out.stderr);
+        }
+        check_eq!(
+            sha_prefix(&rdir.join(format!("{name}.img")), size)?,
+            sha_prefix(lo.backing(), size)?,
+            "the raw image after the checked incremental against the device"
+        );
+        ctl_ok(&[
+            "verify",
+            rdir.join(format!("{name}.img")).to_str().unwrap(),
+            "--manifest",
+            rdir.join(format!("{name}.manifest.json")).to_str().unwrap(),
+        ])?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&raw);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+/// The identity a point records, and what an incremental does when the
+/// device's differs: point 1's manifest is edited to name another disk of
+/// the same size; the next incremental must not trust the change map (it
+/// reads the whole device, method digest, and says why) and equals the
+/// device; point 2 records the device's real identity, so the one after it
+/// uses the map again; a manifest without an identity means digests too.
+fn incremental_checks_identity() -> TestResult {
+    let src = disk("blksnap-c")?;
+    let name = name_of(&src);
+    let size = dev::size_sectors(&src)? * SECTOR;
+    let serial = dev::sysfs_attr(&src, "serial")?;
+    let id = format!("serial={serial},sectors={}", size / SECTOR);
+    let other = format!("serial=blksnap-x,sectors={}", size / SECTOR);
+    let dir = dev::scratch().join("pt-id");
+    let raw = dev::scratch().join("pt-id.raw");
+    let _ = std::fs::remove_dir_all(&dir);
+    let edit = |n: u64, identity: Option<&str>| -> TestResult {
+        let p = dir.join(&name).join(format!("point-{n:04}.json"));
+        let mut m = manifest_of(&dir, &name, n)?;
+        match identity {
+            Some(i) => m["identity"] = i.into(),
+            None => m["identity"] = Value::Null,
+        }
+        println!(
+            "    (point {n}'s manifest now says identity {:?})",
+            identity
+        );
+        std::fs::write(&p, m.to_string()).map_err(|err| err.to_string())
+    };
+    let r = (|| {
+        let _t = track(&src)?;
+        write_pattern(&src, 0, size / SECTOR, 0x61)?;
+        backup("full", &src, &dir)?;
+        edit(1, Some(&other))?;
+        write_pattern(&src, MIB / SECTOR, 8, 0x62)?;
+        let (p2, o, stderr) = backup_with("incremental", &src, &dir, &[])?;
+        check_eq!(
+            o["method"].as_str(),
+            Some("digest"),
+            "method of the incremental after the identity changed"
+        );
+        let why = format!(
+            "identity of {} is {id}, point 1 was made of {other}",
+            src.display()
+        );
+        if !stderr.contains(&why) {
+            fail!("no `{why}` in {stderr:?}");
+        }
+        check_eq!(
+            (
+                o["copied"]["read"].as_u64(),
+                o["copied"]["written"].as_u64()
+            ),
+            (Some(size), Some(65536)),
+            "bytes read and written by the digest incremental"
+        );
+        restore_check(&dir, &name, 2, &raw, size, &p2.sha, Some(&p2.file))?;
+        check_eq!(
+            manifest_of(&dir, &name, 2)?["identity"]
+                .as_str()
+                .map(str::to_string),
+            Some(id.clone()),
+            "the identity point 2 records"
+        );
+        // The same device as point 2's: the change map again.
+        write_pattern(&src, 3 * MIB / SECTOR, 8, 0x63)?;
+        let (p3, o, _) = backup_with("incremental", &src, &dir, &[])?;
+        check_eq!(
+            o["method"].as_str(),
+            Some("cbt"),
+            "method of the next incremental"
+        );
+        check_eq!(o["copied"]["read"].as_u64(), Some(4096), "bytes read by it");
+        restore_check(&dir, &name, 3, &raw, size, &p3.sha, None)?;
+        // No identity recorded: not proven, digests.
+        edit(3, None)?;
+        write_pattern(&src, 5 * MIB / SECTOR, 8, 0x64)?;
+        let (p4, o, stderr) = backup_with("incremental", &src, &dir, &[])?;
+        check_eq!(
+            o["method"].as_str(),
+            Some("digest"),
+            "method without a recorded identity"
+        );
+        if !stderr.contains("point 3 records no identity of its device") {
+            fail!("no reason given for the digest method: {stderr:?}");
+        }
+        restore_check(&dir, &name, 4, &raw, size, &p4.sha, Some(&p4.file))?;
+        verify(&dir, &name, &[1, 2, 3, 4])
+    })();
+    let _ = std::fs::remove_file(&raw);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
 }

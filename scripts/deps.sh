@@ -13,6 +13,7 @@ APT_PACKAGES=(
 	e2fsprogs xfsprogs util-linux fdisk fio
 	gcc-multilib
 	dkms groff-base
+	mmdebstrap initramfs-tools-core dracut-core shellcheck
 )
 
 missing=()

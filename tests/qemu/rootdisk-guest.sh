@@ -129,6 +129,7 @@ boot2)
 		size=$(jq -r '.devices[0].size' <<<"$REPORT")
 		read=$(jq -r '.devices[0].copied.read' <<<"$REPORT")
 		point=$(jq -r '.devices[0].point' <<<"$REPORT")
+		chain=$(dirname "$(jq -r '.devices[0].file' <<<"$REPORT")")
 		echo "    incremental: method $method, read $read of $size bytes ($(awk -v r="$read" -v s="$size" 'BEGIN { printf "%.2f", 100 * r / s }')% of the disk)"
 		# Boot 1's and boot 2's files alone are 2.5 MiB; the whole disk
 		# is read only by a digest incremental.
@@ -145,7 +146,7 @@ boot2)
 	step "incremental backup"
 	if [ -n "$point" ]; then
 		rm -f $B/restored.raw
-		if r=$(blksnapctl --json restore --point "$point" $POINTS/"$NAME" $B/restored.raw); then
+		if r=$(blksnapctl --json restore --point "$point" "$chain" $B/restored.raw); then
 			got=$(sha256sum $B/restored.raw | cut -d' ' -f1)
 			if [ "$got" = "$IMAGE_SHA" ]; then
 				ok restored_point_equals_the_snapshot_image

@@ -54,7 +54,7 @@ fn read_attr(dir: &Path, attr: &str) -> Option<String> {
         .chars()
         .filter(|c| c.is_ascii_graphic() || *c == ' ')
         .collect();
-    let s = s.trim().replace(' ', "_").replace(',', "_");
+    let s = s.trim().replace([' ', ','], "_");
     (!s.is_empty()).then_some(s)
 }
 

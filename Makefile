@@ -36,6 +36,7 @@ test: all
 	echo "== host tests (cargo test)"; cargo test --workspace --release || rc=1; \
 	echo "== VM tests (debug kernel under QEMU)"; tests/qemu/run.sh test || rc=1; \
 	echo "== VM reboot test (CBT saved at shutdown, three boots)"; tests/qemu/run.sh reboot || rc=1; \
+	echo "== VM root disk test (initramfs-tools hook, a Debian system on a virtio disk)"; tests/qemu/run.sh rootdisk || rc=1; \
 	echo "== style (checkpatch --strict, rustfmt, clippy)"; scripts/check.sh || rc=1; \
 	echo "== packaging (make install, DKMS tree and check)"; scripts/test-packaging.sh || rc=1; \
 	echo "== in-tree module build (Kconfig path)"; scripts/intree.sh || rc=1; \
@@ -93,7 +94,9 @@ intree: kernel
 # Installing. `install` needs only the tools (no kernel); the paths can be
 # changed as usual (make install PREFIX=/usr DESTDIR=...). The units and the
 # rule run $(SBINDIR)/blksnapctl. systemd-shutdown reads its hooks from
-# /usr/lib/systemd/system-shutdown only, whatever the prefix.
+# /usr/lib/systemd/system-shutdown only, whatever the prefix; so do
+# initramfs-tools (/usr/share/initramfs-tools) and dracut
+# (/usr/lib/dracut/modules.d) with theirs.
 VERSION := $(shell sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
 PREFIX ?= /usr/local
 SBINDIR ?= $(PREFIX)/sbin
@@ -103,6 +106,8 @@ SYSCONFDIR ?= /etc
 UDEVRULESDIR ?= $(PREFIX)/lib/udev/rules.d
 SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
 SHUTDOWNDIR ?= /usr/lib/systemd/system-shutdown
+INITRAMFSDIR ?= /usr/share/initramfs-tools
+DRACUTDIR ?= /usr/lib/dracut/modules.d
 DKMSDIR ?= /usr/src/blksnap-$(VERSION)
 GEN := $(REPO)/target/install
 CTL := $(REPO)/target/release/blksnapctl
@@ -113,8 +118,11 @@ install: tools
 	$(CTL) generate completions bash >$(GEN)/blksnapctl.bash
 	$(CTL) generate completions zsh >$(GEN)/_blksnapctl
 	$(CTL) generate completions fish >$(GEN)/blksnapctl.fish
-	for f in udev/60-blksnap-cbt.rules systemd/blksnap-cbt.service systemd/blksnap-cbt.shutdown; do \
-		sed 's|/usr/sbin/blksnapctl|$(SBINDIR)/blksnapctl|g' dist/$$f >$(GEN)/dist/$${f#*/} || exit 1; \
+	for f in udev/60-blksnap-cbt.rules systemd/blksnap-cbt.service systemd/blksnap-cbt.shutdown \
+		initramfs-tools/hooks/blksnap initramfs-tools/scripts/init-premount/blksnap \
+		dracut/90blksnap/module-setup.sh dracut/90blksnap/blksnap-cbt.sh; do \
+		mkdir -p $(GEN)/dist/$$(dirname $$f) && \
+		sed 's|/usr/sbin/blksnapctl|$(SBINDIR)/blksnapctl|g' dist/$$f >$(GEN)/dist/$$f || exit 1; \
 	done
 	install -D -m 0755 $(CTL) $(DESTDIR)$(SBINDIR)/blksnapctl
 	install -d $(DESTDIR)$(MANDIR)/man1
@@ -122,9 +130,14 @@ install: tools
 	install -D -m 0644 $(GEN)/blksnapctl.bash $(DESTDIR)$(DATADIR)/bash-completion/completions/blksnapctl
 	install -D -m 0644 $(GEN)/_blksnapctl $(DESTDIR)$(DATADIR)/zsh/site-functions/_blksnapctl
 	install -D -m 0644 $(GEN)/blksnapctl.fish $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/blksnapctl.fish
-	install -D -m 0644 $(GEN)/dist/60-blksnap-cbt.rules $(DESTDIR)$(UDEVRULESDIR)/60-blksnap-cbt.rules
-	install -D -m 0644 $(GEN)/dist/blksnap-cbt.service $(DESTDIR)$(SYSTEMDUNITDIR)/blksnap-cbt.service
-	install -D -m 0755 $(GEN)/dist/blksnap-cbt.shutdown $(DESTDIR)$(SHUTDOWNDIR)/blksnap-cbt.shutdown
+	install -D -m 0644 $(GEN)/dist/udev/60-blksnap-cbt.rules $(DESTDIR)$(UDEVRULESDIR)/60-blksnap-cbt.rules
+	install -D -m 0644 $(GEN)/dist/systemd/blksnap-cbt.service $(DESTDIR)$(SYSTEMDUNITDIR)/blksnap-cbt.service
+	install -D -m 0755 $(GEN)/dist/systemd/blksnap-cbt.shutdown $(DESTDIR)$(SHUTDOWNDIR)/blksnap-cbt.shutdown
+	install -D -m 0755 $(GEN)/dist/initramfs-tools/hooks/blksnap $(DESTDIR)$(INITRAMFSDIR)/hooks/blksnap
+	install -D -m 0755 $(GEN)/dist/initramfs-tools/scripts/init-premount/blksnap \
+		$(DESTDIR)$(INITRAMFSDIR)/scripts/init-premount/blksnap
+	install -D -m 0755 $(GEN)/dist/dracut/90blksnap/module-setup.sh $(DESTDIR)$(DRACUTDIR)/90blksnap/module-setup.sh
+	install -D -m 0755 $(GEN)/dist/dracut/90blksnap/blksnap-cbt.sh $(DESTDIR)$(DRACUTDIR)/90blksnap/blksnap-cbt.sh
 	install -D -m 0644 dist/blksnap/cbt.conf.example $(DESTDIR)$(SYSCONFDIR)/blksnap/cbt.conf.example
 
 uninstall:
@@ -136,8 +149,12 @@ uninstall:
 		$(DESTDIR)$(UDEVRULESDIR)/60-blksnap-cbt.rules \
 		$(DESTDIR)$(SYSTEMDUNITDIR)/blksnap-cbt.service \
 		$(DESTDIR)$(SHUTDOWNDIR)/blksnap-cbt.shutdown \
+		$(DESTDIR)$(INITRAMFSDIR)/hooks/blksnap \
+		$(DESTDIR)$(INITRAMFSDIR)/scripts/init-premount/blksnap \
+		$(DESTDIR)$(DRACUTDIR)/90blksnap/module-setup.sh \
+		$(DESTDIR)$(DRACUTDIR)/90blksnap/blksnap-cbt.sh \
 		$(DESTDIR)$(SYSCONFDIR)/blksnap/cbt.conf.example
-	-rmdir $(DESTDIR)$(SYSCONFDIR)/blksnap 2>/dev/null
+	-rmdir $(DESTDIR)$(SYSCONFDIR)/blksnap $(DESTDIR)$(DRACUTDIR)/90blksnap 2>/dev/null
 
 # The module's source for DKMS (then: dkms add blksnap/$(VERSION); dkms
 # install blksnap/$(VERSION)). Needs no kernel here: DKMS builds it.

@@ -20,6 +20,7 @@ APT_PACKAGES=(
 	e2fsprogs xfsprogs util-linux fdisk fio dmsetup jq
 	gcc-multilib make patch perl xz-utils
 	dkms groff-base
+	mmdebstrap initramfs-tools-core dracut-core shellcheck
 )
 
 # What the scripts, the tests (the guest runs the host's binaries) and the

@@ -81,6 +81,66 @@ expect_fail "dkms-check.sh with another rustc first in PATH" \
 	"blksnap: kernel $KVER was built by other compilers than those in PATH (rustc: rustc 1.0.0 (other)" \
 	env PATH="$tmp/bin:$PATH" "$REPO/scripts/dkms-check.sh" "$KOUT"
 
+# dracut (Fedora, RHEL, SUSE) cannot be boot-tested here (the root disk
+# test boots initramfs-tools); its module installed in DESTDIR is checked by
+# a real dracut run instead: in a mount namespace where /etc (a copy, with
+# a cbt.conf), /usr/local/sbin and dracut's modules.d (copies, with the
+# installed files) are bind-mounted over the host's, `dracut -m blksnap`
+# builds an initramfs for the cached kernel (its module tree: blksnap.ko
+# and the lists), and lsinitrd must show blksnapctl, the configuration, the
+# module, the rule (with its TEST of the control device) and the pre-mount
+# hook.
+dracut_check() { # DESTDIR
+	local destdir=$1 d=$tmp/dracut out want missing=0
+	if ! command -v dracut >/dev/null || ! command -v lsinitrd >/dev/null; then
+		bad "dracut is not installed (scripts/deps.sh installs dracut-core)"
+		return
+	fi
+	if [ ! -f "$REPO/blk_snap/blksnap.ko" ]; then
+		bad "dracut check: no blk_snap/blksnap.ko (make module)"
+		return
+	fi
+	local kmod=$d/root/lib/modules/$KVER
+	rm -rf "$d" && mkdir -p "$d/sbin" "$kmod/extra"
+	cp -a /etc "$d/etc"
+	install -D -m 0644 "$REPO/dist/blksnap/cbt.conf.example" "$d/etc/blksnap/cbt.conf"
+	cp -a /usr/lib/dracut/modules.d "$d/modules.d"
+	cp -a "$destdir/usr/lib/dracut/modules.d/90blksnap" "$d/modules.d/"
+	cp -a /usr/local/sbin/. "$d/sbin/" 2>/dev/null || true
+	cp "$destdir$PREFIX/sbin/blksnapctl" "$d/sbin/"
+	cp "$REPO/blk_snap/blksnap.ko" "$kmod/extra/"
+	cp "$KOUT/modules.builtin" "$KOUT/modules.builtin.modinfo" "$KOUT/modules.order" "$kmod/"
+	depmod -b "$d/root" "$KVER"
+	# shellcheck disable=SC2016 # expanded by the inner shell
+	if unshare -m --propagation private bash -euc '
+		d=$1 kver=$2 prefix=$3
+		mount --bind "$d/etc" /etc
+		mount --bind "$d/modules.d" /usr/lib/dracut/modules.d
+		mount --bind "$d/sbin" "$prefix/sbin"
+		dracut --quiet --no-hostonly --kver "$kver" --kmoddir "$d/root/lib/modules/$kver" -m blksnap \
+			--tmpdir "$d" --force "$d/initrd.img"
+	' - "$d" "$KVER" "$PREFIX" >"$d/dracut.log" 2>&1 &&
+		lsinitrd "$d/initrd.img" >"$d/lsinitrd.txt" 2>&1; then
+		for want in "${PREFIX#/}/sbin/blksnapctl" etc/blksnap/cbt.conf "extra/blksnap.ko" \
+			etc/udev/rules.d/60-blksnap-cbt.rules "hooks/pre-mount/10-blksnap-cbt.sh"; do
+			grep -q -- "$want" "$d/lsinitrd.txt" || {
+				bad "dracut -m blksnap: no $want in the initramfs"
+				missing=1
+			}
+		done
+		out=$(lsinitrd -f etc/udev/rules.d/60-blksnap-cbt.rules "$d/initrd.img")
+		if ! grep -q "TEST==\"/dev/blksnap-control\", RUN+=\"$PREFIX/sbin/blksnapctl cbt boot --device \$devnode\"" <<<"$out"; then
+			echo "$out"
+			bad "dracut -m blksnap: the rule in the initramfs"
+			missing=1
+		fi
+		[ $missing = 1 ] || ok "dracut -m blksnap (kernel $KVER): the initramfs has blksnapctl, cbt.conf, blksnap.ko, the rule and the pre-mount hook"
+	else
+		tail -20 "$d/dracut.log" "$d/lsinitrd.txt" 2>/dev/null || true
+		bad "dracut -m blksnap --kver $KVER"
+	fi
+}
+
 # --- make install / uninstall
 root=$tmp/root
 if ! make -s -C "$REPO" install DESTDIR="$root" PREFIX=$PREFIX >"$tmp/install.log" 2>&1; then
@@ -98,6 +158,10 @@ else
 		"$PREFIX/lib/udev/rules.d/60-blksnap-cbt.rules"
 		"$PREFIX/lib/systemd/system/blksnap-cbt.service"
 		/usr/lib/systemd/system-shutdown/blksnap-cbt.shutdown
+		/usr/share/initramfs-tools/hooks/blksnap
+		/usr/share/initramfs-tools/scripts/init-premount/blksnap
+		/usr/lib/dracut/modules.d/90blksnap/module-setup.sh
+		/usr/lib/dracut/modules.d/90blksnap/blksnap-cbt.sh
 		/etc/blksnap/cbt.conf.example
 	)
 	missing=0
@@ -108,7 +172,9 @@ else
 		}
 	done
 	[ $missing = 1 ] || ok "installed ${#files[@]} files, none empty"
-	for f in "$PREFIX/sbin/blksnapctl" /usr/lib/systemd/system-shutdown/blksnap-cbt.shutdown; do
+	for f in "$PREFIX/sbin/blksnapctl" /usr/lib/systemd/system-shutdown/blksnap-cbt.shutdown \
+		/usr/share/initramfs-tools/hooks/blksnap /usr/share/initramfs-tools/scripts/init-premount/blksnap \
+		/usr/lib/dracut/modules.d/90blksnap/module-setup.sh /usr/lib/dracut/modules.d/90blksnap/blksnap-cbt.sh; do
 		[ -x "$root$f" ] || bad "installed $f is not executable"
 	done
 	if "$root$PREFIX/sbin/blksnapctl" --help >/dev/null; then
@@ -145,22 +211,36 @@ else
 			if $sh -n "$f"; then ok "$sh -n accepts the $sh completion"; else bad "$sh -n"; fi
 		fi
 	done
-	if sh -n "$root/usr/lib/systemd/system-shutdown/blksnap-cbt.shutdown"; then
-		ok "sh -n accepts the shutdown hook"
+	shells=0
+	for f in /usr/lib/systemd/system-shutdown/blksnap-cbt.shutdown \
+		/usr/share/initramfs-tools/hooks/blksnap /usr/share/initramfs-tools/scripts/init-premount/blksnap \
+		/usr/lib/dracut/modules.d/90blksnap/blksnap-cbt.sh /usr/lib/dracut/modules.d/90blksnap/module-setup.sh; do
+		sh="sh"
+		[ "${f##*/}" = module-setup.sh ] && sh=bash
+		if ! $sh -n "$root$f"; then
+			bad "$sh -n on $f"
+			shells=1
+		elif command -v shellcheck >/dev/null && ! shellcheck "$root$f"; then
+			bad "shellcheck on $f"
+			shells=1
+		fi
+	done
+	[ $shells = 1 ] || ok "sh -n and shellcheck accept the shutdown hook and the initramfs hooks"
+	runners=("$root$PREFIX/lib/udev/rules.d/60-blksnap-cbt.rules"
+		"$root$PREFIX/lib/systemd/system/blksnap-cbt.service"
+		"$root/usr/lib/systemd/system-shutdown/blksnap-cbt.shutdown"
+		"$root/usr/share/initramfs-tools/hooks/blksnap"
+		"$root/usr/share/initramfs-tools/scripts/init-premount/blksnap"
+		"$root/usr/lib/dracut/modules.d/90blksnap/module-setup.sh"
+		"$root/usr/lib/dracut/modules.d/90blksnap/blksnap-cbt.sh")
+	stale=$(grep -l '/usr/sbin/blksnapctl' "${runners[@]}" || true)
+	runs=$(grep -l "$PREFIX/sbin/blksnapctl" "${runners[@]}" | wc -l)
+	if [ -z "$stale" ] && [ "$runs" = ${#runners[@]} ]; then
+		ok "the rule, the unit and the ${#runners[@]} hooks run $PREFIX/sbin/blksnapctl"
 	else
-		bad "sh -n on the shutdown hook"
+		bad "the rule, the unit and the hooks do not all run $PREFIX/sbin/blksnapctl: ${stale:-}"
 	fi
-	stale=$(grep -l '/usr/sbin/blksnapctl' "$root$PREFIX/lib/udev/rules.d/60-blksnap-cbt.rules" \
-		"$root$PREFIX/lib/systemd/system/blksnap-cbt.service" \
-		"$root/usr/lib/systemd/system-shutdown/blksnap-cbt.shutdown" || true)
-	runs=$(grep -l "$PREFIX/sbin/blksnapctl" "$root$PREFIX/lib/udev/rules.d/60-blksnap-cbt.rules" \
-		"$root$PREFIX/lib/systemd/system/blksnap-cbt.service" \
-		"$root/usr/lib/systemd/system-shutdown/blksnap-cbt.shutdown" | wc -l)
-	if [ -z "$stale" ] && [ "$runs" = 3 ]; then
-		ok "the rule, the unit and the hook run $PREFIX/sbin/blksnapctl"
-	else
-		bad "the rule, the unit and the hook do not all run $PREFIX/sbin/blksnapctl: ${stale:-}"
-	fi
+	dracut_check "$root"
 	if make -s -C "$REPO" uninstall DESTDIR="$root" PREFIX=$PREFIX >"$tmp/uninstall.log" 2>&1 &&
 		[ -z "$(find "$root" -type f)" ]; then
 		ok "make uninstall removes every file"

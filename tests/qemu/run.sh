@@ -37,7 +37,23 @@
 # go on. What a boot tells the next ones is in RESULTS/backups, which the
 # guest writes through --rwdir.
 #
-# usage: run.sh test|soak|demo|bench|reboot [test name filters...]
+# In rootdisk mode (`run.sh rootdisk`, also run by `make test`) the guest is
+# not the host's 9p root but a Debian system of its own on a virtio disk
+# (tests/qemu/rootdisk-image.sh builds it, cached): root=/dev/vda2 (ext4,
+# serial blksnap-root, tracked as a whole disk), booted by QEMU directly
+# (-kernel, -initrd: the initramfs built by initramfs-tools inside that
+# system with dist/initramfs-tools) and run by systemd; serial
+# blksnap-state, 16 MiB, the CBT state device; serial blksnap-backup, 3 GiB
+# of ext4 (sparse) with the guest's script rootdisk-guest.sh, for the backup
+# chain. Three boots over the same disks (rootdisk.phase=bootN): boot 1
+# formats the state device and makes a full backup; boot 2's initramfs
+# must restore the root disk's CBT before the root file system is checked
+# and mounted (the console shows it), and its incremental must use it and
+# equal the snapshot image; boot 3 has rd.blksnap=0: the root file system is
+# mounted and written before the attach, so the saved CBT must not be
+# restored. Console logs in console-N.log, checked like in test mode.
+#
+# usage: run.sh test|soak|demo|bench|reboot|rootdisk [test name filters...]
 #
 # For `test`, prints one line per test and a final "N passed, N failed"; the
 # run fails if a guest test fails, or if the guest's kernel log shows a BUG,
@@ -54,7 +70,7 @@
 #   BLKSNAP_BENCH_BPS=0 BLKSNAP_BENCH_IOPS=0 BLKSNAP_BENCH_CALIBRATE=1 tests/qemu/run.sh bench
 set -euo pipefail
 
-MODE=${1:?usage: run.sh test|soak|demo|bench|reboot [filters...]}
+MODE=${1:?usage: run.sh test|soak|demo|bench|reboot|rootdisk [filters...]}
 shift
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${BLKSNAP_CACHE:-$HOME/.cache/blk-snap}
@@ -73,8 +89,8 @@ if [ "$MODE" = soak ]; then
 	TIMEOUT=${QEMU_TIMEOUT:-7200}
 elif [ "$MODE" = bench ]; then
 	TIMEOUT=${QEMU_TIMEOUT:-3600}
-elif [ "$MODE" = reboot ]; then
-	# Per boot; a boot takes about a minute.
+elif [ "$MODE" = reboot ] || [ "$MODE" = rootdisk ]; then
+	# Per boot; a boot takes about a minute (rootdisk: see below).
 	TIMEOUT=${QEMU_TIMEOUT:-600}
 else
 	TIMEOUT=${QEMU_TIMEOUT:-1800}
@@ -189,6 +205,133 @@ check_kmemleak() { # name file
 		report "$1" ok
 	fi
 }
+
+if [ "$MODE" = rootdisk ]; then
+	start=$(date +%s)
+	mapfile -t made < <("$REPO/tests/qemu/rootdisk-image.sh")
+	IMG=${made[0]} INITRD=${made[1]}
+	echo "qemu: system disk $IMG, initramfs $INITRD (ready after $(($(date +%s) - start)) s)"
+	# The cached image stays as it is: the guest writes to an overlay. Its
+	# base and the initramfs are linked (or copied) here first: another
+	# run's rootdisk-image.sh may replace the cached ones between boots.
+	ln -f "$IMG" "$RESULTS/root-base.img" 2>/dev/null || cp --sparse=always "$IMG" "$RESULTS/root-base.img"
+	cp "$INITRD" "$RESULTS/initrd.img"
+	INITRD=$RESULTS/initrd.img
+	qemu-img create -q -f qcow2 -F raw -b "$RESULTS/root-base.img" "$RESULTS/disk-root.qcow2"
+	truncate -s 16M "$RESULTS/disk-state.img"
+	mkdir -p "$RESULTS/backup-files"
+	cp "$REPO/tests/qemu/rootdisk-guest.sh" "$RESULTS/backup-files/"
+	truncate -s 3G "$RESULTS/disk-backup.img"
+	# Initialized now: no lazy init writing in the guest.
+	mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 -d "$RESULTS/backup-files" \
+		"$RESULTS/disk-backup.img"
+	root_drive="-drive file=$RESULTS/disk-root.qcow2,if=none,id=blksnap-root,format=qcow2,aio=threads,discard=unmap,cache=none"
+	root_drive+=" -device virtio-blk-pci,drive=blksnap-root,serial=blksnap-root"
+	QEMU_DRIVES="$root_drive $(drive "$RESULTS/disk-state.img" blksnap-state)"
+	QEMU_DRIVES+=" $(drive "$RESULTS/disk-backup.img" blksnap-backup)"
+	passed=0 failed=0
+	# The first line of $2 matching the extended regex $3 (its number), or
+	# 0; the guest's lines end with a carriage return.
+	line_of() { # log regex
+		grep -nE -m1 "$2" "$1" | cut -d: -f1 | grep . || echo 0
+	}
+	# The line matching $3 comes before the root file system is mounted.
+	before_mount() { # name log regex what
+		local at mounted
+		at=$(line_of "$2" "$3")
+		mounted=$(line_of "$2" 'EXT4-fs \(vda2\): mounted filesystem')
+		if [ "$at" = 0 ]; then
+			report "$1" "no line '$3' on the console ($4)"
+		elif [ "$mounted" = 0 ] || [ "$at" -gt "$mounted" ]; then
+			report "$1" "'$3' (line $at) is not before the root file system's mount (line $mounted)"
+		else
+			report "$1" ok
+			echo "    | $(sed -n "${at}p" "$2")"
+			echo "    | $(sed -n "${mounted}p" "$2")"
+		fi
+	}
+	echo "qemu: booting $(cat "$KOUT/include/config/kernel.release") (rootdisk: 3 boots of a Debian system on a virtio disk), results in $RESULTS"
+	for n in 1 2 3; do
+		log=$RESULTS/console-$n.log
+		append="root=/dev/vda2 ro console=ttyS0 rootdisk.phase=boot$n"
+		append+=" oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0"
+		# Boot 3: nothing attaches the root disk until the guest's script.
+		[ $n = 3 ] && append+=" rd.blksnap=0 systemd.mask=blksnap-cbt.service"
+		echo "qemu: boot $n: $append"
+		start=$(date +%s)
+		set +e
+		# shellcheck disable=SC2086 # QEMU_DRIVES is a list of options
+		# q35 and -cpu max as virtme-ng has them under TCG: on the default
+		# i440fx machine each virtio disk's probe went through ACPI's PCI
+		# routing, so slow under KASAN that it raised soft lockup reports.
+		timeout --foreground "$TIMEOUT" qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m 1G \
+			-nographic -monitor none -no-reboot \
+			-kernel "$KOUT/arch/x86/boot/bzImage" -initrd "$INITRD" -append "$append" \
+			$QEMU_DRIVES </dev/null 2>&1 | sed -u 's/\r//g' | tee "$log" |
+			grep --line-buffered -E '^(ok |FAIL |    [^ ]|rootdisk-guest:|/dev/disk/by-id/|state device |saved the CBT|blksnapctl:)'
+		status=${PIPESTATUS[0]}
+		set -e
+		echo "qemu: boot $n ended after $(($(date +%s) - start)) s (exit status $status)"
+		passed=$((passed + $(grep -c '^ok ' "$log" || true)))
+		failed=$((failed + $(grep -c '^FAIL ' "$log" || true)))
+		if ! grep -qE "^(ok|FAIL) rootdisk_boot${n}_" "$log"; then
+			report "boot${n}_phase_ran" "the guest ran no test of boot $n"
+		fi
+		check_debug_kernel "boot${n}_debug_kernel" "$log"
+		check_splats "boot${n}_kernel_log_clean" "$log"
+		case $n in
+		1)
+			# The state device has no header yet: attached, not persisted.
+			before_mount boot1_initramfs_attached_the_root_disk "$log" \
+				'^/dev/disk/by-id/virtio-blksnap-root: tracking \(no state device open' \
+				"the initramfs's cbt boot"
+			;;
+		2)
+			before_mount boot2_initramfs_opened_the_state_device "$log" \
+				'^state device /dev/disk/by-id/virtio-blksnap-state: 1 saved device states, clean' \
+				"the initramfs's cbt boot"
+			before_mount boot2_initramfs_restored_the_root_disk "$log" \
+				'^/dev/disk/by-id/virtio-blksnap-root: CBT restored \(generation ' \
+				"the initramfs's cbt boot"
+			# blksnap-cbt.service's cbt boot after switch_root: the same
+			# answer, not a second verdict.
+			restored=$(grep -cE '(^|blksnapctl\[[0-9]+\]: )/dev/disk/by-id/virtio-blksnap-root: CBT restored \(generation ' "$log" || true)
+			if [ "$restored" -ge 2 ] && ! grep -q '/dev/disk/by-id/virtio-blksnap-root: saved CBT not used' "$log"; then
+				report boot2_boot_unit_answers_the_same ok
+			else
+				report boot2_boot_unit_answers_the_same "$restored lines 'CBT restored' (the initramfs's and the unit's expected), or a refusal"
+			fi
+			;;
+		3)
+			if [ "$(line_of "$log" '^/dev/disk/by-id/virtio-blksnap-root: ')" = 0 ] &&
+				[ "$(line_of "$log" 'rd.blksnap=0: no CBT attached in the initramfs')" != 0 ]; then
+				report boot3_initramfs_skipped ok
+			else
+				report boot3_initramfs_skipped "the initramfs did not say it skipped, or ran cbt boot"
+			fi
+			;;
+		esac
+		# systemd-shutdown's hook saves once every file system is unmounted
+		# or read-only, after the guest's test (the kernel says so).
+		done_at=$(line_of "$log" "^rootdisk-guest: boot$n done")
+		final_at=$(line_of "$log" 'systemd-shutdown\[1\]: All filesystems')
+		saved_at=$( (grep -nE 'blksnap: CBT state of 1 devices saved on ' "$log" || true) | tail -1 | cut -d: -f1)
+		if [ "$done_at" != 0 ] && [ "$final_at" -gt "$done_at" ] && [ "${saved_at:-0}" -gt "$final_at" ]; then
+			report "boot${n}_shutdown_hook_saved_the_cbt" ok
+			echo "    | $(sed -n "${saved_at}p" "$log")"
+		else
+			report "boot${n}_shutdown_hook_saved_the_cbt" "no 'CBT state of 1 devices saved' after systemd-shutdown unmounted the file systems"
+		fi
+		if grep -q "^rootdisk-guest: boot$n done" "$log" && [ "$status" = 0 ]; then
+			report "boot${n}_guest_completed" ok
+		else
+			report "boot${n}_guest_completed" "the guest did not finish and power off (QEMU status $status)"
+		fi
+	done
+	echo "$passed passed, $failed failed"
+	[ "$failed" = 0 ]
+	exit
+fi
 
 if [ "$MODE" = reboot ]; then
 	# The tracked disks (see tests/qemu/guest/src/reboot.rs): serial rb-ROLE,

@@ -264,7 +264,7 @@ if [ "$MODE" = rootdisk ]; then
 		# q35 and -cpu max as virtme-ng has them under TCG: on the default
 		# i440fx machine each virtio disk's probe went through ACPI's PCI
 		# routing, so slow under KASAN that it raised soft lockup reports.
-		timeout --foreground "$TIMEOUT" qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m 1G \
+		timeout --foreground "$TIMEOUT" qemu-system-x86_64 -accel tcg -machine q35 -cpu max,la57=off -smp 2 -m 1G \
 			-nographic -monitor none -no-reboot \
 			-kernel "$KOUT/arch/x86/boot/bzImage" -initrd "$INITRD" -append "$append" \
 			$QEMU_DRIVES </dev/null 2>&1 | sed -u 's/\r//g' | tee "$log" |

@@ -236,6 +236,23 @@ pub fn fine_extents(first: u64, answers: &[u8], block_size: u64, size: u64, out:
     }
 }
 
+/// What changed since the take numbered `since`, as the change map of the
+/// snapshot says ([`plan`]), narrowed by the fine map ([`refine`]): the
+/// extents a CBT incremental copies. `block_size` is the CBT block size,
+/// `size` the device's.
+pub fn changed_since(
+    tracker: &Tracker,
+    since: u8,
+    block_size: u32,
+    size: u64,
+) -> Result<Vec<Extent>, String> {
+    let map = tracker
+        .read_cbt_map(MapKind::Snapshot)
+        .map_err(|e| e.to_string())?;
+    let coarse = plan(&map, since, block_size, size);
+    Ok(refine(tracker, since, &coarse, size)?.0)
+}
+
 /// Narrows `extents`, the changed CBT blocks since the take numbered
 /// `since`, to the fine blocks that the module's fine map says were written
 /// in them (or does not know about: those stay whole). Without the
@@ -1172,12 +1189,8 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
                     }
                     (_, Some(digests)) if opts.verify_source => {
                         method = Method::Cbt;
-                        let map = d
-                            .tracker
-                            .read_cbt_map(MapKind::Snapshot)
-                            .map_err(|e| e.to_string())?;
-                        let coarse = plan(&map, prev.snapshot_number, info.block_size, size);
-                        let (extents, _) = refine(&d.tracker, prev.snapshot_number, &coarse, size)?;
+                        let extents =
+                            changed_since(&d.tracker, prev.snapshot_number, info.block_size, size)?;
                         let (c, found) = copy_checked(
                             &image,
                             &InPlace(&f),
@@ -1205,12 +1218,8 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
                                 d.path.display()
                             ));
                         }
-                        let map = d
-                            .tracker
-                            .read_cbt_map(MapKind::Snapshot)
-                            .map_err(|e| e.to_string())?;
-                        let coarse = plan(&map, prev.snapshot_number, info.block_size, size);
-                        let (extents, _) = refine(&d.tracker, prev.snapshot_number, &coarse, size)?;
+                        let extents =
+                            changed_since(&d.tracker, prev.snapshot_number, info.block_size, size)?;
                         let mut tap = digests.map(|digests| Tap {
                             digests,
                             partial: Vec::new(),
@@ -1241,12 +1250,7 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
             } else {
                 // The base and its manifest stay untouched; the changes go
                 // to a new file with a manifest of its own.
-                let map = d
-                    .tracker
-                    .read_cbt_map(MapKind::Snapshot)
-                    .map_err(|e| e.to_string())?;
-                let coarse = plan(&map, prev.base_number, info.block_size, size);
-                let (extents, _) = refine(&d.tracker, prev.base_number, &coarse, size)?;
+                let extents = changed_since(&d.tracker, prev.base_number, info.block_size, size)?;
                 m.image = diff_path.file_name().unwrap().to_string_lossy().to_string();
                 let (c, sum) = copy_to_new_file(&image, &diff_path, &extents, size, None, opts)?;
                 m.sha256 = sum;

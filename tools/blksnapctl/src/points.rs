@@ -21,12 +21,12 @@
 //! lock file `.lock`.
 
 use crate::backup::{
-    self, copy_changed_blocks, copy_checked, copy_extents, copy_known, hex, plan, refine,
-    store_digests, Device, Extent, Kind, Manifest, Method, Options, Outcome, Progress, Status, Tap,
+    self, copy_changed_blocks, copy_checked, copy_extents, copy_known, hex, store_digests, Device,
+    Kind, Manifest, Method, Options, Outcome, Progress, Status, Tap,
 };
 use crate::digest::{self, Digests};
 use crate::qcow::{self, PointWriter};
-use crate::{Control, MapKind, SnapshotId};
+use crate::{Control, SnapshotId};
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -553,12 +553,7 @@ pub(crate) fn backup_device(
             (_, digests) => {
                 method = Method::Cbt;
                 let since = d.previous.as_ref().ok_or("no previous point")?.snapshot_number;
-                let map = d
-                    .tracker
-                    .read_cbt_map(MapKind::Snapshot)
-                    .map_err(|e| e.to_string())?;
-                let coarse = plan(&map, since, info.block_size, size);
-                let (extents, _): (Vec<Extent>, u32) = refine(&d.tracker, since, &coarse, size)?;
+                let extents = backup::changed_since(&d.tracker, since, info.block_size, size)?;
                 if opts.verify_source {
                     if let Some(digests) = digests {
                         let (c, found) = copy_checked(
@@ -1382,6 +1377,12 @@ mod tests {
 
     /// `qemu-img ARGS` in `dir`, which must succeed: the hostile tests
     /// tamper with points the way a user or an attacker would.
+    /// `qemu-img rebase -u -b BACKING -F FORMAT IMAGE` in `dir`: the
+    /// header changed, nothing else.
+    fn rebase(dir: &Path, backing: &str, format: &str, image: &str) {
+        qemu_img(dir, &["rebase", "-u", "-b", backing, "-F", format, image]);
+    }
+
     fn qemu_img(dir: &Path, args: &[&str]) {
         let out = std::process::Command::new("qemu-img")
             .current_dir(dir)
@@ -1494,18 +1495,7 @@ mod tests {
     #[test]
     fn tampered_backing_a_device() {
         let t = Tampered::new("dev");
-        qemu_img(
-            &t.chain,
-            &[
-                "rebase",
-                "-u",
-                "-b",
-                "/dev/null",
-                "-F",
-                "raw",
-                "point-0002.qcow2",
-            ],
-        );
+        rebase(&t.chain, "/dev/null", "raw", "point-0002.qcow2");
         t.refused(&[2, 3], "point-0002.qcow2", "backing file \"/dev/null\"");
     }
 
@@ -1516,18 +1506,7 @@ mod tests {
         let t = Tampered::new("abs");
         let other = t.other.join(image_name(1));
         let other = other.to_str().unwrap();
-        qemu_img(
-            &t.chain,
-            &[
-                "rebase",
-                "-u",
-                "-b",
-                other,
-                "-F",
-                "qcow2",
-                "point-0002.qcow2",
-            ],
-        );
+        rebase(&t.chain, other, "qcow2", "point-0002.qcow2");
         t.refused(
             &[2, 3],
             "point-0002.qcow2",
@@ -1539,17 +1518,11 @@ mod tests {
     #[test]
     fn tampered_backing_a_relative_path_out() {
         let t = Tampered::new("rel");
-        qemu_img(
+        rebase(
             &t.chain,
-            &[
-                "rebase",
-                "-u",
-                "-b",
-                "../other/point-0001.qcow2",
-                "-F",
-                "qcow2",
-                "point-0002.qcow2",
-            ],
+            "../other/point-0001.qcow2",
+            "qcow2",
+            "point-0002.qcow2",
         );
         t.refused(
             &[2, 3],
@@ -1563,17 +1536,11 @@ mod tests {
     #[test]
     fn tampered_backing_a_relative_path_in_the_manifest_too() {
         let t = Tampered::new("relm");
-        qemu_img(
+        rebase(
             &t.chain,
-            &[
-                "rebase",
-                "-u",
-                "-b",
-                "../other/point-0001.qcow2",
-                "-F",
-                "qcow2",
-                "point-0002.qcow2",
-            ],
+            "../other/point-0001.qcow2",
+            "qcow2",
+            "point-0002.qcow2",
         );
         set_manifest_backing(&t.chain, 2, Some("../other/point-0001.qcow2"));
         t.refused(
@@ -1587,18 +1554,7 @@ mod tests {
     #[test]
     fn tampered_backing_format_raw() {
         let t = Tampered::new("fmt");
-        qemu_img(
-            &t.chain,
-            &[
-                "rebase",
-                "-u",
-                "-b",
-                "point-0001.qcow2",
-                "-F",
-                "raw",
-                "point-0002.qcow2",
-            ],
-        );
+        rebase(&t.chain, "point-0001.qcow2", "raw", "point-0002.qcow2");
         t.refused(&[2, 3], "point-0002.qcow2", "format \"raw\"");
     }
 
@@ -1615,18 +1571,7 @@ mod tests {
     #[test]
     fn tampered_base_given_a_backing_loop() {
         let t = Tampered::new("loop");
-        qemu_img(
-            &t.chain,
-            &[
-                "rebase",
-                "-u",
-                "-b",
-                "point-0003.qcow2",
-                "-F",
-                "qcow2",
-                "point-0001.qcow2",
-            ],
-        );
+        rebase(&t.chain, "point-0003.qcow2", "qcow2", "point-0001.qcow2");
         t.refused(
             &[1, 2, 3],
             "point-0001.qcow2",
@@ -1638,18 +1583,7 @@ mod tests {
     #[test]
     fn tampered_loop_in_the_manifests_too() {
         let t = Tampered::new("loopm");
-        qemu_img(
-            &t.chain,
-            &[
-                "rebase",
-                "-u",
-                "-b",
-                "point-0003.qcow2",
-                "-F",
-                "qcow2",
-                "point-0001.qcow2",
-            ],
-        );
+        rebase(&t.chain, "point-0003.qcow2", "qcow2", "point-0001.qcow2");
         set_manifest_backing(&t.chain, 1, Some("point-0003.qcow2"));
         t.refused(&[1, 2, 3], "point-0001.qcow2", "loop");
     }
@@ -1741,18 +1675,7 @@ mod tests {
         assert!(e.starts_with(CRASHED), "{e}");
         let v = verify(&t.chain, &Quiet).unwrap();
         assert!(v.iter().all(|c| c.error.is_none()), "{v:?}");
-        qemu_img(
-            &t.chain,
-            &[
-                "rebase",
-                "-u",
-                "-b",
-                "/dev/null",
-                "-F",
-                "raw",
-                "point-0003.qcow2",
-            ],
-        );
+        rebase(&t.chain, "/dev/null", "raw", "point-0003.qcow2");
         t.refused(&[3], "point-0003.qcow2", "backing file \"/dev/null\"");
     }
 
@@ -1763,18 +1686,7 @@ mod tests {
     fn prune_keeps_what_kept_points_read_through() {
         let d = scratch("kept");
         make_chain(&d, 5);
-        qemu_img(
-            &d,
-            &[
-                "rebase",
-                "-u",
-                "-b",
-                "point-0002.qcow2",
-                "-F",
-                "qcow2",
-                "point-0005.qcow2",
-            ],
-        );
+        rebase(&d, "point-0002.qcow2", "qcow2", "point-0005.qcow2");
         set_manifest_backing(&d, 5, Some("point-0002.qcow2"));
         let before = files(&d);
         let e = prune(&d, 2, &|_| {}, None).expect_err("prune");

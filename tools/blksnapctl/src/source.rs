@@ -23,7 +23,7 @@
 use crate::backup::{self, Extent, Kind, Method, Outcome, Progress};
 use crate::digest::{Digests, BLOCK, LEN};
 use crate::identity::Identity;
-use crate::{points, Control, MapKind, Tracker};
+use crate::{points, Control, Tracker};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -349,11 +349,12 @@ pub fn verify(opts: &Options<'_>) -> Result<Report, String> {
         &Identity::read(opts.device),
     );
     let plan = if choice.method == Method::Cbt {
-        let map = tracker
-            .read_cbt_map(MapKind::Snapshot)
-            .map_err(|e| e.to_string())?;
-        let coarse = backup::plan(&map, m.snapshot_number, info.block_size, size);
-        Some(backup::refine(&tracker, m.snapshot_number, &coarse, size)?.0)
+        Some(backup::changed_since(
+            &tracker,
+            m.snapshot_number,
+            info.block_size,
+            size,
+        )?)
     } else {
         (opts.log)(&format!(
             "{dev}: the change map cannot say what changed since point {}: {}; every block that differs is reported",

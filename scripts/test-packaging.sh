@@ -9,7 +9,8 @@
 #     is not the kernel's;
 #   - make install DESTDIR=...: every file is there and not empty, the man
 #     pages render, the completions and the shutdown hook parse, the units
-#     run the installed blksnapctl; make uninstall removes all of it;
+#     run the installed blksnapctl, no ordering cycle runs through the
+#     units (scripts/unit-order.py); make uninstall removes all of it;
 #   - make install-dkms DESTDIR=...: dkms add and dkms build of that tree
 #     (DKMS and source trees under /tmp) give blksnap.ko for the cached
 #     kernel, and fail with dkms-check.sh's message on the pristine tree.
@@ -239,6 +240,14 @@ else
 		ok "the rule, the unit and the ${#runners[@]} hooks run $PREFIX/sbin/blksnapctl"
 	else
 		bad "the rule, the unit and the hooks do not all run $PREFIX/sbin/blksnapctl: ${stale:-}"
+	fi
+	# The installed units against the system's own (Debian's systemd):
+	# an ordering cycle makes systemd drop a job of the boot.
+	if out=$(python3 "$REPO/scripts/unit-order.py" "$root$PREFIX"/lib/systemd/system/*.service 2>&1); then
+		ok "no ordering cycle through the installed units (scripts/unit-order.py)"
+	else
+		echo "$out"
+		bad "an ordering cycle through an installed unit"
 	fi
 	dracut_check "$root"
 	if make -s -C "$REPO" uninstall DESTDIR="$root" PREFIX=$PREFIX >"$tmp/uninstall.log" 2>&1 &&

@@ -322,6 +322,13 @@ if [ "$MODE" = rootdisk ]; then
 		else
 			report "boot${n}_shutdown_hook_saved_the_cbt" "no 'CBT state of 1 devices saved' after systemd-shutdown unmounted the file systems"
 		fi
+		# systemd breaks an ordering cycle by dropping a job of the boot.
+		cycle=$(grep -a -m1 -E 'Found ordering cycle|deleted to break ordering cycle' "$log" || true)
+		if [ -z "$cycle" ]; then
+			report "boot${n}_no_ordering_cycle" ok
+		else
+			report "boot${n}_no_ordering_cycle" "systemd: ${cycle#*systemd\[1\]: }"
+		fi
 		if grep -q "^rootdisk-guest: boot$n done" "$log" && [ "$status" = 0 ]; then
 			report "boot${n}_guest_completed" ok
 		else

@@ -21,6 +21,7 @@ APT_PACKAGES=(
 	gcc-multilib make patch perl xz-utils
 	dkms groff-base
 	mmdebstrap initramfs-tools-core dracut-core shellcheck
+	lvm2 cryptsetup-bin mdadm gdisk dosfstools postgresql sqlite3
 )
 
 # What the scripts, the tests (the guest runs the host's binaries) and the
@@ -32,6 +33,7 @@ TOOLS=(
 	python3 python3-ply-git
 	fio dmsetup jq mkfs.ext4 fsck.ext4 debugfs mkfs.xfs xfs_repair
 	losetup mount sfdisk udevadm kmod
+	lvm cryptsetup mdadm sgdisk mkfs.vfat pg_ctl sqlite3
 	dkms groff gcc-m32 make flex bison bc cpio rsync pahole patch perl xz
 )
 
@@ -57,6 +59,12 @@ probe() {
 		gcc -m32 -static -x c - -o "$tmp/probe32" ;;
 	mkfs.ext4 | fsck.ext4 | debugfs | mkfs.xfs | xfs_repair) "$1" -V ;;
 	perl) perl -e 1 ;;
+	lvm) lvm version ;;
+	mdadm | sgdisk) "$1" --version ;;
+	mkfs.vfat) mkfs.vfat --help ;;
+	# Debian keeps the server's programs out of PATH.
+	pg_ctl) for p in /usr/lib/postgresql/*/bin/pg_ctl; do "$p" --version; done ;;
+	sqlite3) sqlite3 -version ;;
 	*) "$1" --version ;;
 	esac </dev/null >/dev/null 2>&1
 }
@@ -75,6 +83,11 @@ source_of() {
 	mkfs.xfs | xfs_repair) echo apt:xfsprogs ;;
 	losetup) echo apt:util-linux ;;
 	sfdisk) echo apt:fdisk ;;
+	lvm) echo apt:lvm2 ;;
+	cryptsetup) echo apt:cryptsetup-bin ;;
+	sgdisk) echo apt:gdisk ;;
+	mkfs.vfat) echo apt:dosfstools ;;
+	pg_ctl) echo apt:postgresql ;;
 	udevadm) echo apt:udev ;;
 	groff) echo apt:groff-base ;;
 	gcc-m32) echo apt:gcc-multilib ;;

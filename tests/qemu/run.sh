@@ -53,6 +53,21 @@
 # mounted and written before the attach, so the saved CBT must not be
 # restored. Console logs in console-N.log, checked like in test mode.
 #
+# In sysdisk mode (`run.sh sysdisk`, about 30 minutes: not in `make test`)
+# the disks are a server's system disk and what its backup and restore
+# need (see README.md, "Backing up and restoring the system disk"): a
+# Debian system on a 1 GiB GPT disk, /boot and an LVM PV with root (ext4)
+# and /var (xfs) (tests/qemu/sysdisk-image.sh builds it, cached), booted
+# by SeaBIOS and the disk's own GRUB, kernel and initramfs; five boots,
+# each checked like a rootdisk boot (console-TAG.log): the live system
+# (serial sysdisk, the guest's sysdisk-guest.sh on the backup disk, serial
+# sysdisk-backup, 3 GiB of ext4) makes a full and an incremental backup of
+# its whole running disk and lists the files of each take; a rescue boot
+# (the 9p guest, sysdisk-rescue.sh) restores the last point onto a blank
+# disk of the same size and onto one 1.5 times larger and checks them;
+# then both restored disks boot, and so does the point's qcow2 chain
+# (copied out of the backup disk with debugfs) under a throwaway overlay.
+#
 # usage: run.sh test|soak|demo|bench|reboot|rootdisk|sysdisk [test name filters...]
 #
 # For `test`, prints one line per test and a final "N passed, N failed"; the

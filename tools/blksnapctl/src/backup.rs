@@ -823,6 +823,9 @@ pub enum Layout {
 pub struct Report {
     /// The snapshot, if it was kept.
     pub snapshot: Option<String>,
+    /// The file systems frozen for the take besides those the kernel
+    /// freezes (on devices stacked over the snapshot's): mount points.
+    pub frozen: Vec<PathBuf>,
     /// One outcome per device.
     pub devices: Vec<Outcome>,
 }
@@ -1001,7 +1004,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     for d in &devices {
         d.tracker.snapshot_add(&id).map_err(|e| e.to_string())?;
     }
-    ctl.snapshot_take(&id).map_err(|e| e.to_string())?;
+    let frozen = take(&ctl, &id, opts.devices, opts.log)?;
 
     // The take starts a new CBT generation if tracking restarted or the
     // device changed size: only now can the numbers be compared.
@@ -1092,8 +1095,53 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     };
     Ok(Report {
         snapshot,
+        frozen,
         devices: out,
     })
+}
+
+/// Takes snapshot `id` of `devices`. The kernel freezes the file systems
+/// of the devices and of a whole disk's partitions; those on devices
+/// stacked over them (LVM logical volumes, dm-crypt, md on a partition of
+/// the disk), which its freeze does not reach, are frozen here around the
+/// take (see [`crate::stack::Frozen`]), so that the snapshot holds them
+/// clean, not as a power cut would leave them. Returns their mount points.
+pub(crate) fn take(
+    ctl: &Control,
+    id: &SnapshotId,
+    devices: &[PathBuf],
+    log: &dyn Fn(&str),
+) -> Result<Vec<PathBuf>, String> {
+    let mounts = crate::stack::stacked_mounts(devices).unwrap_or_else(|e| {
+        log(&format!(
+            "cannot list the file systems on devices stacked over the snapshot's ({e}): \
+             they are not frozen, the snapshot holds them as a power cut would leave them"
+        ));
+        Vec::new()
+    });
+    let start = std::time::Instant::now();
+    let frozen = crate::stack::Frozen::freeze(&mounts);
+    let paths = frozen.paths();
+    let taken = ctl.snapshot_take(id);
+    // Nothing is printed before the thaw: stderr may go to a logger that
+    // writes to a frozen file system.
+    let notes = frozen.thaw();
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    for n in &notes {
+        log(n);
+    }
+    if !paths.is_empty() {
+        log(&format!(
+            "froze {} for the take ({ms:.0} ms): on devices stacked over the snapshot's, beyond the kernel's freeze",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    taken.map_err(|e| e.to_string())?;
+    Ok(paths)
 }
 
 fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> {

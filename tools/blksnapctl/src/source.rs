@@ -322,7 +322,7 @@ pub fn verify(opts: &Options<'_>) -> Result<Report, String> {
         .map_err(|e| e.to_string())?;
     let _guard = backup::SnapshotGuard(&ctl, id);
     tracker.snapshot_add(&id).map_err(|e| e.to_string())?;
-    ctl.snapshot_take(&id).map_err(|e| e.to_string())?;
+    backup::take(&ctl, &id, &[opts.device.to_path_buf()], opts.log)?;
     let info = tracker.cbt_info().map_err(|e| e.to_string())?;
     let snap = tracker.snapshot_info().map_err(|e| e.to_string())?;
     if snap.error_code != 0 {

@@ -805,6 +805,8 @@ pub struct Options<'a> {
     /// Check incrementals against the device ([`crate::source`]): read it
     /// whole, and copy the blocks the change map missed too.
     pub verify_source: bool,
+    /// The hooks run around the take ([`crate::hooks`]).
+    pub hooks: &'a crate::hooks::Hooks,
 }
 
 /// How the backups of a device are kept.
@@ -825,6 +827,10 @@ pub struct Report {
     pub snapshot: Option<String>,
     /// One outcome per device.
     pub devices: Vec<Outcome>,
+    /// The hooks run around the take, and the freeze window; a failed
+    /// `post-thaw` hook is here (the backup is complete).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<crate::hooks::Ran>,
 }
 
 /// The result for one device.
@@ -1001,7 +1007,13 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     for d in &devices {
         d.tracker.snapshot_add(&id).map_err(|e| e.to_string())?;
     }
-    ctl.snapshot_take(&id).map_err(|e| e.to_string())?;
+    let ctx = crate::hooks::Context {
+        snapshot: id.to_string(),
+        devices: opts.devices,
+    };
+    let ((), ran) = opts.hooks.around(&ctx, opts.log, || {
+        ctl.snapshot_take(&id).map_err(|e| e.to_string())
+    })?;
 
     // The take starts a new CBT generation if tracking restarted or the
     // device changed size: only now can the numbers be compared.
@@ -1093,6 +1105,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     Ok(Report {
         snapshot,
         devices: out,
+        hooks: (!opts.hooks.is_empty()).then_some(ran),
     })
 }
 

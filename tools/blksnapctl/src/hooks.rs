@@ -962,6 +962,18 @@ mod tests {
             m.contains("exit status 9") && m.contains("    | broken"),
             "{m}"
         );
+        // As --json reports them.
+        let v = serde_json::to_value(&ran).unwrap();
+        let name = format!("--pre-freeze 'echo pre1 >>{}'", log.display());
+        assert_eq!(v["hooks"][0]["name"], name.as_str());
+        assert_eq!(v["hooks"][0]["phase"], "pre-freeze");
+        assert_eq!(v["hooks"][0]["status"], "ok");
+        assert_eq!(v["hooks"][2]["phase"], "post-thaw");
+        assert_eq!(v["hooks"][2]["status"], "exit");
+        assert_eq!(v["hooks"][2]["value"], 9);
+        assert_eq!(v["hooks"][2]["output"], serde_json::json!(["broken"]));
+        assert!(v["hooks"][2]["ms"].as_f64().unwrap() > 0.0);
+        assert!(v["freeze_ms"].as_f64().unwrap() >= 0.0);
         fs::remove_dir_all(&d).unwrap();
     }
 

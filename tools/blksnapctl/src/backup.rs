@@ -805,6 +805,8 @@ pub struct Options<'a> {
     /// Check incrementals against the device ([`crate::source`]): read it
     /// whole, and copy the blocks the change map missed too.
     pub verify_source: bool,
+    /// The hooks run around the take ([`crate::hooks`]).
+    pub hooks: &'a crate::hooks::Hooks,
 }
 
 /// How the backups of a device are kept.
@@ -828,6 +830,10 @@ pub struct Report {
     pub frozen: Vec<PathBuf>,
     /// One outcome per device.
     pub devices: Vec<Outcome>,
+    /// The hooks run around the take, and the freeze window; a failed
+    /// `post-thaw` hook is here (the backup is complete).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<crate::hooks::Ran>,
 }
 
 /// The result for one device.
@@ -1004,7 +1010,13 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     for d in &devices {
         d.tracker.snapshot_add(&id).map_err(|e| e.to_string())?;
     }
-    let frozen = take(&ctl, &id, opts.devices, opts.log)?;
+    let ctx = crate::hooks::Context {
+        snapshot: id.to_string(),
+        devices: opts.devices,
+    };
+    let (frozen, ran) = opts
+        .hooks
+        .around(&ctx, opts.log, || take(&ctl, &id, opts.devices, opts.log))?;
 
     // The take starts a new CBT generation if tracking restarted or the
     // device changed size: only now can the numbers be compared.
@@ -1097,6 +1109,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
         snapshot,
         frozen,
         devices: out,
+        hooks: (!opts.hooks.is_empty()).then_some(ran),
     })
 }
 
@@ -1106,7 +1119,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
 /// the disk), which its freeze does not reach, are frozen here around the
 /// take (see [`crate::stack::Frozen`]), so that the snapshot holds them
 /// clean, not as a power cut would leave them. Returns their mount points.
-pub(crate) fn take(
+pub fn take(
     ctl: &Control,
     id: &SnapshotId,
     devices: &[PathBuf],

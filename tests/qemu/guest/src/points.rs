@@ -1258,6 +1258,7 @@ fn failed_during_the_copy() -> TestResult {
             keep_snapshot: false,
             layout,
             verify_source: false,
+            hooks: &blksnap::hooks::NONE,
         });
         let code = match hook.outcome.take() {
             Some(Ok(code)) => code,

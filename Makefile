@@ -33,14 +33,18 @@ run: all
 
 # Both test suites run even if the first fails; the target fails if either did.
 test: all
-	@rc=0; \
-	echo "== host tests (cargo test)"; cargo test --workspace --release || rc=1; \
-	echo "== VM tests (debug kernel under QEMU)"; tests/qemu/run.sh test || rc=1; \
-	echo "== VM reboot test (CBT saved at shutdown, three boots)"; tests/qemu/run.sh reboot || rc=1; \
-	echo "== VM root disk test (initramfs-tools hook, a Debian system on a virtio disk)"; tests/qemu/run.sh rootdisk || rc=1; \
-	echo "== style (checkpatch --strict, rustfmt, clippy)"; scripts/check.sh || rc=1; \
-	echo "== packaging (make install, DKMS tree and check)"; scripts/test-packaging.sh || rc=1; \
-	echo "== in-tree module build (Kconfig path)"; scripts/intree.sh || rc=1; \
+	@rc=0; t0=$$(date +%s); times=""; \
+	step() { name=$$1; shift; echo "== $$name"; t=$$(date +%s); "$$@" || rc=1; \
+		times="$$times$$(printf '  %5d s  %s' $$(($$(date +%s) - t)) "$$name")\n"; }; \
+	step "host tests (cargo test)" cargo test --workspace --release; \
+	step "VM tests (debug kernel under QEMU)" tests/qemu/run.sh test; \
+	step "VM reboot test (CBT saved at shutdown, three boots)" tests/qemu/run.sh reboot; \
+	step "VM root disk test (initramfs-tools hook, a Debian system on a virtio disk)" tests/qemu/run.sh rootdisk; \
+	step "style (checkpatch --strict, rustfmt, clippy)" scripts/check.sh; \
+	step "packaging (make install, DKMS tree and check)" scripts/test-packaging.sh; \
+	step "in-tree module build (Kconfig path)" scripts/intree.sh; \
+	echo "== time per step"; printf "$$times"; \
+	echo "  $$(($$(date +%s) - t0)) s in all"; \
 	if [ $$rc = 0 ]; then echo "== all tests passed"; else echo "== TESTS FAILED"; fi; \
 	exit $$rc
 

@@ -709,5 +709,9 @@ else
 	report guest_completed "guest did not finish cleanly (vng status $vng_status)"
 fi
 
+# The slowest tests of the run, for the suite's time budget (README).
+echo "slowest tests:"
+sed -nE 's/^(ok|FAIL) ([A-Za-z0-9_]+).* \(([0-9.]+)s\)$/\3 \2/p' "$RESULTS/console.log" |
+	sort -rn | head -10 | awk '{ printf "  %7.1f s  %s\n", $1, $2 }'
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -49,9 +49,13 @@ test: all
 	exit $$rc
 
 # Not part of `make test`: the fuzzer (1,000,000 calls), the stress test
-# (10 minutes) and the fault injection runs, longer (see README.md).
+# (10 minutes) and the fault injection runs, longer (see README.md); then
+# the system disk test (run.sh sysdisk).
 soak: all
-	tests/qemu/run.sh soak
+	@rc=0; tests/qemu/run.sh soak || rc=1; \
+	echo "== the system disk: live backup, bare-metal restore, boots (about 30 minutes)"; \
+	tests/qemu/run.sh sysdisk || rc=1; \
+	exit $$rc
 
 # A benchmark, not a test: ratios to the raw device and to dm-snapshot, from
 # one VM run on the bench kernel (no debug options), with the module built

@@ -137,7 +137,7 @@ fi
 rm -rf "$RESULTS"
 mkdir -p "$RESULTS"
 # Settings for the guest tests: guest.sh reads them from this file.
-export -p | grep -E '^declare -x BLKSNAP_((FUZZ|STRESS|FAULTS|PRESSURE|BENCH|TEST)_[A-Z_]+|KO)=' >"$RESULTS/guest-env" || true
+export -p | grep -E '^declare -x BLKSNAP_((FUZZ|STRESS|FAULTS?|PRESSURE|BENCH|TEST)_[A-Z_]+|KO)=' >"$RESULTS/guest-env" || true
 drive() { # file serial [extra drive options]
 	echo "-drive file=$1,if=none,id=$2,format=raw,aio=threads,discard=unmap${3:-,cache=none}" \
 		"-device virtio-blk-pci,drive=$2,serial=$2"

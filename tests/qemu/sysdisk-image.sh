@@ -213,7 +213,7 @@ if [ ! -f "$IMG" ]; then
 		terminal_input serial
 		terminal_output serial
 		echo "GRUB: sysdisk, /boot on \$root; loading /vmlinuz-$KVER"
-		linux /vmlinuz-$KVER root=/dev/mapper/sysvg-root ro console=ttyS0 oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0
+		linux /vmlinuz-$KVER root=/dev/mapper/sysvg-root ro console=ttyS0 systemd.default_device_timeout_sec=900 oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0
 		echo "GRUB: loading /initrd.img-$KVER"
 		initrd /initrd.img-$KVER
 		echo "GRUB: booting"

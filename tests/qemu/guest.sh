@@ -46,7 +46,7 @@ test)
 soak)
 	export BLKSNAP_SOAK=1
 	if [ $# = 0 ]; then
-		set -- fuzz_ioctls stress_ faults_ pressure_
+		set -- fuzz_ioctls stress_ faults_ pressure_ conc_take_error_paths_under_faults
 	fi
 	blksnap-guest-tests "$@"
 	rc=$?

@@ -1378,12 +1378,14 @@ fn take_faults() -> TestResult {
     let mut errnos = std::collections::BTreeMap::new();
     let result = (|| -> TestResult {
         // Every point of the first 32 (the checks before anything is set
-        // up), then every `step`th: `BLKSNAP_FAULT_STEP=1` tries them all.
+        // up), then every `step`th: every 16th in `make test` (a take has
+        // about 280 points, 4 s each), every 2nd in `make soak`;
+        // `BLKSNAP_FAULT_STEP=1` tries them all.
         let step: u32 = std::env::var("BLKSNAP_FAULT_STEP")
             .ok()
             .and_then(|s| s.parse().ok())
             .filter(|&s| s > 0)
-            .unwrap_or(4);
+            .unwrap_or(if dev::soak() { 2 } else { 16 });
         for n in (1..=MAX_POINTS).filter(|n| *n <= 32 || n % step == 0) {
             if writer.is_finished() {
                 fail!("the writer stopped at fault point {n}");

@@ -23,7 +23,8 @@
 //! started) aborts the take: no snapshot, no point, the post-thaw hooks
 //! ran, the hook's output is in the message; a failing post-thaw hook
 //! makes the command exit 4 with a valid snapshot; `snapshot take` and
-//! `verify --source` run the hooks too.
+//! `verify --source` run the hooks too; SIGINT during a pre-freeze hook of
+//! `snapshot take` lets the take and the post-thaw hooks run, then exit 130.
 
 use crate::dev;
 use crate::snap::{disk, Tracked};
@@ -1091,6 +1092,76 @@ fn failing_or_hanging_hooks() -> TestResult {
             ),
             "the hooks of snapshot take"
         );
+        Ok(())
+    })();
+    let _ = ctl.snapshot_destroy(&id);
+    r?;
+
+    // 4b. Ctrl-C (SIGINT) while a pre-freeze hook runs: the take and the
+    // post-thaw hooks still run, then exit 130 saying so.
+    let _ = std::fs::remove_file(&log);
+    let id = ctl
+        .snapshot_create(&scratch, 64 << 11)
+        .map_err(crate::snap::e)?;
+    tracker.snapshot_add(&id).map_err(crate::snap::e)?;
+    let ids = id.to_string();
+    let r = (|| -> TestResult {
+        let child = Command::new("blksnapctl")
+            .args([
+                "snapshot",
+                "take",
+                &ids,
+                "--device",
+                &sd,
+                "--pre-freeze",
+                &format!("echo pre >>{lg}; sleep 3"),
+                "--post-thaw",
+                &format!("echo \"post $BLKSNAP_TAKE_RESULT\" >>{lg}"),
+            ])
+            .env("BLKSNAP_HOOKS_DIR", &hd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("blksnapctl: {e}"))?;
+        let t = Instant::now();
+        while !read_log().contains("pre\n") {
+            if t.elapsed() > Duration::from_secs(60) {
+                fail!("the --pre-freeze command did not start: {:?}", read_log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .map_err(|e| e.to_string())?;
+        let o = child.wait_with_output().map_err(|e| e.to_string())?;
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        println!(
+            "    SIGINT during the pre-freeze hook: {:?}; {}",
+            o.status,
+            stderr.trim()
+        );
+        check_eq!(
+            read_log(),
+            "10-record pre-freeze \npre\npost taken\n10-record post-thaw taken\n".to_string(),
+            "the hooks around a take interrupted during its pre-freeze hook"
+        );
+        check_eq!(o.status.code(), Some(130), "the exit status after SIGINT");
+        if !stderr.contains(&format!(
+            "interrupted; snapshot {ids} is taken and the post-thaw hooks ran"
+        )) {
+            fail!("no word of the interruption: {stderr}");
+        }
+        if tracker
+            .snapshot_info()
+            .map_err(crate::snap::e)?
+            .image
+            .is_empty()
+        {
+            fail!("the interrupted take: no image");
+        }
         Ok(())
     })();
     let _ = ctl.snapshot_destroy(&id);

@@ -20,7 +20,8 @@ BLKSNAP_KO=$REPO/blk_snap/blksnap.ko
 [ -f "$RESULTS/guest-env" ] && . "$RESULTS/guest-env"
 KO=$BLKSNAP_KO
 BIN=$REPO/target/release
-export PATH=$BIN:$PATH BLKSNAP_KO BLKSNAP_RESULTS=$RESULTS
+# BLKSNAP_REPO: for the tests that run the repository's files (dist/).
+export PATH=$BIN:$PATH BLKSNAP_KO BLKSNAP_RESULTS=$RESULTS BLKSNAP_REPO=$REPO
 
 echo "guest: $(uname -r), $(nproc) CPUs"
 mount -t debugfs none /sys/kernel/debug 2>/dev/null

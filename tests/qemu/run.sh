@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: GPL-2.0
 #
 # Boots the debug test kernel under QEMU (TCG, 2 vCPUs) with virtme-ng, the
-# host's root filesystem shared read-only, and five virtio disks:
+# host's root filesystem shared read-only, and its virtio disks:
 #   serial blksnap-a: 256 MiB, no partition table;
 #   serial blksnap-b: 256 MiB, MBR with partitions at sectors 2048 and 67600;
 #   serial blksnap-c, blksnap-d: 64 MiB each, for snapshots;
@@ -11,7 +11,13 @@
 #     is not a multiple of 4 KiB (QEMU needs cache=writeback for it);
 #   serial blksnap-g: 64 MiB whose writes QEMU throttles to 64 KiB/s, so that
 #     a write stays in flight for seconds (the first write passes at once:
-#     issue a sacrificial one first).
+#     issue a sacrificial one first);
+#   serial blksnap-h: 128 MiB of ext4 holding a PostgreSQL 15 cluster made
+#     here with the host's binaries (initdb --data-checksums, pgbench -i -s
+#     1; see pg_cluster below), for tests/qemu/guest/src/app.rs: small
+#     enough for quick full backups, big enough for its data and WAL;
+#   serial blksnap-p: read-only, a tar archive of the PostgreSQL programs
+#     that test runs and the libraries they load (see pg_tools below).
 # In bench mode the disks are instead (see bench_disks below): blksnap-e, the
 # origin, BLKSNAP_BENCH_REGION MiB of random data; blksnap-a, the store disk
 # (zeros), the region plus 32 MiB, at least 96 MiB; blksnap-b, -c, -d, 16
@@ -640,6 +646,76 @@ if [ "$MODE" = reboot ]; then
 	exit
 fi
 
+# The PostgreSQL cluster of the app_postgresql test, on disk-h.img: made
+# here, where initdb and pgbench -i take seconds (under TCG in the guest,
+# 90 s). The guest test adds its settings, starts it and loads it. Without
+# PostgreSQL 15 (scripts/deps.sh installs it) the disk stays empty and that
+# test fails saying so.
+pg_cluster() { # image
+	local bin=/usr/lib/postgresql/15/bin d=$RESULTS/pg-cluster pgu
+	if [ ! -x "$bin/initdb" ] || ! pgu=$(id -u postgres 2>/dev/null); then
+		echo "qemu: no PostgreSQL 15 on the host: disk-h.img stays empty"
+		return
+	fi
+	rm -rf "$d"
+	mkdir -p "$d/root/pgdata" "$d/sock" "$d/log"
+	chown postgres "$d/root/pgdata" "$d/sock" "$d/log"
+	as_pg() { setpriv --reuid="$pgu" --regid="$(id -g postgres)" --init-groups -- "$@"; }
+	if (cd / && as_pg "$bin/initdb" -D "$d/root/pgdata" --data-checksums --wal-segsize=1 --no-locale \
+		-E UTF8 -A trust -U postgres --no-instructions >"$d/log/initdb.log" 2>&1 &&
+		as_pg "$bin/pg_ctl" -D "$d/root/pgdata" -l "$d/log/server.log" -w \
+			-o "-k $d/sock -c listen_addresses=" start >/dev/null &&
+		"$bin/pgbench" -h "$d/sock" -U postgres -i -s 1 -q postgres >"$d/log/pgbench.log" 2>&1 &&
+		"$bin/psql" -X -q -h "$d/sock" -U postgres -c 'CREATE EXTENSION amcheck' postgres &&
+		as_pg "$bin/pg_ctl" -D "$d/root/pgdata" -m fast -w stop >/dev/null); then
+		mkfs.ext4 -q -F -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 -d "$d/root" "$1"
+	else
+		cat "$d"/log/*.log
+		echo "qemu: the PostgreSQL cluster for disk-h.img failed"
+		as_pg "$bin/pg_ctl" -D "$d/root/pgdata" -m immediate -w stop >/dev/null 2>&1
+	fi
+	rm -rf "$d"
+}
+
+# The PostgreSQL programs of the app_postgresql test and every library
+# they load, as a tar archive on a disk of its own (serial blksnap-p) that
+# the test unpacks on tmpfs: read over 9p, each start of psql or the server
+# costs seconds under load, and copying them over 9p (60 MiB) took 68 s.
+# The layout is the installation's (usr/lib/postgresql/15/{bin,lib}, the
+# server finds its lib and share directories from its own path), the
+# libraries in libs/ (for LD_LIBRARY_PATH); what is not copied (the other
+# extensions, the share directory, ICU's 30 MiB of data) is linked to the
+# host's, which the guest sees at the same paths.
+pg_tools() { # image
+	local pg=/usr/lib/postgresql/15 d=$RESULTS/pg-tools p f progs=()
+	rm -rf "$d"
+	if [ ! -x "$pg/bin/postgres" ]; then
+		echo "qemu: no PostgreSQL 15 on the host: no tools archive"
+		tar -cf "$1" -T /dev/null
+		return
+	fi
+	mkdir -p "$d$pg/bin" "$d$pg/lib" "$d/usr/share/postgresql" "$d/libs"
+	ln -s /usr/share/postgresql/15 "$d/usr/share/postgresql/15"
+	for f in "$pg"/lib/*; do
+		ln -s "$f" "$d$pg/lib/"
+	done
+	rm "$d$pg/lib/amcheck.so" && cp "$pg/lib/amcheck.so" "$d$pg/lib/"
+	for p in postgres pg_ctl psql pgbench pg_amcheck pg_isready pg_checksums pg_controldata; do
+		progs+=("$pg/bin/$p")
+	done
+	cp "${progs[@]}" "$d$pg/bin/"
+	ldd "${progs[@]}" | awk '$2 == "=>" && $3 ~ /^\// { print $3 }' | sort -u |
+		while read -r f; do
+			if [ "$(stat -L -c %s "$f")" -gt $((16 << 20)) ]; then
+				ln -s "$f" "$d/libs/"
+			else
+				cp -L "$f" "$d/libs/"
+			fi
+		done
+	tar -cf "$1" -C "$d" usr libs
+	rm -rf "$d"
+}
+
 QEMU_DRIVES=
 if [ "$MODE" = bench ]; then
 	bench_disks
@@ -651,6 +727,9 @@ else
 	truncate -s 400M "$RESULTS/disk-e.img"
 	truncate -s $((131073 * 512)) "$RESULTS/disk-f.img"
 	truncate -s 64M "$RESULTS/disk-g.img"
+	truncate -s 128M "$RESULTS/disk-h.img"
+	pg_cluster "$RESULTS/disk-h.img"
+	pg_tools "$RESULTS/disk-p.img"
 	printf 'label: dos\nstart=2048, size=65536, type=83\nstart=67600, type=83\n' |
 		sfdisk --quiet "$RESULTS/disk-b.img" >/dev/null
 	for d in a b c d e; do
@@ -658,6 +737,8 @@ else
 	done
 	QEMU_DRIVES+="$(drive "$RESULTS/disk-f.img" blksnap-f ,cache=writeback) "
 	QEMU_DRIVES+="$(drive "$RESULTS/disk-g.img" blksnap-g ,cache=none,throttling.bps-write=65536) "
+	QEMU_DRIVES+="$(drive "$RESULTS/disk-h.img" blksnap-h) "
+	QEMU_DRIVES+="$(drive "$RESULTS/disk-p.img" blksnap-p ,cache=none,readonly=on) "
 fi
 
 echo "qemu: booting $(cat "$KOUT/include/config/kernel.release") ($MODE), results in $RESULTS"

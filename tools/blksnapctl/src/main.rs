@@ -1354,6 +1354,13 @@ fn take_cmd(
     let failed = |e: String| (exit::FAILED, e);
     let ctl = Control::open().map_err(|e| failed(e.to_string()))?;
     let log = |m: &str| eprintln!("blksnapctl: {m}");
+    // Ctrl-C while the hooks run must not leave the post-thaw
+    // hooks unrun: it is noted, and honoured once they ran.
+    let stop = Arc::new(AtomicBool::new(false));
+    if !hooks.is_empty() {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed));
+    }
     let ctx = blksnap::hooks::Context {
         snapshot: id.to_string(),
         devices,
@@ -1374,6 +1381,12 @@ fn take_cmd(
                 e
             })
         })?;
+    if stop.load(Ordering::Relaxed) {
+        return Err((
+            exit::INTERRUPTED,
+            format!("interrupted; snapshot {id} is taken and the post-thaw hooks ran"),
+        ));
+    }
     if json {
         let mut v = serde_json::json!({ "id": id.to_string(), "ioctl_ms": ms });
         if !hooks.is_empty() {

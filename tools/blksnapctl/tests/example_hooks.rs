@@ -255,3 +255,162 @@ fn postgresql_hook_settings_and_no_server() {
     );
     fs::remove_dir_all(&d).unwrap();
 }
+
+/// `cmd ARGS` as the postgres user; must succeed.
+fn as_postgres(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+            cmd,
+        ])
+        .args(args)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn postgresql_hook_checkpoints_a_real_server_as_its_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: the hook's switch to the postgres user is not tested");
+        return;
+    }
+    let bin = "/usr/lib/postgresql/15/bin";
+    let d = tempdir("pgserver");
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+    let data = d.join("data");
+    let sock = d.join("sock");
+    for p in [&data, &sock] {
+        fs::create_dir(p).unwrap();
+        nix::unistd::chown(
+            p,
+            Some(nix::unistd::Uid::from_raw(uid_of("postgres"))),
+            None,
+        )
+        .unwrap();
+    }
+    let (data_s, sock_s) = (data.display().to_string(), sock.display().to_string());
+    // Peer authentication on the socket: root cannot connect as postgres,
+    // the hook must switch to it.
+    as_postgres(
+        &format!("{bin}/initdb"),
+        &[
+            "-D",
+            &data_s,
+            "-U",
+            "postgres",
+            "--auth-local=peer",
+            "--no-sync",
+            "--no-instructions",
+        ],
+    );
+    let log = data.join("log");
+    let opts = format!("-k {sock_s} -c listen_addresses= -c fsync=off");
+    as_postgres(
+        &format!("{bin}/pg_ctl"),
+        &[
+            "-D",
+            &data_s,
+            "-l",
+            log.to_str().unwrap(),
+            "-o",
+            &opts,
+            "-w",
+            "start",
+        ],
+    );
+    let checkpoint = || {
+        as_postgres(
+            &format!("{bin}/psql"),
+            &[
+                "-X",
+                "-At",
+                "-h",
+                &sock_s,
+                "-d",
+                "postgres",
+                "-c",
+                "SELECT checkpoint_lsn FROM pg_control_checkpoint()",
+            ],
+        )
+        .trim()
+        .to_string()
+    };
+    let r = std::panic::catch_unwind(|| {
+        let conninfo = format!("host={sock_s}");
+        let env = |user: &'static str, conninfo: &str| {
+            vec![
+                ("BLKSNAP_PG", "yes"),
+                ("BLKSNAP_PG_BINDIR", bin),
+                ("BLKSNAP_PG_OSUSER", user),
+                (
+                    "BLKSNAP_PG_CONNINFO",
+                    Box::leak(conninfo.to_string().into_boxed_str()) as &str,
+                ),
+            ]
+        };
+        // A WAL record, so that the next checkpoint is a new one.
+        as_postgres(
+            &format!("{bin}/psql"),
+            &[
+                "-X",
+                "-q",
+                "-h",
+                &sock_s,
+                "-d",
+                "postgres",
+                "-c",
+                "CREATE TABLE t AS SELECT 1 AS x",
+            ],
+        );
+        let before = checkpoint();
+        let (code, out) = run("50-postgresql", "pre-freeze", &env("postgres", &conninfo));
+        assert_eq!(
+            (code, out.trim()),
+            (0, format!("CHECKPOINT done ({conninfo})").as_str())
+        );
+        let after = checkpoint();
+        assert_ne!(
+            before, after,
+            "the hook's CHECKPOINT is the server's latest"
+        );
+        assert!(fs::read_to_string(&log)
+            .unwrap()
+            .contains("checkpoint starting: immediate force wait"));
+        // As root (as user postgres), peer authentication refuses it: the
+        // hook fails, the take would be aborted.
+        let as_root = format!("{conninfo} user=postgres");
+        let (code, out) = run("50-postgresql", "pre-freeze", &env("", &as_root));
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.starts_with(&format!("CHECKPOINT failed ({as_root}): ")),
+            "{out}"
+        );
+        assert!(
+            out.contains("Peer authentication failed for user \"postgres\""),
+            "{out}"
+        );
+    });
+    as_postgres(
+        &format!("{bin}/pg_ctl"),
+        &["-D", &data_s, "-m", "immediate", "-w", "stop"],
+    );
+    fs::remove_dir_all(&d).unwrap();
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn uid_of(user: &str) -> u32 {
+    nix::unistd::User::from_name(user)
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw()
+}

@@ -7,6 +7,7 @@
 //! Output: one `ok NAME` or `FAIL NAME: reason` line per test, then
 //! `N passed, N failed`. The exit status is non-zero if any test failed.
 
+mod app;
 mod backup;
 mod compat;
 mod conc;
@@ -229,6 +230,7 @@ fn main() {
         .chain(store::ALL)
         .chain(upstream::ALL)
         .chain(backup::ALL)
+        .chain(app::ALL)
         .chain(points::ALL)
         .chain(odd::ALL)
         .chain(cut::ALL)

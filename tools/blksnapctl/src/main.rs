@@ -32,7 +32,7 @@ mod exit {
     name = "blksnapctl",
     version,
     about = "Change block tracking and snapshots of block devices (blksnap)",
-    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n  blksnapctl verify --source /dev/vdb /backup --store /var/tmp\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
+    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n  blksnapctl verify --source /dev/vdb /backup --store /var/tmp\n  blksnapctl mount --point 2 /backup /mnt/point --device vdb\n  blksnapctl umount /mnt/point\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of text.
@@ -112,6 +112,48 @@ enum Command {
         /// Write even to a mounted or in-use device, or one in a snapshot.
         #[arg(long)]
         force: bool,
+    },
+    /// Mount a restore point's file systems read-only: instant access to
+    /// its files, without a restore.
+    ///
+    /// The point's chain (every image checked as restore checks it) is
+    /// exported through qemu-nbd on a free /dev/nbdN, over a throwaway
+    /// overlay (journals replayed there; the points are only read); its
+    /// partitions (or the whole device) and the LVM volumes in them are
+    /// mounted read-only under MOUNTPOINT/p1, MOUNTPOINT/VG-LV... A volume
+    /// group is renamed in the overlay first (VG_pointN): the running
+    /// system's of the same name and UUIDs is not disturbed. On failure,
+    /// everything done is undone. `umount MOUNTPOINT` undoes it.
+    Mount {
+        /// The point's number (see `backup list`).
+        #[arg(long)]
+        point: u32,
+        /// The backup directory (or one device's chain in it).
+        dir: PathBuf,
+        /// An empty directory.
+        mountpoint: PathBuf,
+        /// The device whose point, when DIR has points of several.
+        #[arg(long)]
+        device: Option<String>,
+        /// Where the overlay goes (default: the state directory,
+        /// /run/blksnap/mounts); it holds what journal replays write.
+        #[arg(long)]
+        overlay_dir: Option<PathBuf>,
+        /// The state directory.
+        #[arg(long, hide = true, default_value = blksnap::mount::STATE_DIR)]
+        state_dir: PathBuf,
+        /// For tests: fail after this step (overlay, nbd, lvm, mount).
+        #[arg(long, hide = true)]
+        fail_after: Option<String>,
+    },
+    /// Undo a `mount`: unmount its file systems, deactivate its volume
+    /// groups, disconnect the nbd device, delete the overlay.
+    Umount {
+        /// The mount point given to `mount`.
+        mountpoint: PathBuf,
+        /// The state directory.
+        #[arg(long, hide = true, default_value = blksnap::mount::STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Generate the man pages or shell completions.
     #[command(subcommand, hide = true)]
@@ -512,6 +554,8 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
         | Command::Verify { .. }
         | Command::Restore { .. }
         | Command::Generate(_)
+        | Command::Mount { .. }
+        | Command::Umount { .. }
         | Command::DigestBench { .. }
         | Command::Cbt(CbtCommand::Boot { .. }) => unreachable!(),
     }
@@ -990,6 +1034,73 @@ fn progress(json: bool) -> Box<dyn Progress> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
+fn mount_cmd(
+    dir: &Path,
+    point: u32,
+    mountpoint: &Path,
+    device: Option<&str>,
+    overlay_dir: Option<&Path>,
+    state_dir: &Path,
+    fail_after: Option<&str>,
+    json: bool,
+) -> Result<(), (u8, String)> {
+    let failed = |e: String| (exit::FAILED, e);
+    let chain = points::chain(dir, device).map_err(failed)?;
+    let log = |m: &str| eprintln!("blksnapctl: {m}");
+    let st = blksnap::mount::mount(&blksnap::mount::Request {
+        chain: &chain,
+        point,
+        mountpoint,
+        state_dir,
+        overlay_dir,
+        fail_after,
+        log: &log,
+    })
+    .map_err(failed)?;
+    if json {
+        println!("{}", serde_json::to_string(&st).unwrap());
+        return Ok(());
+    }
+    println!(
+        "point {} of {} mounted read-only on {} ({}):",
+        st.point,
+        st.chain.display(),
+        st.mountpoint.display(),
+        st.nbd.as_deref().unwrap_or("?")
+    );
+    for m in &st.mounts {
+        println!("  {}  {} ({})", m.target.display(), m.fstype, m.source);
+    }
+    for s in &st.skipped {
+        println!("  not mounted: {s}");
+    }
+    println!(
+        "(`blksnapctl umount {}` undoes it)",
+        st.mountpoint.display()
+    );
+    Ok(())
+}
+
+fn umount_cmd(mountpoint: &Path, state_dir: &Path, json: bool) -> Result<(), (u8, String)> {
+    let log = |m: &str| eprintln!("blksnapctl: {m}");
+    let st = blksnap::mount::umount(mountpoint, state_dir, &log).map_err(|e| (exit::FAILED, e))?;
+    if json {
+        println!("{}", serde_json::to_string(&st).unwrap());
+    } else {
+        println!(
+            "unmounted point {} of {} from {}: {} file systems, {} volume groups, {} released",
+            st.point,
+            st.chain.display(),
+            st.mountpoint.display(),
+            st.mounts.len(),
+            st.vgs.len(),
+            st.nbd.as_deref().unwrap_or("no nbd device")
+        );
+    }
+    Ok(())
+}
+
 fn list_cmd(dir: &Path, json: bool) -> Result<(), (u8, String)> {
     let failed = |e: String| (exit::FAILED, e);
     let chains = points::chains(dir).map_err(failed)?;
@@ -1418,6 +1529,28 @@ fn main() -> ExitCode {
             force,
         } => restore_cmd(&dir, point, &target, device.as_deref(), force, json),
         Command::Generate(cmd) => generate(cmd),
+        Command::Mount {
+            point,
+            dir,
+            mountpoint,
+            device,
+            overlay_dir,
+            state_dir,
+            fail_after,
+        } => mount_cmd(
+            &dir,
+            point,
+            &mountpoint,
+            device.as_deref(),
+            overlay_dir.as_deref(),
+            &state_dir,
+            fail_after.as_deref(),
+            json,
+        ),
+        Command::Umount {
+            mountpoint,
+            state_dir,
+        } => umount_cmd(&mountpoint, &state_dir, json),
         Command::DigestBench { file, size, rounds } => digest_bench(&file, size, rounds, json),
         Command::Cbt(CbtCommand::Boot { config, device }) => {
             cbt_boot(&config, device.as_deref(), json)

@@ -13,6 +13,7 @@ pub mod bench;
 pub mod boot;
 pub mod digest;
 pub mod identity;
+pub mod job;
 pub mod mount;
 pub mod points;
 pub mod qcow;

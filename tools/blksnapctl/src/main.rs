@@ -32,7 +32,7 @@ mod exit {
     name = "blksnapctl",
     version,
     about = "Change block tracking and snapshots of block devices (blksnap)",
-    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n  blksnapctl verify --source /dev/vdb /backup --store /var/tmp\n  blksnapctl mount --point 2 /backup /mnt/point --device vdb\n  blksnapctl umount /mnt/point\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
+    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n  blksnapctl verify --source /dev/vdb /backup --store /var/tmp\n  blksnapctl mount --point 2 /backup /mnt/point --device vdb\n  blksnapctl umount /mnt/point\n  blksnapctl job run data\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of text.
@@ -155,6 +155,9 @@ enum Command {
         #[arg(long, hide = true, default_value = blksnap::mount::STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Backup jobs: the daily routine (blksnap-backup@NAME.timer).
+    #[command(subcommand)]
+    Job(JobCommand),
     /// Generate the man pages or shell completions.
     #[command(subcommand, hide = true)]
     Generate(GenerateCommand),
@@ -240,6 +243,26 @@ enum BackupCommand {
         /// crash would.
         #[arg(long, hide = true)]
         crash_after: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Run a backup job: a full backup when a device has no point yet,
+    /// else an incremental, then keep the newest `keep` points. The result
+    /// goes to the backup directory's last-run.json (`backup list` shows
+    /// it); a failure exits 1 with a one-line reason.
+    ///
+    /// The job file (/etc/blksnap/jobs/NAME.conf): `device PATH` (one or
+    /// more), `store PATH` (a directory, file or device), `limit SIZE`
+    /// (default 1G), `to DIR` (must exist), `keep N` (default: all),
+    /// `verify-source` (incrementals also check the device).
+    Run {
+        /// The job's NAME, or the path of its file.
+        job: String,
+        /// Where NAME.conf is.
+        #[arg(long, hide = true, default_value = blksnap::job::JOBS_DIR)]
+        jobs_dir: PathBuf,
     },
 }
 
@@ -556,6 +579,7 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
         | Command::Generate(_)
         | Command::Mount { .. }
         | Command::Umount { .. }
+        | Command::Job(_)
         | Command::DigestBench { .. }
         | Command::Cbt(CbtCommand::Boot { .. }) => unreachable!(),
     }
@@ -1101,10 +1125,52 @@ fn umount_cmd(mountpoint: &Path, state_dir: &Path, json: bool) -> Result<(), (u8
     Ok(())
 }
 
+fn job_cmd(job: &str, jobs_dir: &Path, json: bool) -> Result<(), (u8, String)> {
+    let (path, name) = blksnap::job::locate(job, jobs_dir);
+    let failed = |e: String| {
+        (
+            exit::FAILED,
+            format!("job {name}: {}", blksnap::job::one_line(&e)),
+        )
+    };
+    let j = blksnap::job::load(&path).map_err(failed)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed));
+    }
+    let log = |m: &str| eprintln!("blksnapctl: job {name}: {m}");
+    let rec = blksnap::job::run(&j, &name, &stop, &backup::Quiet, &log).map_err(|e| {
+        if stop.load(Ordering::Relaxed) {
+            (exit::INTERRUPTED, format!("job {name}: interrupted: {e}"))
+        } else {
+            failed(e)
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&rec).unwrap());
+    } else {
+        println!("{}", rec.line(false).trim_start_matches("last run: "));
+    }
+    Ok(())
+}
+
+/// Whether process `pid` is a blksnapctl still running.
+fn blksnapctl_runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "blksnapctl")
+}
+
 fn list_cmd(dir: &Path, json: bool) -> Result<(), (u8, String)> {
     let failed = |e: String| (exit::FAILED, e);
+    let last = blksnap::job::Record::load(dir).map_err(failed)?;
+    let last_line = last.as_ref().map(|r| r.line(blksnapctl_runs(r.pid)));
     let chains = points::chains(dir).map_err(failed)?;
     if chains.is_empty() {
+        if let Some(l) = &last_line {
+            if !json {
+                println!("{l}");
+            }
+        }
         return Err(failed(format!("{}: no restore points", dir.display())));
     }
     let mut rows = Vec::new();
@@ -1172,6 +1238,9 @@ fn list_cmd(dir: &Path, json: bool) -> Result<(), (u8, String)> {
         );
     }
     println!("(COPIED: bytes read from the snapshot; FILE: the point's image on disk; base*: merged by a prune)");
+    if let Some(l) = last_line {
+        println!("{l}");
+    }
     Ok(())
 }
 
@@ -1551,6 +1620,7 @@ fn main() -> ExitCode {
             mountpoint,
             state_dir,
         } => umount_cmd(&mountpoint, &state_dir, json),
+        Command::Job(JobCommand::Run { job, jobs_dir }) => job_cmd(&job, &jobs_dir, json),
         Command::DigestBench { file, size, rounds } => digest_bench(&file, size, rounds, json),
         Command::Cbt(CbtCommand::Boot { config, device }) => {
             cbt_boot(&config, device.as_deref(), json)

@@ -14,6 +14,7 @@ mod cut;
 mod dev;
 mod faults;
 mod fuzz;
+mod mount;
 mod odd;
 mod persist;
 mod points;
@@ -230,6 +231,7 @@ fn main() {
         .chain(upstream::ALL)
         .chain(backup::ALL)
         .chain(points::ALL)
+        .chain(mount::ALL)
         .chain(odd::ALL)
         .chain(cut::ALL)
         .chain(compat::ALL)

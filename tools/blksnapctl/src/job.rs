@@ -430,6 +430,15 @@ pub fn run(
     rec.store(&job.to)
         .map_err(|e| one_line(&format!("cannot record the run: {e}")))?;
     let r = (|| {
+        // The hooks directory's hooks (application-consistent takes), as
+        // for `backup full`: $BLKSNAP_HOOKS_DIR, else /etc/blksnap/hooks.d.
+        let (dir, dir_explicit) = crate::hooks::Settings::choose_dir(None, false);
+        let hooks = crate::hooks::Hooks::load(&crate::hooks::Settings {
+            dir,
+            dir_explicit,
+            timeout: std::time::Duration::from_secs(60),
+            ..Default::default()
+        })?;
         let kind = kind_for(job)?;
         rec.kind = Some(kind);
         let report = backup::run(&backup::Options {
@@ -444,7 +453,11 @@ pub fn run(
             keep_snapshot: false,
             layout: backup::Layout::Points,
             verify_source: job.verify_source && kind == Kind::Incremental,
+            hooks: &hooks,
         })?;
+        // A failed post-thaw hook leaves a valid backup (recorded and
+        // pruned below) but fails the run.
+        let hook_failure = report.hooks.as_ref().and_then(|r| r.post_failure_message());
         for o in &report.devices {
             rec.points.push(Made {
                 device: o.device.clone(),
@@ -479,6 +492,9 @@ pub fn run(
                     removed: p.removed,
                 });
             }
+        }
+        if let Some(m) = hook_failure {
+            return Err(format!("the backup is made, but {m}"));
         }
         Ok::<(), String>(())
     })();

@@ -537,7 +537,7 @@ fn points_with_partitions_and_lvm() -> TestResult {
 
 /// The daily job, three runs and two failures: the first run makes a full
 /// backup, the next incrementals; with `keep 2` the third prunes point 1;
-/// each run's result line in `backup list`; the last point restores to
+/// each run's result line in `backup list`; points 2 and 3 restore to
 /// the device's content. A missing store fails (exit 1, one line on
 /// stderr) and `backup list` says so; a missing backup directory fails
 /// without making it.
@@ -670,20 +670,30 @@ fn job_runs() -> TestResult {
             .filter_map(|p| p["point"].as_u64())
             .collect();
         check_eq!(points, vec![2, 3], "points after the failed runs");
-        // Point 3 is the device at run 3.
-        ctl_ok(&["restore", "--point", "3", &d_s, restored.to_str().unwrap()])?;
-        check_eq!(
-            std::fs::metadata(&restored)
-                .map_err(|e| e.to_string())?
-                .len(),
-            size,
-            "size of point 3 restored"
-        );
-        check_eq!(
-            sha256(&restored)?,
-            sums[2],
-            "point 3 restored, against the device at run 3"
-        );
+        // Points 2 (point 1 merged into it by the prune) and 3 are the
+        // device at runs 2 and 3.
+        for n in [2usize, 3] {
+            let _ = std::fs::remove_file(&restored);
+            ctl_ok(&[
+                "restore",
+                "--point",
+                &n.to_string(),
+                &d_s,
+                restored.to_str().unwrap(),
+            ])?;
+            check_eq!(
+                std::fs::metadata(&restored)
+                    .map_err(|e| e.to_string())?
+                    .len(),
+                size,
+                "size of point {n} restored"
+            );
+            check_eq!(
+                sha256(&restored)?,
+                sums[n - 1],
+                "point {n} restored, against the device at run {n}"
+            );
+        }
         let _ = std::fs::remove_file(&restored);
         Ok(())
     })();

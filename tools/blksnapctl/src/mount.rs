@@ -458,7 +458,10 @@ fn get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
 
 /// The mount options of a file system type this mounts, or None. XFS
 /// refuses a second file system of the same UUID (the running system's,
-/// when the point is a backup of its disk) unless `nouuid`.
+/// when the point is a backup of its disk) unless `nouuid`. Never ext4's
+/// `noload` nor XFS's `norecovery`: a file system not frozen at the take
+/// has committed transactions in its journal only, which a mount without
+/// the replay would not show; the replay writes to the overlay.
 pub fn mount_options(fstype: &str) -> Option<&'static str> {
     match fstype {
         "ext2" | "ext3" | "ext4" | "vfat" | "exfat" | "f2fs" | "btrfs" => Some("ro"),
@@ -1130,6 +1133,14 @@ mod tests {
         );
         assert_eq!(mount_options("xfs"), Some("ro,nouuid"));
         assert_eq!(mount_options("ext4"), Some("ro"));
+        // The journal is replayed (into the overlay), never skipped.
+        for t in ["ext2", "ext3", "ext4", "xfs"] {
+            let o = mount_options(t).unwrap();
+            assert!(
+                !o.contains("noload") && !o.contains("norecovery"),
+                "{t}: {o}"
+            );
+        }
         assert_eq!(mount_options("swap"), None);
         assert_eq!(mount_options("crypto_LUKS"), None);
     }

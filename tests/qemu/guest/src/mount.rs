@@ -145,17 +145,23 @@ fn nothing_left(mps: &[&Path], what: &str) -> TestResult {
         );
     }
     let state = state_files();
+    let vgs: Vec<String> = lvm("vgs", &["--noheadings", "-o", "vg_name"])?
+        .split_whitespace()
+        .filter(|n| n.contains("_point"))
+        .map(str::to_string)
+        .collect();
     if !nbd.is_empty()
         || !dm.is_empty()
+        || !vgs.is_empty()
         || !mounted.is_empty()
         || !state.is_empty()
         || !inside.is_empty()
     {
         fail!(
-            "{what}: left behind: nbd connected {nbd:?}, dm devices {dm:?}, mounts {mounted:?}, state files {state:?}, in the mount points {inside:?}"
+            "{what}: left behind: nbd connected {nbd:?}, dm devices {dm:?}, volume groups {vgs:?}, mounts {mounted:?}, state files {state:?}, in the mount points {inside:?}"
         );
     }
-    println!("    {what}: nothing left (no nbd connected, no clone dm device, no mount, no state or overlay)");
+    println!("    {what}: nothing left (no nbd connected, no clone dm device or volume group, no mount, no state or overlay)");
     Ok(())
 }
 
@@ -201,10 +207,10 @@ impl Live {
     }
 }
 
-/// The files under a point's mount point, for the names of `live`.
+/// The files under a point's mount point, for the names of `live` and p5.
 fn point_sums(mp: &Path, live: &Live) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
-    for (name, _) in &live.fs {
+    for name in live.fs.iter().map(|f| f.0).chain(["p5"]) {
         let d = mp.join(name);
         if !d.is_dir() {
             fail!("{}: not mounted", d.display());
@@ -216,17 +222,19 @@ fn point_sums(mp: &Path, live: &Live) -> Result<BTreeMap<String, String>, String
     Ok(out)
 }
 
-/// A disk (400 MiB, GPT) with an ext4 partition, an XFS one, a swap one
-/// and an LVM physical volume of the volume group `bsvg` with an ext4
-/// volume `data`, all mounted (the volume group active) while the points
-/// of the disk are mounted: the clones of `bsvg` must not clash with it.
+/// A disk (400 MiB, GPT) with an ext4 partition, an XFS one, a swap one,
+/// an LVM physical volume of the volume group `bsvg` with an ext4 volume
+/// `data`, all mounted (the volume group active) while the points of the
+/// disk are mounted: the clones of `bsvg` must not clash with it; and p5,
+/// not mounted, an ext4 that needs its journal replayed (a file only in
+/// its journal at the take).
 /// Points 1 (full) and 2 (incremental), the files' checksums listed at
 /// each; then the disk changes again. Both points are mounted at once
 /// and hold what was listed; the live volume group keeps its UUID, its
 /// file system stays writable; umount leaves nothing. Then what fails
 /// leaves nothing either: a mount point not empty, a point that does not
 /// exist, a tampered chain, a failure after everything was mounted
-/// (`--fail-after mount`); an umount while a file is open there fails,
+/// (`--fail-after mount`) and one midway (`--fail-after lvm`); an umount while a file is open there fails,
 /// keeps what is left, and a second umount finishes.
 fn points_with_partitions_and_lvm() -> TestResult {
     let d = disk("blksnap-e")?;
@@ -241,7 +249,7 @@ fn points_with_partitions_and_lvm() -> TestResult {
         std::fs::create_dir_all(m).map_err(|e| e.to_string())?;
     }
     // GPT: ext4, xfs, swap, LVM.
-    let table = "label: gpt\nsize=48MiB, type=linux\nsize=64MiB, type=linux\nsize=8MiB, type=swap\ntype=lvm\n";
+    let table = "label: gpt\nsize=48MiB, type=linux\nsize=64MiB, type=linux\nsize=8MiB, type=swap\nsize=160MiB, type=lvm\ntype=linux\n";
     println!("    $ sfdisk {ds} <<< {table:?}");
     let mut child = std::process::Command::new("sfdisk")
         .args(["--quiet", "--wipe", "always", &ds])
@@ -257,8 +265,8 @@ fn points_with_partitions_and_lvm() -> TestResult {
     let _ = dev::run("partx", &["-u", &ds]);
     std::fs::create_dir_all(scratch.join("lvm-backup")).map_err(|e| e.to_string())?;
     let part = |n| dev::partition(&d, n).to_str().unwrap().to_string();
-    let (p1, p2, p3, p4) = (part(1), part(2), part(3), part(4));
-    for p in [&p1, &p2, &p3, &p4] {
+    let (p1, p2, p3, p4, p5) = (part(1), part(2), part(3), part(4), part(5));
+    for p in [&p1, &p2, &p3, &p4, &p5] {
         if !Path::new(p).exists() {
             fail!("{p} did not appear");
         }
@@ -354,6 +362,56 @@ fn points_with_partitions_and_lvm() -> TestResult {
                 write_file(&p, len + name.len(), &mut rng)?;
             }
         }
+        // p5: a file system whose last file is only in its journal at the
+        // take (as after a crash; nothing is mounted on it, so nothing
+        // freezes it): a crash copy of the live volume's, made with
+        // direct I/O after a file was written and fsynced there (its
+        // blocks in place, its inode and directory entry committed to the
+        // journal only). The point must show that file, whole: a mount
+        // without the journal replay (ext4 noload) would not.
+        let lvmnt = live_root.join("lv");
+        dev::run("sync", &["-f", lvmnt.to_str().unwrap()])?;
+        write_file(&lvmnt.join("journal-only"), (96 << 10) + 5, &mut rng)?;
+        let crash = sums(&lvmnt)?;
+        dev::run(
+            "dd",
+            &[
+                &format!("if={lv}"),
+                &format!("of={p5}"),
+                "bs=1M",
+                "iflag=direct",
+                "oflag=direct",
+                "status=none",
+            ],
+        )?;
+        // Before the take: the copy needs its journal replayed, and
+        // without the replay the file is not there whole (debugfs reads
+        // what is in place).
+        let features = dev::run("dumpe2fs", &["-h", &p5])?;
+        let needs_recovery = features
+            .lines()
+            .any(|l| l.starts_with("Filesystem features") && l.contains("needs_recovery"));
+        let in_place = std::process::Command::new("debugfs")
+            .args(["-R", "cat /journal-only", &p5])
+            .output()
+            .map_err(|e| format!("debugfs: {e}"))?;
+        let in_place_file = scratch.join("journal-only.in-place");
+        std::fs::write(&in_place_file, &in_place.stdout).map_err(|e| e.to_string())?;
+        let in_place_sum = sha256(&in_place_file)?;
+        let _ = std::fs::remove_file(&in_place_file);
+        if !needs_recovery || in_place_sum == crash["journal-only"] {
+            fail!(
+                "the crash copy on {p5} is not as after a crash: needs_recovery {needs_recovery}, journal-only in place without the replay: {} bytes, sha256 {in_place_sum} (want other than {})",
+                in_place.stdout.len(),
+                crash["journal-only"]
+            );
+        }
+        println!(
+            "    {p5}: a crash copy of the live volume: needs_recovery; without the replay journal-only reads {} bytes (sha256 {}), not its {} bytes",
+            in_place.stdout.len(),
+            &in_place_sum[..16],
+            (96 << 10) + 5
+        );
         let sums1 = backup("full")?;
         // Point 2: a rewritten, b removed, d new.
         for (_, mnt) in &live.fs {
@@ -362,13 +420,21 @@ fn points_with_partitions_and_lvm() -> TestResult {
             write_file(&mnt.join("d"), 1 << 20, &mut rng)?;
         }
         let sums2 = backup("incremental")?;
+        // p5 did not change between the points.
+        let (mut sums1, mut sums2) = (sums1, sums2);
+        for (f, h) in &crash {
+            sums1.insert(format!("p5/{f}"), h.clone());
+            sums2.insert(format!("p5/{f}"), h.clone());
+        }
         // The disk changes again: the points must not.
         for (_, mnt) in &live.fs {
             write_file(&mnt.join("a"), 100 << 10, &mut rng)?;
             write_file(&mnt.join("e"), 100 << 10, &mut rng)?;
         }
-        check_eq!(sums1.len(), 9, "files listed at point 1");
-        check_eq!(sums2.len(), 9, "files listed at point 2");
+        // p1, p2: a, b, sub/c; the volume and p5 also journal-only. Then
+        // b removed, d new.
+        check_eq!(sums1.len(), 14, "files listed at point 1");
+        check_eq!(sums2.len(), 14, "files listed at point 2");
         println!(
             "    point 1: {} files, point 2: {} files listed",
             sums1.len(),
@@ -388,7 +454,7 @@ fn points_with_partitions_and_lvm() -> TestResult {
                     .collect();
                 check_eq!(
                     names,
-                    vec!["p1", "p2", "bsvg-data"],
+                    vec!["p1", "p2", "p5", "bsvg-data"],
                     "file systems mounted of point {n}"
                 );
                 let skipped = v["skipped"].to_string();
@@ -404,7 +470,10 @@ fn points_with_partitions_and_lvm() -> TestResult {
             }
             check_eq!(point_sums(&mp1, &live)?, sums1, "the files of point 1");
             check_eq!(point_sums(&mp2, &live)?, sums2, "the files of point 2");
-            println!("    the files of points 1 and 2 as listed at their backups");
+            println!(
+                "    the files of points 1 and 2 as listed at their backups (p5/journal-only {})",
+                &sums1["p5/journal-only"][..16]
+            );
             // Read-only.
             for mp in [&mp1, &mp2] {
                 for (name, _) in &live.fs {
@@ -484,6 +553,24 @@ fn points_with_partitions_and_lvm() -> TestResult {
             "undone: nothing is left of the mount",
         )?;
         nothing_left(&[&mp1], "after a failure after the last step")?;
+        // Midway: the clone activated, nothing mounted yet.
+        ctl_fails(
+            &[
+                "mount",
+                "--point",
+                "1",
+                d_s,
+                mp1.to_str().unwrap(),
+                "--fail-after",
+                "lvm",
+            ],
+            1,
+            "undone: nothing is left of the mount",
+        )?;
+        nothing_left(
+            &[&mp1],
+            "after a failure midway (volume group cloned and active)",
+        )?;
         // A tampered chain: point 2 rebased onto the live partition.
         let chain = dir.join(name_of(&d));
         let tampered = scratch.join("mnt-tampered");
@@ -527,7 +614,7 @@ fn points_with_partitions_and_lvm() -> TestResult {
     }
     let _ = lvm("vgchange", &["--devices", &p4, "-an", "bsvg"]);
     // The disk as the other tests expect it: no partitions.
-    let _ = dev::run("wipefs", &["-a", "-q", &p4, &p3, &p2, &p1]);
+    let _ = dev::run("wipefs", &["-a", "-q", &p5, &p4, &p3, &p2, &p1]);
     let _ = dev::run("sfdisk", &["--quiet", "--delete", &ds]);
     let _ = dev::run("wipefs", &["-a", "-q", &ds]);
     let _ = std::fs::remove_dir_all(&dir);

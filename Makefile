@@ -128,6 +128,7 @@ install: tools
 	$(CTL) generate completions zsh >$(GEN)/_blksnapctl
 	$(CTL) generate completions fish >$(GEN)/blksnapctl.fish
 	for f in udev/60-blksnap-cbt.rules systemd/blksnap-cbt.service systemd/blksnap-cbt.shutdown \
+		systemd/blksnap-backup@.service systemd/blksnap-backup@.timer \
 		initramfs-tools/hooks/blksnap initramfs-tools/scripts/init-premount/blksnap \
 		dracut/90blksnap/module-setup.sh dracut/90blksnap/blksnap-cbt.sh; do \
 		mkdir -p $(GEN)/dist/$$(dirname $$f) && \
@@ -141,6 +142,8 @@ install: tools
 	install -D -m 0644 $(GEN)/blksnapctl.fish $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/blksnapctl.fish
 	install -D -m 0644 $(GEN)/dist/udev/60-blksnap-cbt.rules $(DESTDIR)$(UDEVRULESDIR)/60-blksnap-cbt.rules
 	install -D -m 0644 $(GEN)/dist/systemd/blksnap-cbt.service $(DESTDIR)$(SYSTEMDUNITDIR)/blksnap-cbt.service
+	install -D -m 0644 $(GEN)/dist/systemd/blksnap-backup@.service $(DESTDIR)$(SYSTEMDUNITDIR)/blksnap-backup@.service
+	install -D -m 0644 $(GEN)/dist/systemd/blksnap-backup@.timer $(DESTDIR)$(SYSTEMDUNITDIR)/blksnap-backup@.timer
 	install -D -m 0755 $(GEN)/dist/systemd/blksnap-cbt.shutdown $(DESTDIR)$(SHUTDOWNDIR)/blksnap-cbt.shutdown
 	install -D -m 0755 $(GEN)/dist/initramfs-tools/hooks/blksnap $(DESTDIR)$(INITRAMFSDIR)/hooks/blksnap
 	install -D -m 0755 $(GEN)/dist/initramfs-tools/scripts/init-premount/blksnap \
@@ -148,6 +151,7 @@ install: tools
 	install -D -m 0755 $(GEN)/dist/dracut/90blksnap/module-setup.sh $(DESTDIR)$(DRACUTDIR)/90blksnap/module-setup.sh
 	install -D -m 0755 $(GEN)/dist/dracut/90blksnap/blksnap-cbt.sh $(DESTDIR)$(DRACUTDIR)/90blksnap/blksnap-cbt.sh
 	install -D -m 0644 dist/blksnap/cbt.conf.example $(DESTDIR)$(SYSCONFDIR)/blksnap/cbt.conf.example
+	install -D -m 0644 dist/blksnap/job.conf.example $(DESTDIR)$(SYSCONFDIR)/blksnap/jobs/job.conf.example
 	install -d $(DESTDIR)$(DATADIR)/blksnap/hooks.d
 	for f in dist/blksnap/hooks.conf.example dist/hooks.d/*; do \
 		sed 's|/usr/local/share/blksnap/hooks.d|$(DATADIR)/blksnap/hooks.d|g' $$f >$(GEN)/dist/$${f##*/} || exit 1; \
@@ -165,15 +169,18 @@ uninstall:
 		$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/blksnapctl.fish \
 		$(DESTDIR)$(UDEVRULESDIR)/60-blksnap-cbt.rules \
 		$(DESTDIR)$(SYSTEMDUNITDIR)/blksnap-cbt.service \
+		$(DESTDIR)$(SYSTEMDUNITDIR)/blksnap-backup@.service \
+		$(DESTDIR)$(SYSTEMDUNITDIR)/blksnap-backup@.timer \
 		$(DESTDIR)$(SHUTDOWNDIR)/blksnap-cbt.shutdown \
 		$(DESTDIR)$(INITRAMFSDIR)/hooks/blksnap \
 		$(DESTDIR)$(INITRAMFSDIR)/scripts/init-premount/blksnap \
 		$(DESTDIR)$(DRACUTDIR)/90blksnap/module-setup.sh \
 		$(DESTDIR)$(DRACUTDIR)/90blksnap/blksnap-cbt.sh \
 		$(DESTDIR)$(SYSCONFDIR)/blksnap/cbt.conf.example \
+		$(DESTDIR)$(SYSCONFDIR)/blksnap/jobs/job.conf.example \
 		$(DESTDIR)$(SYSCONFDIR)/blksnap/hooks.conf.example \
 		$(addprefix $(DESTDIR)$(DATADIR)/blksnap/hooks.d/,$(notdir $(wildcard dist/hooks.d/*)))
-	-rmdir $(DESTDIR)$(SYSCONFDIR)/blksnap $(DESTDIR)$(DRACUTDIR)/90blksnap 2>/dev/null
+	-rmdir $(DESTDIR)$(SYSCONFDIR)/blksnap/jobs $(DESTDIR)$(SYSCONFDIR)/blksnap $(DESTDIR)$(DRACUTDIR)/90blksnap 2>/dev/null
 	-rmdir $(DESTDIR)$(DATADIR)/blksnap/hooks.d $(DESTDIR)$(DATADIR)/blksnap 2>/dev/null
 
 # The module's source for DKMS (then: dkms add blksnap/$(VERSION); dkms

@@ -14,6 +14,8 @@ pub mod boot;
 pub mod digest;
 pub mod hooks;
 pub mod identity;
+pub mod job;
+pub mod mount;
 pub mod points;
 pub mod qcow;
 pub mod source;

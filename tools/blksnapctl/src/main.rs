@@ -34,7 +34,7 @@ mod exit {
     name = "blksnapctl",
     version,
     about = "Change block tracking and snapshots of block devices (blksnap)",
-    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n  blksnapctl verify --source /dev/vdb /backup --store /var/tmp\n  blksnapctl backup full /dev/vdb --store /var/tmp --to /backup --pre-freeze 'sync'\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n4 a post-thaw hook failed (the snapshot and backup are valid),\n130 interrupted (the backup is left marked in-progress)."
+    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n  blksnapctl verify --source /dev/vdb /backup --store /var/tmp\n  blksnapctl backup full /dev/vdb --store /var/tmp --to /backup --pre-freeze 'sync'\n  blksnapctl mount --point 2 /backup /mnt/point --device vdb\n  blksnapctl umount /mnt/point\n  blksnapctl job run data\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n4 a post-thaw hook failed (the snapshot and backup are valid),\n130 interrupted (the backup is left marked in-progress)."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of text.
@@ -118,6 +118,51 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Mount a restore point's file systems read-only: instant access to
+    /// its files, without a restore.
+    ///
+    /// The point's chain (every image checked as restore checks it) is
+    /// exported through qemu-nbd on a free /dev/nbdN, over a throwaway
+    /// overlay (journals replayed there; the points are only read); its
+    /// partitions (or the whole device) and the LVM volumes in them are
+    /// mounted read-only under MOUNTPOINT/p1, MOUNTPOINT/VG-LV... A volume
+    /// group is renamed in the overlay first (VG_pointN): the running
+    /// system's of the same name and UUIDs is not disturbed. On failure,
+    /// everything done is undone. `umount MOUNTPOINT` undoes it.
+    Mount {
+        /// The point's number (see `backup list`).
+        #[arg(long)]
+        point: u32,
+        /// The backup directory (or one device's chain in it).
+        dir: PathBuf,
+        /// An empty directory.
+        mountpoint: PathBuf,
+        /// The device whose point, when DIR has points of several.
+        #[arg(long)]
+        device: Option<String>,
+        /// Where the overlay goes (default: the state directory,
+        /// /run/blksnap/mounts); it holds what journal replays write.
+        #[arg(long)]
+        overlay_dir: Option<PathBuf>,
+        /// The state directory.
+        #[arg(long, hide = true, default_value = blksnap::mount::STATE_DIR)]
+        state_dir: PathBuf,
+        /// For tests: fail after this step (overlay, nbd, lvm, mount).
+        #[arg(long, hide = true)]
+        fail_after: Option<String>,
+    },
+    /// Undo a `mount`: unmount its file systems, deactivate its volume
+    /// groups, disconnect the nbd device, delete the overlay.
+    Umount {
+        /// The mount point given to `mount`.
+        mountpoint: PathBuf,
+        /// The state directory.
+        #[arg(long, hide = true, default_value = blksnap::mount::STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Backup jobs: the daily routine (blksnap-backup@NAME.timer).
+    #[command(subcommand)]
+    Job(JobCommand),
     /// Generate the man pages or shell completions.
     #[command(subcommand, hide = true)]
     Generate(GenerateCommand),
@@ -266,6 +311,26 @@ enum BackupCommand {
         /// crash would.
         #[arg(long, hide = true)]
         crash_after: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Run a backup job: a full backup when a device has no point yet,
+    /// else an incremental, then keep the newest `keep` points. The result
+    /// goes to the backup directory's last-run.json (`backup list` shows
+    /// it); a failure exits 1 with a one-line reason.
+    ///
+    /// The job file (/etc/blksnap/jobs/NAME.conf): `device PATH` (one or
+    /// more), `store PATH` (a directory, file or device), `limit SIZE`
+    /// (default 1G), `to DIR` (must exist), `keep N` (default: all),
+    /// `verify-source` (incrementals also check the device).
+    Run {
+        /// The job's NAME, or the path of its file.
+        job: String,
+        /// Where NAME.conf is.
+        #[arg(long, hide = true, default_value = blksnap::job::JOBS_DIR)]
+        jobs_dir: PathBuf,
     },
 }
 
@@ -591,6 +656,9 @@ fn run(cli: Cli) -> Result<(), blksnap::Error> {
         | Command::Verify { .. }
         | Command::Restore { .. }
         | Command::Generate(_)
+        | Command::Mount { .. }
+        | Command::Umount { .. }
+        | Command::Job(_)
         | Command::DigestBench { .. }
         | Command::Cbt(CbtCommand::Boot { .. }) => unreachable!(),
     }
@@ -1059,10 +1127,119 @@ fn progress(json: bool) -> Box<dyn Progress> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
+fn mount_cmd(
+    dir: &Path,
+    point: u32,
+    mountpoint: &Path,
+    device: Option<&str>,
+    overlay_dir: Option<&Path>,
+    state_dir: &Path,
+    fail_after: Option<&str>,
+    json: bool,
+) -> Result<(), (u8, String)> {
+    let failed = |e: String| (exit::FAILED, e);
+    let chain = points::chain(dir, device).map_err(failed)?;
+    let log = |m: &str| eprintln!("blksnapctl: {m}");
+    let st = blksnap::mount::mount(&blksnap::mount::Request {
+        chain: &chain,
+        point,
+        mountpoint,
+        state_dir,
+        overlay_dir,
+        fail_after,
+        log: &log,
+    })
+    .map_err(failed)?;
+    if json {
+        println!("{}", serde_json::to_string(&st).unwrap());
+        return Ok(());
+    }
+    println!(
+        "point {} of {} mounted read-only on {} ({}):",
+        st.point,
+        st.chain.display(),
+        st.mountpoint.display(),
+        st.nbd.as_deref().unwrap_or("?")
+    );
+    for m in &st.mounts {
+        println!("  {}  {} ({})", m.target.display(), m.fstype, m.source);
+    }
+    for s in &st.skipped {
+        println!("  not mounted: {s}");
+    }
+    println!(
+        "(`blksnapctl umount {}` undoes it)",
+        st.mountpoint.display()
+    );
+    Ok(())
+}
+
+fn umount_cmd(mountpoint: &Path, state_dir: &Path, json: bool) -> Result<(), (u8, String)> {
+    let log = |m: &str| eprintln!("blksnapctl: {m}");
+    let st = blksnap::mount::umount(mountpoint, state_dir, &log).map_err(|e| (exit::FAILED, e))?;
+    if json {
+        println!("{}", serde_json::to_string(&st).unwrap());
+    } else {
+        println!(
+            "unmounted point {} of {} from {}: {} file systems, {} volume groups, {} released",
+            st.point,
+            st.chain.display(),
+            st.mountpoint.display(),
+            st.mounts.len(),
+            st.vgs.len(),
+            st.nbd.as_deref().unwrap_or("no nbd device")
+        );
+    }
+    Ok(())
+}
+
+fn job_cmd(job: &str, jobs_dir: &Path, json: bool) -> Result<(), (u8, String)> {
+    let (path, name) = blksnap::job::locate(job, jobs_dir);
+    let failed = |e: String| {
+        (
+            exit::FAILED,
+            format!("job {name}: {}", blksnap::job::one_line(&e)),
+        )
+    };
+    let j = blksnap::job::load(&path).map_err(failed)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed));
+    }
+    let log = |m: &str| eprintln!("blksnapctl: job {name}: {m}");
+    let rec = blksnap::job::run(&j, &name, &stop, &backup::Quiet, &log).map_err(|e| {
+        if stop.load(Ordering::Relaxed) {
+            (exit::INTERRUPTED, format!("job {name}: interrupted: {e}"))
+        } else {
+            failed(e)
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&rec).unwrap());
+    } else {
+        println!("{}", rec.line(false).trim_start_matches("last run: "));
+    }
+    Ok(())
+}
+
+/// Whether process `pid` is a blksnapctl still running.
+fn blksnapctl_runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "blksnapctl")
+}
+
 fn list_cmd(dir: &Path, json: bool) -> Result<(), (u8, String)> {
     let failed = |e: String| (exit::FAILED, e);
+    let last = blksnap::job::Record::load(dir).map_err(failed)?;
+    let last_line = last.as_ref().map(|r| r.line(blksnapctl_runs(r.pid)));
     let chains = points::chains(dir).map_err(failed)?;
     if chains.is_empty() {
+        if let Some(l) = &last_line {
+            if !json {
+                println!("{l}");
+            }
+        }
         return Err(failed(format!("{}: no restore points", dir.display())));
     }
     let mut rows = Vec::new();
@@ -1130,6 +1307,9 @@ fn list_cmd(dir: &Path, json: bool) -> Result<(), (u8, String)> {
         );
     }
     println!("(COPIED: bytes read from the snapshot; FILE: the point's image on disk; base*: merged by a prune)");
+    if let Some(l) = last_line {
+        println!("{l}");
+    }
     Ok(())
 }
 
@@ -1550,6 +1730,29 @@ fn main() -> ExitCode {
             force,
         } => restore_cmd(&dir, point, &target, device.as_deref(), force, json),
         Command::Generate(cmd) => generate(cmd),
+        Command::Mount {
+            point,
+            dir,
+            mountpoint,
+            device,
+            overlay_dir,
+            state_dir,
+            fail_after,
+        } => mount_cmd(
+            &dir,
+            point,
+            &mountpoint,
+            device.as_deref(),
+            overlay_dir.as_deref(),
+            &state_dir,
+            fail_after.as_deref(),
+            json,
+        ),
+        Command::Umount {
+            mountpoint,
+            state_dir,
+        } => umount_cmd(&mountpoint, &state_dir, json),
+        Command::Job(JobCommand::Run { job, jobs_dir }) => job_cmd(&job, &jobs_dir, json),
         Command::DigestBench { file, size, rounds } => digest_bench(&file, size, rounds, json),
         Command::Cbt(CbtCommand::Boot { config, device }) => {
             cbt_boot(&config, device.as_deref(), json)

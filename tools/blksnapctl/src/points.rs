@@ -267,6 +267,16 @@ fn check_refs(n: u32, m: &Manifest, refs: &qcow::Refs) -> Result<Option<u32>, St
 /// ([`check_refs`]) and its size; returns it and the point it reads
 /// through. Errors name `top`, the point being opened, and the file.
 fn open_layer(chain: &Path, top: u32, n: u32) -> Result<(qcow::Layer, Option<u32>), String> {
+    open_layer_keeping(chain, top, n).map(|(l, below, _, _)| (l, below))
+}
+
+/// [`open_layer`], also returning a descriptor of the image file checked
+/// and the manifest it was checked against.
+fn open_layer_keeping(
+    chain: &Path,
+    top: u32,
+    n: u32,
+) -> Result<(qcow::Layer, Option<u32>, File, Manifest), String> {
     let image = chain.join(image_name(n));
     let which = if n == top {
         format!("point {top}: {}", image.display())
@@ -285,7 +295,7 @@ fn open_layer(chain: &Path, top: u32, n: u32) -> Result<(qcow::Layer, Option<u32
     if m.status != Status::Complete {
         return Err(refuse(format!("point {n} did not complete")));
     }
-    let l = qcow::open_alone(&image).map_err(|e| refuse(e.to_string()))?;
+    let (l, file) = qcow::open_alone_keeping(&image).map_err(|e| refuse(e.to_string()))?;
     let below = check_refs(n, &m, &qcow::refs(&l)).map_err(refuse)?;
     let size = qcow::layer_size(&l);
     if size != m.size {
@@ -294,7 +304,29 @@ fn open_layer(chain: &Path, top: u32, n: u32) -> Result<(qcow::Layer, Option<u32
             m.size
         )));
     }
-    Ok((l, below))
+    Ok((l, below, file, m))
+}
+
+/// The image files of point `number` and of the points it reads through,
+/// the point first and its base last, each checked as [`open_point`] checks
+/// it (an image of a complete point of this chain whose header names
+/// exactly what its manifest does), returned open: a program given these
+/// descriptors reads the chain that was checked, whatever happens to the
+/// names meanwhile. Also returns the point's manifest.
+pub fn point_files(chain: &Path, number: u32) -> Result<(Manifest, Vec<(u32, File)>), String> {
+    let mut files = Vec::new();
+    let mut top = None;
+    let mut n = number;
+    loop {
+        let (_, below, f, m) = open_layer_keeping(chain, number, n)?;
+        files.push((n, f));
+        top.get_or_insert(m);
+        match below {
+            Some(k) => n = k,
+            None => break,
+        }
+    }
+    Ok((top.expect("a chain has a point"), files))
 }
 
 /// Opens point `number` of `chain` for reading through its chain of
@@ -1459,6 +1491,12 @@ mod tests {
                 "restore: {e}"
             );
             assert!(!t.exists(), "restore wrote its target before refusing");
+            // What `blksnapctl mount` hands to qemu-nbd: refused alike.
+            let e = point_files(&self.chain, 3).expect_err("the files of a tampered chain");
+            assert!(
+                e.contains("point 3") && e.contains(file) && e.contains(why),
+                "point_files: {e}"
+            );
             let v = verify(&self.chain, &Quiet).unwrap();
             for c in &v {
                 match (&c.error, bad.contains(&c.number)) {
@@ -1775,6 +1813,66 @@ mod tests {
             let e = check_refs(5, &m, &r).unwrap_err();
             assert!(e.contains("external data file"), "{e}");
         }
+    }
+
+    /// What `blksnapctl mount` gives qemu: the checked files by descriptor
+    /// under a throwaway overlay. qemu reads each point's content through
+    /// them, even once the names are replaced, and writes only the overlay.
+    #[test]
+    fn point_files_read_through_qemu() {
+        let d = scratch("qfiles");
+        let contents = make_chain(&d, 3);
+        let before = files(&d);
+        for n in [3u32, 2, 1] {
+            let (m, layers) = point_files(&d, n).unwrap();
+            assert_eq!(m.point, Some(n));
+            let order: Vec<u32> = layers.iter().map(|l| l.0).collect();
+            assert_eq!(order, (1..=n).rev().collect::<Vec<_>>());
+            if n == 3 {
+                // Point 2's name now holds point 1's image: not what was
+                // checked, and not what is read.
+                fs::rename(d.join(image_name(2)), d.join("saved.qcow2")).unwrap();
+                fs::copy(d.join(image_name(1)), d.join(image_name(2))).unwrap();
+            }
+            let ov = d.join("overlay.qcow2");
+            qemu_img(
+                &d,
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "overlay.qcow2",
+                    &m.size.to_string(),
+                ],
+            );
+            let ovf = OpenOptions::new().read(true).write(true).open(&ov).unwrap();
+            let fds: Vec<i32> = layers
+                .iter()
+                .map(|l| std::os::fd::AsRawFd::as_raw_fd(&l.1))
+                .collect();
+            let spec = crate::mount::spec(std::os::fd::AsRawFd::as_raw_fd(&ovf), &fds);
+            let out = d.join("out.raw");
+            let mut cmd = std::process::Command::new("qemu-img");
+            cmd.args(["convert", "-O", "raw", &spec, out.to_str().unwrap()]);
+            let mut all = fds.clone();
+            all.push(std::os::fd::AsRawFd::as_raw_fd(&ovf));
+            crate::mount::inherit(&mut cmd, all);
+            let o = cmd.output().expect("qemu-img");
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                fs::read(&out).unwrap() == contents[n as usize - 1],
+                "point {n} through qemu"
+            );
+            if n == 3 {
+                fs::remove_file(d.join(image_name(2))).unwrap();
+                fs::rename(d.join("saved.qcow2"), d.join(image_name(2))).unwrap();
+            }
+            fs::remove_file(&out).unwrap();
+            fs::remove_file(&ov).unwrap();
+        }
+        assert!(files(&d) == before, "the chain changed");
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

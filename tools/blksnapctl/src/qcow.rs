@@ -58,6 +58,13 @@ pub struct Refs {
 /// regular file, not a symbolic link (nor a device or a FIFO, which are
 /// not even opened); nothing its header names is opened.
 pub fn open_alone(path: &Path) -> io::Result<Layer> {
+    open_alone_keeping(path).map(|(l, _)| l)
+}
+
+/// [`open_alone`], also returning a second descriptor of the very file
+/// opened (a `dup`), for a caller that hands the checked file itself to
+/// another program (`blksnapctl mount` gives it to `qemu-nbd`).
+pub fn open_alone_keeping(path: &Path) -> io::Result<(Layer, fs::File)> {
     let not_regular = |t: fs::FileType| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -88,8 +95,9 @@ pub fn open_alone(path: &Path) -> io::Result<Layer> {
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
     )
     .map_err(io::Error::from)?;
+    let kept = f.try_clone()?;
     let file = File::from_open_file(f, StorageOpenOptions::new().filename(path))?;
-    Qcow2::<File>::open_image(file, false)
+    Ok((Qcow2::<File>::open_image(file, false)?, kept))
 }
 
 /// What the header of `l` refers to outside it.

@@ -15,6 +15,7 @@ mod cut;
 mod dev;
 mod faults;
 mod fuzz;
+mod mount;
 mod odd;
 mod persist;
 mod points;
@@ -232,6 +233,7 @@ fn main() {
         .chain(backup::ALL)
         .chain(app::ALL)
         .chain(points::ALL)
+        .chain(mount::ALL)
         .chain(odd::ALL)
         .chain(cut::ALL)
         .chain(compat::ALL)

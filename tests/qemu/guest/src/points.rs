@@ -57,10 +57,10 @@ pub const ALL: &[Test] = &[
 const MIB: u64 = 1 << 20;
 
 /// A command's exit code (-1: killed or not started) and output.
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Out {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// Prints a command's output, indented, for the transcript.
@@ -74,7 +74,7 @@ fn show(out: &Out) {
 }
 
 /// Runs `cmd ARGS`, printing it and its output.
-fn run(cmd: &str, args: &[&str]) -> Out {
+pub(crate) fn run(cmd: &str, args: &[&str]) -> Out {
     println!("    $ {cmd} {}", args.join(" "));
     let start = std::time::Instant::now();
     let out = match std::process::Command::new(cmd).args(args).output() {
@@ -95,7 +95,7 @@ fn run(cmd: &str, args: &[&str]) -> Out {
 }
 
 /// `blksnapctl ARGS`, which must succeed; its stdout.
-fn ctl_ok(args: &[&str]) -> Result<String, String> {
+pub(crate) fn ctl_ok(args: &[&str]) -> Result<String, String> {
     let out = run("blksnapctl", args);
     if out.code != 0 {
         fail!(
@@ -109,7 +109,7 @@ fn ctl_ok(args: &[&str]) -> Result<String, String> {
 }
 
 /// `blksnapctl --json ARGS`, which must succeed and print JSON.
-fn ctl_json(args: &[&str]) -> Result<Value, String> {
+pub(crate) fn ctl_json(args: &[&str]) -> Result<Value, String> {
     let mut a = vec!["--json"];
     a.extend_from_slice(args);
     let s = ctl_ok(&a)?;
@@ -118,7 +118,7 @@ fn ctl_json(args: &[&str]) -> Result<Value, String> {
 
 /// `blksnapctl ARGS`, which must fail with exit code `code` and a message
 /// containing `want`; its stderr.
-fn ctl_fails(args: &[&str], code: i32, want: &str) -> Result<String, String> {
+pub(crate) fn ctl_fails(args: &[&str], code: i32, want: &str) -> Result<String, String> {
     let out = run("blksnapctl", args);
     if out.code != code || !out.stderr.contains(want) {
         fail!(
@@ -417,7 +417,7 @@ fn fill(buf: &mut [u8], rng: &mut Rng) {
 }
 
 /// Writes a file of pseudo-random bytes, fsynced.
-fn write_file(path: &Path, len: usize, rng: &mut Rng) -> TestResult {
+pub(crate) fn write_file(path: &Path, len: usize, rng: &mut Rng) -> TestResult {
     let mut data = vec![0u8; len];
     fill(&mut data, rng);
     let mut f = std::fs::File::create(path).map_err(|err| format!("{}: {err}", path.display()))?;
@@ -426,12 +426,12 @@ fn write_file(path: &Path, len: usize, rng: &mut Rng) -> TestResult {
         .map_err(|err| format!("{}: {err}", path.display()))
 }
 
-fn name_of(dev: &Path) -> String {
+pub(crate) fn name_of(dev: &Path) -> String {
     dev.file_name().unwrap().to_string_lossy().to_string()
 }
 
 /// Tracks `dev` afresh (detached first if a failed test left it attached).
-fn track(dev: &Path) -> Result<Tracked, String> {
+pub(crate) fn track(dev: &Path) -> Result<Tracked, String> {
     if let Ok(t) = blksnap::Tracker::open(dev) {
         let _ = t.detach();
     }

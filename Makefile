@@ -7,7 +7,8 @@
 #
 # and to install (see README.md "Install"):
 #
-#   make install        blksnapctl, man pages, completions, dist/ files
+#   make install        blksnapctl, man pages, completions, dist/ files (and
+#                       the example hooks in $(DATADIR)/blksnap/hooks.d)
 #   make install-dkms   the module's source for DKMS, in /usr/src
 #
 # Everything else is a step of those. The kernel build is cached in
@@ -139,6 +140,14 @@ install: tools
 	install -D -m 0755 $(GEN)/dist/dracut/90blksnap/module-setup.sh $(DESTDIR)$(DRACUTDIR)/90blksnap/module-setup.sh
 	install -D -m 0755 $(GEN)/dist/dracut/90blksnap/blksnap-cbt.sh $(DESTDIR)$(DRACUTDIR)/90blksnap/blksnap-cbt.sh
 	install -D -m 0644 dist/blksnap/cbt.conf.example $(DESTDIR)$(SYSCONFDIR)/blksnap/cbt.conf.example
+	install -d $(DESTDIR)$(DATADIR)/blksnap/hooks.d
+	for f in dist/blksnap/hooks.conf.example dist/hooks.d/*; do \
+		sed 's|/usr/local/share/blksnap/hooks.d|$(DATADIR)/blksnap/hooks.d|g' $$f >$(GEN)/dist/$${f##*/} || exit 1; \
+	done
+	install -m 0644 $(GEN)/dist/hooks.conf.example $(DESTDIR)$(SYSCONFDIR)/blksnap/hooks.conf.example
+	for f in dist/hooks.d/*; do \
+		install -m 0755 $(GEN)/dist/$${f##*/} $(DESTDIR)$(DATADIR)/blksnap/hooks.d/ || exit 1; \
+	done
 
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/blksnapctl \
@@ -153,8 +162,11 @@ uninstall:
 		$(DESTDIR)$(INITRAMFSDIR)/scripts/init-premount/blksnap \
 		$(DESTDIR)$(DRACUTDIR)/90blksnap/module-setup.sh \
 		$(DESTDIR)$(DRACUTDIR)/90blksnap/blksnap-cbt.sh \
-		$(DESTDIR)$(SYSCONFDIR)/blksnap/cbt.conf.example
+		$(DESTDIR)$(SYSCONFDIR)/blksnap/cbt.conf.example \
+		$(DESTDIR)$(SYSCONFDIR)/blksnap/hooks.conf.example \
+		$(addprefix $(DESTDIR)$(DATADIR)/blksnap/hooks.d/,$(notdir $(wildcard dist/hooks.d/*)))
 	-rmdir $(DESTDIR)$(SYSCONFDIR)/blksnap $(DESTDIR)$(DRACUTDIR)/90blksnap 2>/dev/null
+	-rmdir $(DESTDIR)$(DATADIR)/blksnap/hooks.d $(DESTDIR)$(DATADIR)/blksnap 2>/dev/null
 
 # The module's source for DKMS (then: dkms add blksnap/$(VERSION); dkms
 # install blksnap/$(VERSION)). Needs no kernel here: DKMS builds it.

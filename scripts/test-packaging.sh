@@ -9,7 +9,10 @@
 #     is not the kernel's;
 #   - make install DESTDIR=...: every file is there and not empty, the man
 #     pages render, the completions and the shutdown hook parse, the units
-#     run the installed blksnapctl; make uninstall removes all of it;
+#     run the installed blksnapctl, no ordering cycle runs through the
+#     units (scripts/unit-order.py); the example hooks (application-
+#     consistent snapshots) are executable, pass sh -n and shellcheck, and
+#     name their installed place; make uninstall removes all of it;
 #   - make install-dkms DESTDIR=...: dkms add and dkms build of that tree
 #     (DKMS and source trees under /tmp) give blksnap.ko for the cached
 #     kernel, and fail with dkms-check.sh's message on the pristine tree.
@@ -163,6 +166,9 @@ else
 		/usr/lib/dracut/modules.d/90blksnap/module-setup.sh
 		/usr/lib/dracut/modules.d/90blksnap/blksnap-cbt.sh
 		/etc/blksnap/cbt.conf.example
+		/etc/blksnap/hooks.conf.example
+		"$PREFIX/share/blksnap/hooks.d/50-postgresql"
+		"$PREFIX/share/blksnap/hooks.d/50-sqlite"
 	)
 	missing=0
 	for f in "${files[@]}"; do
@@ -174,9 +180,24 @@ else
 	[ $missing = 1 ] || ok "installed ${#files[@]} files, none empty"
 	for f in "$PREFIX/sbin/blksnapctl" /usr/lib/systemd/system-shutdown/blksnap-cbt.shutdown \
 		/usr/share/initramfs-tools/hooks/blksnap /usr/share/initramfs-tools/scripts/init-premount/blksnap \
-		/usr/lib/dracut/modules.d/90blksnap/module-setup.sh /usr/lib/dracut/modules.d/90blksnap/blksnap-cbt.sh; do
+		/usr/lib/dracut/modules.d/90blksnap/module-setup.sh /usr/lib/dracut/modules.d/90blksnap/blksnap-cbt.sh \
+		"$PREFIX/share/blksnap/hooks.d/50-postgresql" "$PREFIX/share/blksnap/hooks.d/50-sqlite"; do
 		[ -x "$root$f" ] || bad "installed $f is not executable"
 	done
+	hooks=0
+	for f in "$PREFIX/share/blksnap/hooks.d/50-postgresql" "$PREFIX/share/blksnap/hooks.d/50-sqlite"; do
+		if ! sh -n "$root$f"; then
+			bad "sh -n on $f"
+			hooks=1
+		elif command -v shellcheck >/dev/null && ! shellcheck "$root$f"; then
+			bad "shellcheck on $f"
+			hooks=1
+		elif ! grep -q "ln -s $PREFIX/share/blksnap/hooks.d/${f##*/} /etc/blksnap/hooks.d/" "$root$f"; then
+			bad "$f does not say where it is installed"
+			hooks=1
+		fi
+	done
+	[ $hooks = 1 ] || ok "the example hooks are executable, sh -n and shellcheck accept them, each names its installed place"
 	if "$root$PREFIX/sbin/blksnapctl" --help >/dev/null; then
 		ok "installed blksnapctl runs"
 	else
@@ -239,6 +260,14 @@ else
 		ok "the rule, the unit and the ${#runners[@]} hooks run $PREFIX/sbin/blksnapctl"
 	else
 		bad "the rule, the unit and the hooks do not all run $PREFIX/sbin/blksnapctl: ${stale:-}"
+	fi
+	# The installed units against the system's own (Debian's systemd):
+	# an ordering cycle makes systemd drop a job of the boot.
+	if out=$(python3 "$REPO/scripts/unit-order.py" "$root$PREFIX"/lib/systemd/system/*.service 2>&1); then
+		ok "no ordering cycle through the installed units (scripts/unit-order.py)"
+	else
+		echo "$out"
+		bad "an ordering cycle through an installed unit"
 	fi
 	dracut_check "$root"
 	if make -s -C "$REPO" uninstall DESTDIR="$root" PREFIX=$PREFIX >"$tmp/uninstall.log" 2>&1 &&

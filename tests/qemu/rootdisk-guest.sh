@@ -68,19 +68,32 @@ backup() { # full|incremental
 # $FACTS/$1.sha256 (paths relative to /).
 write_files() { # tag
 	local f n=0
-	mkdir -p /var/tmp/rootdisk
+	mkdir -p /var/tmp/rootdisk || return 1
 	for kib in 1024 256 4; do
 		n=$((n + 1))
 		f=var/tmp/rootdisk/$1-$n
-		head -c $((kib * 1024)) /dev/urandom >"/$f"
+		head -c $((kib * 1024)) /dev/urandom >"/$f" || return 1
 	done
 	sync
-	(cd / && sha256sum var/tmp/rootdisk/"$1"-*) >"$FACTS/$1.sha256"
+	(cd / && sha256sum var/tmp/rootdisk/"$1"-*) >"$FACTS/$1.sha256" || return 1
 	sync
+}
+
+# The root file system must be writable once the boot is done: an ordering
+# cycle through blksnap-cbt.service once made systemd drop
+# systemd-remount-fs.service, and the root stayed read-only.
+root_writable() {
+	local opts
+	opts=$(findmnt -n -o OPTIONS /)
+	case ",$opts," in
+	*,rw,*) ok root_file_system_writable ;;
+	*) fail root_file_system_writable "/ is mounted $opts; $(systemctl is-active systemd-remount-fs.service 2>&1 | head -1)" ;;
+	esac
 }
 
 echo "rootdisk-guest: $PHASE on $(uname -r), root disk $DISK ($ROOT_ID)"
 mkdir -p $FACTS $STORE
+root_writable
 
 case $PHASE in
 boot1)
@@ -109,8 +122,9 @@ boot1)
 		fail full_backup_of_the_running_root_disk "${REPORT:-no report}"
 	fi
 	step "full backup"
-	write_files boot1
-	ok files_written_after_the_full_backup
+	if write_files boot1; then ok files_written_after_the_full_backup; else
+		fail files_written_after_the_full_backup "see the lines above"
+	fi
 	sed 's/^/    /' $FACTS/boot1.sha256
 	step "files written; the shutdown saves the CBT"
 	;;
@@ -122,7 +136,7 @@ boot2)
 	if grep -q ": CBT restored (generation" <<<"$out"; then ok persist_again_answers_restored; else
 		fail persist_again_answers_restored "persist said: $out"
 	fi
-	write_files boot2
+	write_files boot2 || fail files_written "see the lines above"
 	step "files written"
 	if backup incremental; then
 		method=$(jq -r '.devices[0].method' <<<"$REPORT")

@@ -53,7 +53,22 @@
 # mounted and written before the attach, so the saved CBT must not be
 # restored. Console logs in console-N.log, checked like in test mode.
 #
-# usage: run.sh test|soak|demo|bench|reboot|rootdisk [test name filters...]
+# In sysdisk mode (`run.sh sysdisk`, about 30 minutes: not in `make test`)
+# the disks are a server's system disk and what its backup and restore
+# need (see README.md, "Backing up and restoring the system disk"): a
+# Debian system on a 1 GiB GPT disk, /boot and an LVM PV with root (ext4)
+# and /var (xfs) (tests/qemu/sysdisk-image.sh builds it, cached), booted
+# by SeaBIOS and the disk's own GRUB, kernel and initramfs; five boots,
+# each checked like a rootdisk boot (console-TAG.log): the live system
+# (serial sysdisk, the guest's sysdisk-guest.sh on the backup disk, serial
+# sysdisk-backup, 3 GiB of ext4) makes a full and an incremental backup of
+# its whole running disk and lists the files of each take; a rescue boot
+# (the 9p guest, sysdisk-rescue.sh) restores the last point onto a blank
+# disk of the same size and onto one 1.5 times larger and checks them;
+# then both restored disks boot, and so does the point's qcow2 chain
+# (copied out of the backup disk with debugfs) under a throwaway overlay.
+#
+# usage: run.sh test|soak|demo|bench|reboot|rootdisk|sysdisk [test name filters...]
 #
 # For `test`, prints one line per test and a final "N passed, N failed"; the
 # run fails if a guest test fails, or if the guest's kernel log shows a BUG,
@@ -70,7 +85,7 @@
 #   BLKSNAP_BENCH_BPS=0 BLKSNAP_BENCH_IOPS=0 BLKSNAP_BENCH_CALIBRATE=1 tests/qemu/run.sh bench
 set -euo pipefail
 
-MODE=${1:?usage: run.sh test|soak|demo|bench|reboot|rootdisk [filters...]}
+MODE=${1:?usage: run.sh test|soak|demo|bench|reboot|rootdisk|sysdisk [filters...]}
 shift
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${BLKSNAP_CACHE:-$HOME/.cache/blk-snap}
@@ -89,6 +104,10 @@ if [ "$MODE" = soak ]; then
 	TIMEOUT=${QEMU_TIMEOUT:-7200}
 elif [ "$MODE" = bench ]; then
 	TIMEOUT=${QEMU_TIMEOUT:-3600}
+elif [ "$MODE" = sysdisk ]; then
+	# Per boot: the live system's boot, with its full backup of 1 GiB
+	# and two listings, takes about 8 minutes on a loaded host.
+	TIMEOUT=${QEMU_TIMEOUT:-1500}
 elif [ "$MODE" = reboot ] || [ "$MODE" = rootdisk ]; then
 	# Per boot; a boot takes about a minute (rootdisk: see below).
 	TIMEOUT=${QEMU_TIMEOUT:-600}
@@ -322,12 +341,168 @@ if [ "$MODE" = rootdisk ]; then
 		else
 			report "boot${n}_shutdown_hook_saved_the_cbt" "no 'CBT state of 1 devices saved' after systemd-shutdown unmounted the file systems"
 		fi
+		# systemd breaks an ordering cycle by dropping a job of the boot.
+		cycle=$(grep -a -m1 -E 'Found ordering cycle|deleted to break ordering cycle' "$log" || true)
+		if [ -z "$cycle" ]; then
+			report "boot${n}_no_ordering_cycle" ok
+		else
+			report "boot${n}_no_ordering_cycle" "systemd: ${cycle#*systemd\[1\]: }"
+		fi
 		if grep -q "^rootdisk-guest: boot$n done" "$log" && [ "$status" = 0 ]; then
 			report "boot${n}_guest_completed" ok
 		else
 			report "boot${n}_guest_completed" "the guest did not finish and power off (QEMU status $status)"
 		fi
 	done
+	echo "$passed passed, $failed failed"
+	[ "$failed" = 0 ]
+	exit
+fi
+
+if [ "$MODE" = sysdisk ]; then
+	start_all=$(date +%s)
+	IMG=$("$REPO/tests/qemu/sysdisk-image.sh")
+	echo "qemu: system disk $IMG (ready after $(($(date +%s) - start_all)) s)"
+	# The cached image stays as it is: the live system writes to an
+	# overlay of a link (or copy) of it.
+	ln -f "$IMG" "$RESULTS/sys-base.img" 2>/dev/null || cp --sparse=always "$IMG" "$RESULTS/sys-base.img"
+	qemu-img create -q -f qcow2 -F raw -b "$RESULTS/sys-base.img" "$RESULTS/disk-sys.qcow2"
+	sys_bytes=$(stat -c %s "$RESULTS/sys-base.img")
+	truncate -s 16M "$RESULTS/disk-state.img"
+	mkdir -p "$RESULTS/backup-files"
+	cp "$REPO/tests/qemu/sysdisk-guest.sh" "$RESULTS/backup-files/"
+	truncate -s 3G "$RESULTS/disk-backup.img"
+	# Initialized now: no lazy init writing in the guest.
+	mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 -d "$RESULTS/backup-files" \
+		"$RESULTS/disk-backup.img"
+	passed=0 failed=0
+	# A disk SeaBIOS boots from (the first in the boot order).
+	boot_drive() { # file format serial
+		echo "-drive file=$1,if=none,id=$3,format=$2,aio=threads,discard=unmap,cache=none" \
+			"-device virtio-blk-pci,drive=$3,serial=$3,bootindex=0"
+	}
+	# A boot of a system disk by SeaBIOS and its GRUB: the guest's script
+	# runs and powers off. Its console in $RESULTS/console-TAG.log.
+	sys_boot() { # tag serial drives...
+		local tag=$1 serial=$2 log=$RESULTS/console-$1.log start status
+		shift 2
+		echo "qemu: boot $tag (virtio-$serial)"
+		start=$(date +%s)
+		set +e
+		# shellcheck disable=SC2068 # the drive options, split
+		timeout --foreground "$TIMEOUT" qemu-system-x86_64 -accel tcg -machine q35 -cpu max,la57=off -smp 2 -m 1G \
+			-nographic -monitor none -no-reboot $@ </dev/null 2>&1 | sed -u 's/\r//g' | tee "$log" |
+			grep --line-buffered -E '^(ok |FAIL |    [^ ]|      [^ ]|sysdisk-guest:|GRUB:)'
+		status=${PIPESTATUS[0]}
+		set -e
+		echo "$(($(date +%s) - start))" >"$RESULTS/boot-$tag.time"
+		echo "qemu: boot $tag ended after $(($(date +%s) - start)) s (exit status $status)"
+		passed=$((passed + $(grep -c '^ok ' "$log" || true)))
+		failed=$((failed + $(grep -c '^FAIL ' "$log" || true)))
+		if grep -q '^GRUB: booting' "$log"; then
+			report "${tag}_grub_booted_the_disk" ok
+		else
+			report "${tag}_grub_booted_the_disk" "no 'GRUB: booting' on the console"
+		fi
+		check_debug_kernel "${tag}_debug_kernel" "$log"
+		check_splats "${tag}_kernel_log_clean" "$log"
+		if grep -q "^sysdisk-guest: $serial done" "$log" && [ "$status" = 0 ]; then
+			report "${tag}_guest_completed" ok
+		else
+			report "${tag}_guest_completed" "the guest did not finish and power off (QEMU status $status)"
+		fi
+	}
+	# A file of the backup disk (ext4, written by the live system).
+	backup_file() { debugfs -R "cat $1" "$RESULTS/disk-backup.img" 2>/dev/null; }
+	echo "qemu: booting $(cat "$KOUT/include/config/kernel.release") (sysdisk: the live system, a rescue boot, three boots of restored disks), results in $RESULTS"
+
+	# 1. The live system: full and incremental backups of its running
+	# system disk into points on the backup disk.
+	# shellcheck disable=SC2046 # the drive options, split
+	sys_boot live sysdisk $(boot_drive "$RESULTS/disk-sys.qcow2" qcow2 sysdisk) \
+		$(drive "$RESULTS/disk-state.img" sysdisk-state) $(drive "$RESULTS/disk-backup.img" sysdisk-backup)
+
+	# 2. The rescue boot (the 9p test guest): the last point restored onto
+	# a blank disk of the same size and onto one 1.5 times larger.
+	truncate -s "$sys_bytes" "$RESULTS/disk-restore-a.img"
+	truncate -s $((sys_bytes * 3 / 2)) "$RESULTS/disk-restore-b.img"
+	log=$RESULTS/console-rescue.log
+	echo "qemu: rescue boot"
+	start=$(date +%s)
+	set +e
+	timeout --foreground "$TIMEOUT" vng --run "$KOUT" --disable-kvm --disable-microvm --force-9p \
+		--cpus 2 --memory 1G --verbose \
+		--append "oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0" \
+		--rwdir "$RESULTS" \
+		--exec "$REPO/tests/qemu/sysdisk-rescue.sh $RESULTS $REPO" \
+		--qemu-opts="$(drive "$RESULTS/disk-backup.img" sysdisk-backup) $(drive "$RESULTS/disk-restore-a.img" sysdisk-restore-a) $(drive "$RESULTS/disk-restore-b.img" sysdisk-restore-b)" 2>&1 |
+		tee "$log" | grep --line-buffered -E '^(ok |FAIL |    |guest:)'
+	status=${PIPESTATUS[0]}
+	set -e
+	echo "$(($(date +%s) - start))" >"$RESULTS/boot-rescue.time"
+	echo "qemu: rescue boot ended after $(($(date +%s) - start)) s (exit status $status)"
+	passed=$((passed + $(grep -c '^ok ' "$log" || true)))
+	failed=$((failed + $(grep -c '^FAIL ' "$log" || true)))
+	check_debug_kernel rescue_debug_kernel "$log"
+	check_splats rescue_kernel_log_clean "$log"
+	if grep -q '^guest-exit 0$' "$log"; then
+		report rescue_guest_completed ok
+	else
+		report rescue_guest_completed "the rescue guest did not finish (vng status $status)"
+	fi
+
+	# The disk the restored systems mount at /backup: the guest's script
+	# and the take's listings, copied out of the backup disk.
+	rm -rf "$RESULTS/check-files"
+	mkdir -p "$RESULTS/check-files"
+	cp "$REPO/tests/qemu/sysdisk-guest.sh" "$RESULTS/check-files/"
+	debugfs -R "rdump /lists $RESULTS/check-files" "$RESULTS/disk-backup.img" 2>/dev/null
+	check_disk() {
+		truncate -s 0 "$RESULTS/disk-check.img"
+		truncate -s 64M "$RESULTS/disk-check.img"
+		mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 -d "$RESULTS/check-files" \
+			"$RESULTS/disk-check.img"
+		drive "$RESULTS/disk-check.img" sysdisk-backup
+	}
+
+	# 3. The restored disks booted, as on bare metal: BIOS, GRUB, kernel
+	# and initramfs of the disk.
+	# shellcheck disable=SC2046 # the drive options, split
+	sys_boot restored sysdisk-restored $(boot_drive "$RESULTS/disk-restore-a.img" raw sysdisk-restored) $(check_disk)
+	# shellcheck disable=SC2046 # the drive options, split
+	sys_boot restored_big sysdisk-restored-big $(boot_drive "$RESULTS/disk-restore-b.img" raw sysdisk-restored-big) $(check_disk)
+
+	# 4. Instant recovery: the point's qcow2 chain, copied out of the
+	# backup disk as it is, booted through a throwaway overlay.
+	rm -rf "$RESULTS/instant"
+	mkdir -p "$RESULTS/instant"
+	debugfs -R "rdump /points $RESULTS/instant" "$RESULTS/disk-backup.img" 2>/dev/null
+	last=$(find "$RESULTS/instant/points/vda" -name 'point-*.qcow2' 2>/dev/null | sort | tail -1 || true)
+	if [ -n "$last" ] && qemu-img create -q -f qcow2 -b "$last" -F qcow2 "$RESULTS/instant/overlay.qcow2"; then
+		echo "qemu: instant recovery: $(qemu-img info --backing-chain "$RESULTS/instant/overlay.qcow2" | grep -E '^image:' | tr '\n' ' ')"
+		# shellcheck disable=SC2046 # the drive options, split
+		sys_boot instant sysdisk-instant $(boot_drive "$RESULTS/instant/overlay.qcow2" qcow2 sysdisk-instant) $(check_disk)
+	else
+		report instant_recovery "no point on the backup disk to boot"
+	fi
+
+	# The numbers.
+	echo "qemu: numbers"
+	set +e
+	for n in 1 2; do
+		m=$(backup_file "/points/vda/point-000$n.json")
+		echo "    point $n: $(jq -r .kind <<<"$m") ($(jq -r .method <<<"$m")) backup of the running $((sys_bytes >> 20)) MiB system disk in $(backup_file "/time-$n") s: read $(jq -r .bytes_read <<<"$m") bytes, wrote $(jq -r .bytes_written <<<"$m")"
+	done
+	echo "    between the takes: the workload wrote $(backup_file /workload-bytes) bytes (the writer more), $(backup_file /changed-blocks) blocks of 64 KiB differ"
+	echo "    restore of the last point: $(cat "$RESULTS/restore-same.time" 2>/dev/null) s onto a disk of the same size, $(cat "$RESULTS/restore-big.time" 2>/dev/null) s onto one 1.5 times larger"
+	for t in live rescue restored restored_big instant; do
+		echo "    boot $t: $(cat "$RESULTS/boot-$t.time" 2>/dev/null) s"
+	done
+	echo "    the restored disk's console:"
+	grep -E '^GRUB:|Linux version|blksnap|EXT4-fs \(dm-0\)|XFS \(dm-1\)|fsck|Reached target.*(Local File|Multi-User)|sysdisk-guest:' \
+		"$RESULTS/console-restored.log" | grep -v '^    ' | head -30 | sed 's/^/    | /'
+	set -e
+	echo "qemu: sysdisk took $(($(date +%s) - start_all)) s"
 	echo "$passed passed, $failed failed"
 	[ "$failed" = 0 ]
 	exit

@@ -826,6 +826,8 @@ pub struct Options<'a> {
     /// Check incrementals against the device ([`crate::source`]): read it
     /// whole, and copy the blocks the change map missed too.
     pub verify_source: bool,
+    /// The hooks run around the take ([`crate::hooks`]).
+    pub hooks: &'a crate::hooks::Hooks,
 }
 
 /// How the backups of a device are kept.
@@ -844,8 +846,15 @@ pub enum Layout {
 pub struct Report {
     /// The snapshot, if it was kept.
     pub snapshot: Option<String>,
+    /// The file systems frozen for the take besides those the kernel
+    /// freezes (on devices stacked over the snapshot's): mount points.
+    pub frozen: Vec<PathBuf>,
     /// One outcome per device.
     pub devices: Vec<Outcome>,
+    /// The hooks run around the take, and the freeze window; a failed
+    /// `post-thaw` hook is here (the backup is complete).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<crate::hooks::Ran>,
 }
 
 /// The result for one device.
@@ -1032,7 +1041,13 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
         .iter()
         .map(|d| crate::stack::lvm_origin(&d.path))
         .collect();
-    ctl.snapshot_take(&id).map_err(|e| e.to_string())?;
+    let ctx = crate::hooks::Context {
+        snapshot: id.to_string(),
+        devices: opts.devices,
+    };
+    let (frozen, ran) = opts
+        .hooks
+        .around(&ctx, opts.log, || take(&ctl, &id, opts.devices, opts.log))?;
     for (d, o) in devices.iter_mut().zip(origins) {
         d.lvm_origin = o.or_else(|| crate::stack::lvm_origin(&d.path));
     }
@@ -1127,8 +1142,54 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     };
     Ok(Report {
         snapshot,
+        frozen,
         devices: out,
+        hooks: (!opts.hooks.is_empty()).then_some(ran),
     })
+}
+
+/// Takes snapshot `id` of `devices`. The kernel freezes the file systems
+/// of the devices and of a whole disk's partitions; those on devices
+/// stacked over them (LVM logical volumes, dm-crypt, md on a partition of
+/// the disk), which its freeze does not reach, are frozen here around the
+/// take (see [`crate::stack::Frozen`]), so that the snapshot holds them
+/// clean, not as a power cut would leave them. Returns their mount points.
+pub fn take(
+    ctl: &Control,
+    id: &SnapshotId,
+    devices: &[PathBuf],
+    log: &dyn Fn(&str),
+) -> Result<Vec<PathBuf>, String> {
+    let mounts = crate::stack::stacked_mounts(devices).unwrap_or_else(|e| {
+        log(&format!(
+            "cannot list the file systems on devices stacked over the snapshot's ({e}): \
+             they are not frozen, the snapshot holds them as a power cut would leave them"
+        ));
+        Vec::new()
+    });
+    let start = std::time::Instant::now();
+    let frozen = crate::stack::Frozen::freeze(&mounts);
+    let paths = frozen.paths();
+    let taken = ctl.snapshot_take(id);
+    // Nothing is printed before the thaw: stderr may go to a logger that
+    // writes to a frozen file system.
+    let notes = frozen.thaw();
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    for n in &notes {
+        log(n);
+    }
+    if !paths.is_empty() {
+        log(&format!(
+            "froze {} for the take ({ms:.0} ms): on devices stacked over the snapshot's, beyond the kernel's freeze",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    taken.map_err(|e| e.to_string())?;
+    Ok(paths)
 }
 
 fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> {

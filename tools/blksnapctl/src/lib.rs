@@ -12,6 +12,7 @@ pub mod backup;
 pub mod bench;
 pub mod boot;
 pub mod digest;
+pub mod hooks;
 pub mod identity;
 pub mod points;
 pub mod qcow;

@@ -23,6 +23,8 @@ mod exit {
     pub const FAILED: u8 = 1;
     /// A verification found a mismatch.
     pub const MISMATCH: u8 = 3;
+    /// A post-thaw hook failed; the snapshot (and the backup) is valid.
+    pub const HOOK_FAILED: u8 = 4;
     /// Interrupted by a signal; nothing looks complete that is not.
     pub const INTERRUPTED: u8 = 130;
 }
@@ -32,7 +34,7 @@ mod exit {
     name = "blksnapctl",
     version,
     about = "Change block tracking and snapshots of block devices (blksnap)",
-    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n  blksnapctl verify --source /dev/vdb /backup --store /var/tmp\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n130 interrupted (the backup is left marked in-progress)."
+    after_help = "Examples:\n  blksnapctl attach /dev/vdb\n  blksnapctl cbt info /dev/vdb\n  blksnapctl cbt read --active /dev/vdb\n  blksnapctl backup full /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup incremental /dev/vdb /dev/vdc1 --store /var/tmp --to /backup\n  blksnapctl backup list /backup\n  blksnapctl restore --point 2 /backup /dev/vdd --device vdb\n  blksnapctl backup prune /backup --keep 7\n  blksnapctl verify /backup --device vdb\n  blksnapctl verify --source /dev/vdb /backup --store /var/tmp\n  blksnapctl backup full /dev/vdb --store /var/tmp --to /backup --pre-freeze 'sync'\n\nExit status: 0 success, 1 failure, 2 usage error, 3 verification mismatch,\n4 a post-thaw hook failed (the snapshot and backup are valid),\n130 interrupted (the backup is left marked in-progress)."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of text.
@@ -96,6 +98,9 @@ enum Command {
         /// from the same snapshot that includes them (it equals the device).
         #[arg(long, requires = "source")]
         repair: bool,
+        /// With --source: the hooks around its take.
+        #[command(flatten)]
+        hooks: HookArgs,
     },
     /// Write a restore point's content to a device or a raw file.
     Restore {
@@ -154,6 +159,69 @@ struct BackupArgs {
     /// then overlays); raw: one image DIR/<name>.img updated in place.
     #[arg(long, value_enum, default_value = "qcow2")]
     format: Format,
+    #[command(flatten)]
+    hooks: HookArgs,
+}
+
+/// The hooks run around a take (application-consistent snapshots): see
+/// README.md "Application-consistent snapshots".
+#[derive(clap::Args, Clone, Default)]
+#[command(next_help_heading = "Hooks around the take")]
+struct HookArgs {
+    /// Run CMD (with `sh -c`) before the freeze, after the hooks
+    /// directory's; a failure aborts the take. Repeatable.
+    #[arg(long = "pre-freeze", value_name = "CMD")]
+    pre_freeze: Vec<String>,
+    /// Run CMD (with `sh -c`) after the thaw, before the hooks directory's
+    /// (also when the take failed or was aborted). Repeatable.
+    #[arg(long = "post-thaw", value_name = "CMD")]
+    post_thaw: Vec<String>,
+    /// The hooks directory: its executable files run with `pre-freeze`
+    /// in lexical order, then with `post-thaw` in reverse [default:
+    /// $BLKSNAP_HOOKS_DIR, else /etc/blksnap/hooks.d].
+    #[arg(long, value_name = "DIR")]
+    hooks_dir: Option<PathBuf>,
+    /// Do not run the hooks directory's hooks.
+    #[arg(long, conflicts_with = "hooks_dir")]
+    no_hooks: bool,
+    /// Kill a hook (its whole process group) still running after SECS
+    /// seconds; it counts as failed.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    hook_timeout: u64,
+}
+
+impl HookArgs {
+    /// Any hook option given.
+    fn given(&self) -> bool {
+        !self.pre_freeze.is_empty()
+            || !self.post_thaw.is_empty()
+            || self.hooks_dir.is_some()
+            || self.no_hooks
+            || self.hook_timeout != 60
+    }
+
+    /// The hooks, checked (the directory's permissions).
+    fn load(&self) -> Result<blksnap::hooks::Hooks, (u8, String)> {
+        use blksnap::hooks::{Hooks, Settings};
+        let (dir, dir_explicit) = Settings::choose_dir(self.hooks_dir.clone(), self.no_hooks);
+        Hooks::load(&Settings {
+            pre: self.pre_freeze.clone(),
+            post: self.post_thaw.clone(),
+            dir,
+            dir_explicit,
+            timeout: std::time::Duration::from_secs(self.hook_timeout),
+        })
+        .map_err(|e| (exit::FAILED, e))
+    }
+}
+
+/// The error for failed post-thaw hooks, if any.
+fn post_thaw_failed(ran: Option<&blksnap::hooks::Ran>) -> Result<(), (u8, String)> {
+    match ran.and_then(|r| r.post_failure_message()) {
+        Some(m) => Err((exit::HOOK_FAILED, m)),
+        None => Ok(()),
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -231,8 +299,19 @@ enum SnapshotCommand {
     /// Add a device to a snapshot (the device must be tracked).
     Add { id: SnapshotId, device: PathBuf },
     /// Take a snapshot: all its devices at one instant (`--json` also
-    /// gives the time the take ioctl took, in ms).
-    Take { id: SnapshotId },
+    /// gives the time the take ioctl took, in ms), between the pre-freeze
+    /// and post-thaw hooks. A failed pre-freeze hook leaves the snapshot
+    /// untaken (take it again or destroy it).
+    Take {
+        id: SnapshotId,
+        /// The snapshot's devices: for the hooks (BLKSNAP_DEVICES), and the
+        /// file systems on devices stacked over them (LVM, dm-crypt, md) are
+        /// frozen for the take.
+        #[arg(long = "device", value_name = "DEV")]
+        devices: Vec<PathBuf>,
+        #[command(flatten)]
+        hooks: HookArgs,
+    },
     /// Destroy a snapshot: its images and storage go away.
     Destroy { id: SnapshotId },
     /// List the snapshots.
@@ -791,19 +870,7 @@ fn snapshot(cmd: SnapshotCommand, json: bool) -> Result<(), blksnap::Error> {
             }
         }
         SnapshotCommand::Add { id, device } => Tracker::open(&device)?.snapshot_add(&id)?,
-        SnapshotCommand::Take { id } => {
-            let ctl = Control::open()?;
-            let start = std::time::Instant::now();
-            ctl.snapshot_take(&id)?;
-            if json {
-                // The ioctl's time, without the process start.
-                let ms = start.elapsed().as_secs_f64() * 1000.0;
-                println!(
-                    "{}",
-                    serde_json::json!({ "id": id.to_string(), "ioctl_ms": ms })
-                );
-            }
-        }
+        SnapshotCommand::Take { .. } => unreachable!("run by take_cmd"),
         SnapshotCommand::Destroy { id } => Control::open()?.snapshot_destroy(&id)?,
         SnapshotCommand::List => {
             let ids = Control::open()?.snapshot_collect()?;
@@ -914,6 +981,7 @@ fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
     let progress = progress(json);
     let progress = progress.as_ref();
     let log = |m: &str| eprintln!("blksnapctl: {m}");
+    let hooks = args.hooks.load()?;
     let result = backup::run(&backup::Options {
         devices: &args.devices,
         store: &args.store,
@@ -929,6 +997,7 @@ fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
             Format::Raw => backup::Layout::Raw,
         },
         verify_source,
+        hooks: &hooks,
     });
     match result {
         Ok(report) => {
@@ -959,7 +1028,7 @@ fn backup_cmd(cmd: BackupCommand, json: bool) -> Result<(), (u8, String)> {
                     );
                 }
             }
-            Ok(())
+            post_thaw_failed(report.hooks.as_ref())
         }
         Err(e) if stop.load(Ordering::Relaxed) => Err((
             exit::INTERRUPTED,
@@ -1168,6 +1237,7 @@ fn verify_source_cmd(
     store: Option<&Path>,
     limit: u64,
     repair: bool,
+    hooks: &blksnap::hooks::Hooks,
     json: bool,
 ) -> Result<(), (u8, String)> {
     let store = store.ok_or((2, "--source needs --store".to_string()))?;
@@ -1187,6 +1257,7 @@ fn verify_source_cmd(
         stop: &stop,
         progress: progress.as_ref(),
         log: &log,
+        hooks,
     })
     .map_err(|e| {
         if stop.load(Ordering::Relaxed) {
@@ -1269,7 +1340,48 @@ fn verify_source_cmd(
             ),
         ));
     }
-    Ok(())
+    post_thaw_failed(r.hooks.as_ref())
+}
+
+/// `snapshot take`: the take between the hooks.
+fn take_cmd(
+    id: &SnapshotId,
+    devices: &[PathBuf],
+    hooks: &HookArgs,
+    json: bool,
+) -> Result<(), (u8, String)> {
+    let hooks = hooks.load()?;
+    let failed = |e: String| (exit::FAILED, e);
+    let ctl = Control::open().map_err(|e| failed(e.to_string()))?;
+    let log = |m: &str| eprintln!("blksnapctl: {m}");
+    let ctx = blksnap::hooks::Context {
+        snapshot: id.to_string(),
+        devices,
+    };
+    let (ms, ran) = hooks
+        .around(&ctx, &log, || {
+            let start = std::time::Instant::now();
+            // With the file systems on devices stacked over the
+            // snapshot's frozen too (LVM, dm-crypt, md).
+            blksnap::backup::take(&ctl, id, devices, &log)?;
+            // The take's time, without the process start.
+            Ok(start.elapsed().as_secs_f64() * 1000.0)
+        })
+        .map_err(|e| {
+            failed(if e.starts_with("the snapshot is not taken") {
+                format!("{e}\nsnapshot {id} is still there, not taken: take it again or destroy it")
+            } else {
+                e
+            })
+        })?;
+    if json {
+        let mut v = serde_json::json!({ "id": id.to_string(), "ioctl_ms": ms });
+        if !hooks.is_empty() {
+            v["hooks"] = serde_json::to_value(&ran).unwrap();
+        }
+        println!("{v}");
+    }
+    post_thaw_failed((!hooks.is_empty()).then_some(&ran))
 }
 
 fn restore_cmd(
@@ -1387,8 +1499,15 @@ fn main() -> ExitCode {
             store,
             limit,
             repair,
+            hooks,
             ..
-        } => verify_source_cmd(&source, &path, store.as_deref(), limit, repair, json),
+        } => hooks.load().and_then(|h| {
+            verify_source_cmd(&source, &path, store.as_deref(), limit, repair, &h, json)
+        }),
+        Command::Verify { hooks, .. } if hooks.given() => Err((
+            2,
+            "the hook options (--pre-freeze, --post-thaw, --hooks-dir, --no-hooks, --hook-timeout) go with --source: only it takes a snapshot".into(),
+        )),
         Command::Verify {
             path,
             manifest: Some(manifest),
@@ -1421,6 +1540,9 @@ fn main() -> ExitCode {
         Command::DigestBench { file, size, rounds } => digest_bench(&file, size, rounds, json),
         Command::Cbt(CbtCommand::Boot { config, device }) => {
             cbt_boot(&config, device.as_deref(), json)
+        }
+        Command::Snapshot(SnapshotCommand::Take { id, devices, hooks }) => {
+            take_cmd(&id, &devices, &hooks, json)
         }
         command => run(Cli { json, command }).map_err(|e| (exit::FAILED, e.to_string())),
     };

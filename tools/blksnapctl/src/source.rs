@@ -263,6 +263,8 @@ pub struct Options<'a> {
     pub progress: &'a dyn Progress,
     /// Messages for the user.
     pub log: &'a dyn Fn(&str),
+    /// The hooks run around the take ([`crate::hooks`]).
+    pub hooks: &'a crate::hooks::Hooks,
 }
 
 /// What `verify --source` found (and made).
@@ -284,6 +286,9 @@ pub struct Report {
     /// The point `--repair` made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repaired: Option<Outcome>,
+    /// The hooks run around the take, and the freeze window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<crate::hooks::Ran>,
 }
 
 /// `verify --source`: takes a snapshot of the device, reads it whole and
@@ -323,7 +328,14 @@ pub fn verify(opts: &Options<'_>) -> Result<Report, String> {
     let _guard = backup::SnapshotGuard(&ctl, id);
     tracker.snapshot_add(&id).map_err(|e| e.to_string())?;
     let origin = crate::stack::lvm_origin(opts.device);
-    ctl.snapshot_take(&id).map_err(|e| e.to_string())?;
+    let hook_devices = [opts.device.to_path_buf()];
+    let ctx = crate::hooks::Context {
+        snapshot: id.to_string(),
+        devices: &hook_devices,
+    };
+    let (_frozen, ran) = opts.hooks.around(&ctx, opts.log, || {
+        backup::take(&ctl, &id, &hook_devices, opts.log)
+    })?;
     let origin = origin.or_else(|| crate::stack::lvm_origin(opts.device));
     let info = tracker.cbt_info().map_err(|e| e.to_string())?;
     let snap = tracker.snapshot_info().map_err(|e| e.to_string())?;
@@ -395,6 +407,7 @@ pub fn verify(opts: &Options<'_>) -> Result<Report, String> {
         bytes_read: read,
         found,
         repaired: None,
+        hooks: (!opts.hooks.is_empty()).then_some(ran),
     };
     if !opts.repair || report.found.missed.is_empty() {
         return Ok(report);
@@ -426,6 +439,8 @@ pub fn verify(opts: &Options<'_>) -> Result<Report, String> {
         keep_snapshot: false,
         layout: backup::Layout::Points,
         verify_source: false,
+        // The snapshot is taken: no hooks.
+        hooks: &crate::hooks::NONE,
     };
     if points::chain_dir(bopts.dir, opts.device) != chain {
         return Err(format!(

@@ -54,6 +54,7 @@ pub(crate) fn opts<'a>(
         keep_snapshot: keep,
         layout: backup::Layout::Raw,
         verify_source: false,
+        hooks: &blksnap::hooks::NONE,
     }
 }
 

@@ -48,6 +48,10 @@ pub const ALL: &[Test] = &[
         "points_incremental_checks_the_device_identity",
         incremental_checks_identity,
     ),
+    (
+        "points_whole_disk_backup_freezes_stacked_file_systems",
+        freezes_stacked_file_systems,
+    ),
 ];
 
 const MIB: u64 = 1 << 20;
@@ -1258,6 +1262,7 @@ fn failed_during_the_copy() -> TestResult {
             keep_snapshot: false,
             layout,
             verify_source: false,
+            hooks: &blksnap::hooks::NONE,
         });
         let code = match hook.outcome.take() {
             Some(Ok(code)) => code,
@@ -1699,4 +1704,153 @@ fn incremental_checks_identity() -> TestResult {
     let _ = std::fs::remove_file(&raw);
     let _ = std::fs::remove_dir_all(&dir);
     r
+}
+
+/// A whole disk whose partition carries a device-mapper device (as an LVM
+/// logical volume on a PV partition) with a mounted ext4 on it, and a
+/// mounted ext4 on its other partition: the kernel's take freezes the
+/// disk's partitions, not what is stacked over them, so `blksnapctl
+/// backup` freezes the stacked file system around the take. In the
+/// snapshot image it must then be clean, as an unmounted one: no journal
+/// to recover (`needs_recovery` is set on disk for as long as an ext4 is
+/// mounted, and cleared by a freeze), e2fsck -fn clean, and a file
+/// written just before the backup and never synced must be there whole.
+/// The JSON report names the stacked mount point as frozen, not the
+/// partition's (the kernel froze that).
+fn freezes_stacked_file_systems() -> TestResult {
+    let disk_b = disk("blksnap-b")?;
+    let p1 = dev::partition(&disk_b, 1);
+    let p2 = dev::partition(&disk_b, 2);
+    let p1_start: u64 = dev::sysfs_attr(&p1, "start")?
+        .parse()
+        .map_err(|err| format!("start of {}: {err}", p1.display()))?;
+    let p1_sectors = dev::size_sectors(&p1)?;
+    let scratch = dev::scratch();
+    let dir = scratch.join("pt-freeze");
+    let lv_mnt = scratch.join("pt-freeze-lv");
+    let part_mnt = scratch.join("pt-freeze-part");
+    let _ = std::fs::remove_dir_all(&dir);
+    for m in [&lv_mnt, &part_mnt] {
+        std::fs::create_dir_all(m).map_err(|err| err.to_string())?;
+    }
+    let lv = "blksnap-lvlike";
+    let snap_lv = "blksnap-lvlike-image";
+    let lv_dev = format!("/dev/mapper/{lv}");
+    let snap_dev = format!("/dev/mapper/{snap_lv}");
+    let table = format!("0 {p1_sectors} linear {} 0", p1.display());
+    check_eq!(
+        run("dmsetup", &["create", lv, "--table", &table]).code,
+        0,
+        "dmsetup create {lv}"
+    );
+    let mut id = None;
+    let r = (|| {
+        dev::run("mkfs.ext4", &["-q", "-F", &lv_dev])?;
+        dev::run("mkfs.ext4", &["-q", "-F", p2.to_str().unwrap()])?;
+        let _t = track(&disk_b)?;
+        dev::run("mount", &[&lv_dev, lv_mnt.to_str().unwrap()])?;
+        dev::run("mount", &[p2.to_str().unwrap(), part_mnt.to_str().unwrap()])?;
+        let r = (|| {
+            // Written, not synced: in the page cache until a freeze (or
+            // the writeback, seconds later) sends it to the disk.
+            let mut rng = Rng(0xf4ee2e);
+            let mut buf = vec![0u8; 2 << 20];
+            fill(&mut buf, &mut rng);
+            std::fs::write(lv_mnt.join("unsynced"), &buf).map_err(|err| err.to_string())?;
+            let want = crate::snap::sha256(&lv_mnt.join("unsynced"))?;
+            let store = dev::scratch();
+            let args = [
+                "--json",
+                "backup",
+                "full",
+                disk_b.to_str().unwrap(),
+                "--store",
+                store.to_str().unwrap(),
+                "--limit",
+                "256M",
+                "--to",
+                dir.to_str().unwrap(),
+                "--keep-snapshot",
+            ];
+            let out = run("blksnapctl", &args);
+            check_eq!(out.code, 0, "blksnapctl backup full");
+            let v: Value = serde_json::from_str(&out.stdout)
+                .map_err(|err| format!("not JSON ({err}): {}", out.stdout))?;
+            id = v["snapshot"].as_str().map(str::to_string);
+            let frozen: Vec<&str> = v["frozen"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let image = v["devices"][0]["image"]
+                .as_str()
+                .ok_or_else(|| format!("no image in {v}"))?
+                .to_string();
+            // The stacked device as it is in the image: the same table
+            // over the image (which has no partitions of its own).
+            let table = format!("0 {p1_sectors} linear {image} {p1_start}");
+            check_eq!(
+                run(
+                    "dmsetup",
+                    &["create", "--readonly", snap_lv, "--table", &table]
+                )
+                .code,
+                0,
+                "dmsetup create {snap_lv}"
+            );
+            let r = (|| {
+                let out = run("dumpe2fs", &["-h", &snap_dev]);
+                check_eq!(out.code, 0, "dumpe2fs -h {snap_dev}");
+                let features = out
+                    .stdout
+                    .lines()
+                    .find(|l| l.starts_with("Filesystem features:"))
+                    .unwrap_or_default()
+                    .to_string();
+                if features.contains("needs_recovery") {
+                    fail!("the stacked ext4 in the snapshot needs journal recovery (not frozen at the take): {features}");
+                }
+                let out = run("e2fsck", &["-fn", &snap_dev]);
+                check_eq!(
+                    out.code,
+                    0,
+                    "e2fsck -fn of the stacked ext4 in the snapshot"
+                );
+                let out = run(
+                    "debugfs",
+                    &["-R", "dump /unsynced /run/blksnap/unsynced.out", &snap_dev],
+                );
+                check_eq!(out.code, 0, "debugfs dump of the unsynced file");
+                let got = crate::snap::sha256(Path::new("/run/blksnap/unsynced.out"));
+                let _ = std::fs::remove_file("/run/blksnap/unsynced.out");
+                check_eq!(
+                    got?,
+                    want,
+                    "sha256 of the file written unsynced just before the take, in the snapshot"
+                );
+                Ok(())
+            })();
+            let d = run("dmsetup", &["remove", snap_lv]);
+            r?;
+            check_eq!(d.code, 0, "dmsetup remove {snap_lv}");
+            check_eq!(
+                frozen,
+                vec![lv_mnt.to_str().unwrap()],
+                "file systems frozen besides the kernel's (the report's `frozen`)"
+            );
+            Ok(())
+        })();
+        if let Some(id) = &id {
+            let _ = ctl_ok(&["snapshot", "destroy", id]);
+        }
+        let u1 = dev::run("umount", &[lv_mnt.to_str().unwrap()]);
+        let u2 = dev::run("umount", &[part_mnt.to_str().unwrap()]);
+        r?;
+        u1?;
+        u2.map(|_| ())
+    })();
+    let d = run("dmsetup", &["remove", lv]);
+    let _ = std::fs::remove_dir_all(&dir);
+    r?;
+    check_eq!(d.code, 0, "dmsetup remove {lv}");
+    Ok(())
 }

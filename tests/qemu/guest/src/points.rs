@@ -57,10 +57,10 @@ pub const ALL: &[Test] = &[
 const MIB: u64 = 1 << 20;
 
 /// A command's exit code (-1: killed or not started) and output.
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Out {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// Prints a command's output, indented, for the transcript.
@@ -74,7 +74,7 @@ fn show(out: &Out) {
 }
 
 /// Runs `cmd ARGS`, printing it and its output.
-fn run(cmd: &str, args: &[&str]) -> Out {
+pub(crate) fn run(cmd: &str, args: &[&str]) -> Out {
     println!("    $ {cmd} {}", args.join(" "));
     let start = std::time::Instant::now();
     let out = match std::process::Command::new(cmd).args(args).output() {
@@ -95,7 +95,7 @@ fn run(cmd: &str, args: &[&str]) -> Out {
 }
 
 /// `blksnapctl ARGS`, which must succeed; its stdout.
-fn ctl_ok(args: &[&str]) -> Result<String, String> {
+pub(crate) fn ctl_ok(args: &[&str]) -> Result<String, String> {
     let out = run("blksnapctl", args);
     if out.code != 0 {
         fail!(
@@ -109,7 +109,7 @@ fn ctl_ok(args: &[&str]) -> Result<String, String> {
 }
 
 /// `blksnapctl --json ARGS`, which must succeed and print JSON.
-fn ctl_json(args: &[&str]) -> Result<Value, String> {
+pub(crate) fn ctl_json(args: &[&str]) -> Result<Value, String> {
     let mut a = vec!["--json"];
     a.extend_from_slice(args);
     let s = ctl_ok(&a)?;
@@ -118,7 +118,7 @@ fn ctl_json(args: &[&str]) -> Result<Value, String> {
 
 /// `blksnapctl ARGS`, which must fail with exit code `code` and a message
 /// containing `want`; its stderr.
-fn ctl_fails(args: &[&str], code: i32, want: &str) -> Result<String, String> {
+pub(crate) fn ctl_fails(args: &[&str], code: i32, want: &str) -> Result<String, String> {
     let out = run("blksnapctl", args);
     if out.code != code || !out.stderr.contains(want) {
         fail!(
@@ -132,7 +132,7 @@ fn ctl_fails(args: &[&str], code: i32, want: &str) -> Result<String, String> {
 }
 
 /// SHA-256 of the first `size` bytes of a file or device.
-fn sha_prefix(path: &Path, size: u64) -> Result<String, String> {
+pub(crate) fn sha_prefix(path: &Path, size: u64) -> Result<String, String> {
     let f = std::fs::File::open(path).map_err(|err| format!("{}: {err}", path.display()))?;
     let out = std::process::Command::new("sha256sum")
         .stdin(std::process::Stdio::piped())
@@ -193,25 +193,25 @@ fn top_layer_bytes(file: &Path) -> Result<u64, String> {
 
 /// One point made by [`backup`]: what the report and the snapshot said.
 #[derive(Clone, Debug)]
-struct Made {
-    point: u64,
-    file: PathBuf,
-    read: u64,
-    written: u64,
+pub(crate) struct Made {
+    pub(crate) point: u64,
+    pub(crate) file: PathBuf,
+    pub(crate) read: u64,
+    pub(crate) written: u64,
     /// SHA-256 of the snapshot image right after the backup.
-    sha: String,
+    pub(crate) sha: String,
 }
 
 /// `blksnapctl backup KIND DEV --keep-snapshot --json` into `dir`: hashes
 /// the snapshot image, destroys the snapshot, checks the point's manifest
 /// has the image's SHA-256.
-fn backup(kind: &str, dev: &Path, dir: &Path) -> Result<Made, String> {
+pub(crate) fn backup(kind: &str, dev: &Path, dir: &Path) -> Result<Made, String> {
     backup_with(kind, dev, dir, &[]).map(|b| b.0)
 }
 
 /// [`backup`] with more arguments; also returns the device's outcome in
 /// the JSON report and what the command wrote to stderr.
-fn backup_with(
+pub(crate) fn backup_with(
     kind: &str,
     dev: &Path,
     dir: &Path,
@@ -325,7 +325,7 @@ fn qemu_check(file: &Path) -> TestResult {
 /// Restores point `n` of device `name` in `dir` to `target`, checks the
 /// target's first `size` bytes hash to `sha`, and, if `compare`, that
 /// `qemu-img compare` finds the point and the target identical.
-fn restore_check(
+pub(crate) fn restore_check(
     dir: &Path,
     name: &str,
     n: u64,
@@ -431,7 +431,7 @@ fn name_of(dev: &Path) -> String {
 }
 
 /// Tracks `dev` afresh (detached first if a failed test left it attached).
-fn track(dev: &Path) -> Result<Tracked, String> {
+pub(crate) fn track(dev: &Path) -> Result<Tracked, String> {
     if let Ok(t) = blksnap::Tracker::open(dev) {
         let _ = t.detach();
     }
@@ -439,7 +439,7 @@ fn track(dev: &Path) -> Result<Tracked, String> {
 }
 
 /// How many snapshots exist.
-fn snapshot_count() -> Result<usize, String> {
+pub(crate) fn snapshot_count() -> Result<usize, String> {
     let ctl = Control::open().map_err(e)?;
     Ok(ctl.snapshot_collect().map_err(e)?.len())
 }

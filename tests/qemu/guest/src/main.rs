@@ -21,6 +21,7 @@ mod pressure;
 mod reboot;
 mod removal;
 mod snap;
+mod stacks;
 mod store;
 mod stress;
 mod tests;
@@ -235,6 +236,7 @@ fn main() {
         .chain(compat::ALL)
         .chain(removal::ALL)
         .chain(persist::ALL)
+        .chain(stacks::ALL)
         .chain(conc::ALL)
         .chain(pressure::ALL)
         .chain(stress::ALL)

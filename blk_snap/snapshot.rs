@@ -17,7 +17,7 @@ use crate::{
     params,
     persist::Persist,
     snapimage::{Image, ImageSlots},
-    store::storage_cycle,
+    store::{stack_levels, storage_cycle},
     tracker::Tracker,
 };
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -484,10 +484,11 @@ impl Snapshot {
     /// `IOCTL_BLKSNAP_SNAPSHOT_TAKE`.
     ///
     /// The cut: the file systems of the devices (and of a disk's
-    /// partitions) are frozen; new writes are held on every device; the
-    /// writes that passed before are waited for, so that every write that
-    /// completed before the cut is in the snapshot and none that was held is;
-    /// then the CBT maps switch and copy-on-write starts on every device,
+    /// partitions) are frozen; new writes are held on every device and the
+    /// writes that passed before are waited for, from the top of a storage
+    /// stack down (an LV before its PV: see `hold_and_drain`), so that
+    /// every write that completed before the cut is in the snapshot and
+    /// none that was held is; then the CBT maps switch and copy-on-write starts on every device,
     /// the held writes go on, and the file systems thaw.
     ///
     /// Everything that can fail is done before the switch, except creating
@@ -550,6 +551,19 @@ impl Snapshot {
                 freeze.push(part, GFP_KERNEL)?;
             }
         }
+        // Which devices are stacked on which (holder links, sleeping on
+        // their mutex: before the freeze): the writes are held from the
+        // top of each stack down (see `hold_and_drain`).
+        let mut levels = KVec::from_elem(0usize, n, GFP_KERNEL)?;
+        stack_levels(
+            n,
+            |i, j| {
+                inner.trackers[i]
+                    .bdev()
+                    .is_stacked_on(inner.trackers[j].bdev())
+            },
+            &mut levels,
+        );
         // Image numbers: each is free again when its `Slot` is dropped,
         // whichever way this returns.
         let mut slots = KVec::with_capacity(n, GFP_KERNEL)?;
@@ -573,19 +587,8 @@ impl Snapshot {
             }
             frozen += 1;
         }
-        for t in inner.trackers.iter() {
-            t.hold_writes();
-        }
-        // A device whose CBT state was saved is sealed: the take changes
-        // its numbers, so the saved state is marked broken first. No save
-        // can seal it again while its writes are held.
-        for t in inner.trackers.iter() {
-            if t.cbt().is_sealed() {
-                t.unseal_now();
-            }
-        }
         let held = Ktime::ktime_get();
-        let drained = self.drain(&inner.trackers);
+        let drained = self.hold_and_drain(&inner.trackers, &levels);
         let drain_us = us_delta(Ktime::ktime_get(), held);
         let mut switched = Ok(());
         if drained.is_ok() {
@@ -698,22 +701,53 @@ impl Snapshot {
         }
     }
 
-    /// Waits until no write that passed before the hold is in flight on
-    /// any of `trackers`, for at most [`DRAIN_TIMEOUT_MS`] in all.
-    fn drain(&self, trackers: &[Arc<Tracker>]) -> Result {
+    /// Holds the new writes of `trackers` and waits until no write that
+    /// passed before the hold is in flight, for at most
+    /// [`DRAIN_TIMEOUT_MS`] in all; a stack level at a time (`levels`, see
+    /// [`stack_levels`]): the devices with nothing of the snapshot stacked
+    /// on them first, then those under them... A write in flight on a
+    /// device-mapper or md device goes on as writes to the devices under it
+    /// (from a worker, for dm-crypt or md): those must not be held until it
+    /// ended, or it would never end. The devices under a drained level
+    /// receive nothing from it any more: its new writes are held.
+    ///
+    /// On an error, the levels below are not held (their release is then
+    /// harmless).
+    fn hold_and_drain(&self, trackers: &[Arc<Tracker>], levels: &[usize]) -> Result {
         let start = Ktime::ktime_get();
-        for t in trackers {
-            let spent =
-                u32::try_from(ktime_ms_delta(Ktime::ktime_get(), start)).unwrap_or(u32::MAX);
-            let left = DRAIN_TIMEOUT_MS.saturating_sub(spent).max(1);
-            if let Err(e) = t.drain(msecs_to_jiffies(left)) {
-                pr_err!(
-                    "snapshot {} not taken: waiting for the writes in flight on {}: {:?}\n",
-                    self.id,
-                    t.bdev().name(),
-                    e
-                );
-                return Err(e);
+        let top = levels.iter().copied().max().unwrap_or(0);
+        for level in 0..=top {
+            let at = || {
+                trackers
+                    .iter()
+                    .zip(levels)
+                    .filter(move |(_, l)| **l == level)
+                    .map(|(t, _)| t)
+            };
+            for t in at() {
+                t.hold_writes();
+            }
+            // A device whose CBT state was saved is sealed: the take
+            // changes its numbers, so the saved state is marked broken
+            // first. No save can seal it again while its writes are held.
+            for t in at() {
+                if t.cbt().is_sealed() {
+                    t.unseal_now();
+                }
+            }
+            for t in at() {
+                let spent =
+                    u32::try_from(ktime_ms_delta(Ktime::ktime_get(), start)).unwrap_or(u32::MAX);
+                let left = DRAIN_TIMEOUT_MS.saturating_sub(spent).max(1);
+                if let Err(e) = t.drain(msecs_to_jiffies(left)) {
+                    pr_err!(
+                        "snapshot {} not taken: waiting for the writes in flight on {}: {:?}\n",
+                        self.id,
+                        t.bdev().name(),
+                        e
+                    );
+                    return Err(e);
+                }
             }
         }
         Ok(())

@@ -315,6 +315,27 @@ pub fn storage_cycle(
     None
 }
 
+/// The order in which a take holds the writes of the `n` devices of a
+/// snapshot, given `stacked(i, j)`: device `i` is stacked, directly or
+/// through other devices, on device `j` (device-mapper, md; a relation that
+/// is transitive and has no cycle). Writes `level[i]` into `levels`: the
+/// number of the snapshot's devices stacked on device `i`.
+///
+/// A write to a stacked device goes on, after its filter let it pass, as
+/// writes to the devices under it, sometimes much later (dm-crypt encrypts
+/// in a worker, md RAID1 may write from its thread). A take that held every
+/// device at once and then waited for the writes in flight would wait for
+/// a write to the upper device whose lower half it holds: for ever. Held
+/// level by level, from 0 up, and each level drained before the next is
+/// held, every write in flight on a device finds the devices under it still
+/// open. A device above another always has the lower level: whatever is
+/// stacked on it is stacked on the lower one too, and it is itself.
+pub fn stack_levels(n: usize, stacked: impl Fn(usize, usize) -> bool, levels: &mut [usize]) {
+    for (i, level) in levels[..n].iter_mut().enumerate() {
+        *level = (0..n).filter(|&j| j != i && stacked(j, i)).count();
+    }
+}
+
 /// The largest limit, in sectors, of a storage in memory on a machine with
 /// `ram_sectors` of RAM: half of it. The pages are taken from the kernel as
 /// chunks are stored, without swap; a limit above this would let a

@@ -165,6 +165,12 @@ pub struct Manifest {
     /// mark them, copied into this backup.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missed: Vec<(u64, u64)>,
+    /// The device was the origin of an LVM snapshot when this point's
+    /// snapshot was taken (the `-real` device-mapper device under it, see
+    /// [`crate::stack::lvm_origin`]): a merge of that snapshot may change
+    /// it after this point without a write its change map sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm_origin: Option<String>,
 }
 
 /// The current manifest format.
@@ -333,7 +339,10 @@ pub struct Choice {
 /// reboot only on the kernel's proof, see README), and a recorded identity
 /// that matches it now (a disk without a serial or other unique name is
 /// told by its size and partition only: the generation is the proof
-/// there). Otherwise an incremental with usable
+/// there), and no LVM snapshot of it, now (`origin`: the `-real` device
+/// under it, see [`crate::stack::lvm_origin`]) or at the last point, whose
+/// merge (`lvconvert --merge`) would have changed it under its change map.
+/// Otherwise an incremental with usable
 /// digests reads the whole device ([`Method::Digest`]); a device of
 /// another size, or a differential, gets a full backup.
 pub fn choose(
@@ -343,6 +352,7 @@ pub fn choose(
     size: u64,
     generation: &str,
     identity: &Result<Identity, String>,
+    origin: Option<&str>,
 ) -> Choice {
     let dev = device.display();
     let what = match prev.point {
@@ -380,6 +390,17 @@ pub fn choose(
         why.push(format!(
             "the change tracking generation changed ({} -> {generation}): tracking was restarted",
             prev.generation
+        ));
+    }
+    // A merge writes the snapshot's chunks back to the device under the
+    // origin, not through it: its change map never sees them.
+    if let Some(o) = origin {
+        why.push(format!(
+            "{dev} is the origin of an LVM snapshot ({o} under it): a merge of the snapshot (lvconvert --merge) changes it without writes its change map sees"
+        ));
+    } else if let Some(o) = &prev.lvm_origin {
+        why.push(format!(
+            "{what} was made while {dev} was the origin of an LVM snapshot ({o} under it): a merge since then would have changed it without writes its change map sees"
         ));
     }
     if why.is_empty() {
@@ -882,6 +903,9 @@ pub(crate) struct Device {
     /// against its manifest, for an incremental restore point to read
     /// through.
     pub(crate) previous_image: Option<crate::qcow::Image>,
+    /// What made the device the origin of an LVM snapshot at the take,
+    /// recorded in the manifest ([`Manifest::lvm_origin`]).
+    pub(crate) lvm_origin: Option<String>,
 }
 
 /// Destroys the snapshot when dropped.
@@ -1000,6 +1024,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             known: None,
             _lock: lock,
             previous_image,
+            lvm_origin: None,
         });
     }
 
@@ -1010,6 +1035,12 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     for d in &devices {
         d.tracker.snapshot_add(&id).map_err(|e| e.to_string())?;
     }
+    // Whether each device is the origin of an LVM snapshot, looked at
+    // before and after the take: one that was at either time is recorded.
+    let origins: Vec<Option<String>> = devices
+        .iter()
+        .map(|d| crate::stack::lvm_origin(&d.path))
+        .collect();
     let ctx = crate::hooks::Context {
         snapshot: id.to_string(),
         devices: opts.devices,
@@ -1017,6 +1048,9 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
     let (frozen, ran) = opts
         .hooks
         .around(&ctx, opts.log, || take(&ctl, &id, opts.devices, opts.log))?;
+    for (d, o) in devices.iter_mut().zip(origins) {
+        d.lvm_origin = o.or_else(|| crate::stack::lvm_origin(&d.path));
+    }
 
     // The take starts a new CBT generation if tracking restarted or the
     // device changed size: only now can the numbers be compared.
@@ -1034,6 +1068,7 @@ pub fn run(opts: &Options<'_>) -> Result<Report, String> {
             info.device_capacity,
             &info.generation,
             &Identity::read(&d.path),
+            d.lvm_origin.as_deref(),
         );
         if let (Kind::Full, Some(why)) = (c.kind, &c.why) {
             (opts.log)(&format!(
@@ -1195,6 +1230,7 @@ fn backup_device(d: &mut Device, opts: &Options<'_>) -> Result<Outcome, String> 
         merging: false,
         snapshot: None,
         missed: Vec::new(),
+        lvm_origin: d.lvm_origin.clone(),
     };
     let mut method = d.method;
     let mut verified = None;

@@ -540,6 +540,7 @@ pub(crate) fn backup_device(
         merging: false,
         snapshot: Some(snapshot.to_string()),
         missed: Vec::new(),
+        lvm_origin: d.lvm_origin.clone(),
     };
     m.store(&manifest_path)?;
     let w = PointWriter::create(&img_path, size, below)
@@ -1219,6 +1220,7 @@ mod tests {
             merging: false,
             snapshot: None,
             missed: Vec::new(),
+            lvm_origin: None,
         };
         m.store(&manifest_path(chain, n)).unwrap();
     }

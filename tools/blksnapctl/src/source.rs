@@ -327,6 +327,7 @@ pub fn verify(opts: &Options<'_>) -> Result<Report, String> {
         .map_err(|e| e.to_string())?;
     let _guard = backup::SnapshotGuard(&ctl, id);
     tracker.snapshot_add(&id).map_err(|e| e.to_string())?;
+    let origin = crate::stack::lvm_origin(opts.device);
     let hook_devices = [opts.device.to_path_buf()];
     let ctx = crate::hooks::Context {
         snapshot: id.to_string(),
@@ -335,6 +336,7 @@ pub fn verify(opts: &Options<'_>) -> Result<Report, String> {
     let (_frozen, ran) = opts.hooks.around(&ctx, opts.log, || {
         backup::take(&ctl, &id, &hook_devices, opts.log)
     })?;
+    let origin = origin.or_else(|| crate::stack::lvm_origin(opts.device));
     let info = tracker.cbt_info().map_err(|e| e.to_string())?;
     let snap = tracker.snapshot_info().map_err(|e| e.to_string())?;
     if snap.error_code != 0 {
@@ -359,6 +361,7 @@ pub fn verify(opts: &Options<'_>) -> Result<Report, String> {
         size,
         &info.generation,
         &Identity::read(opts.device),
+        origin.as_deref(),
     );
     let plan = if choice.method == Method::Cbt {
         Some(backup::changed_since(
@@ -421,6 +424,7 @@ pub fn verify(opts: &Options<'_>) -> Result<Report, String> {
         known: Some(now),
         _lock: Some(lock),
         previous_image: Some(points::open_point(&chain, latest.number)?),
+        lvm_origin: origin,
     };
     let devices = [opts.device.to_path_buf()];
     let bopts = backup::Options {

@@ -151,6 +151,7 @@ fn manifest(image: &str, sha: &str, size: u64) -> Manifest {
         merging: false,
         snapshot: None,
         missed: Vec::new(),
+        lvm_origin: None,
     }
 }
 
@@ -276,7 +277,7 @@ fn incremental_uses_the_change_map_only_on_the_same_device() {
     prev.identity = Some(vdb.text());
     let generation = prev.generation.clone();
     let choice = |prev: &Manifest, kind, size, generation: &str, id: &Result<Identity, String>| {
-        choose(prev, kind, dev, size, generation, id)
+        choose(prev, kind, dev, size, generation, id, None)
     };
     let cbt = Choice {
         kind: Kind::Incremental,
@@ -369,6 +370,45 @@ fn incremental_uses_the_change_map_only_on_the_same_device() {
         choice(&p1, Kind::Incremental, size, &generation, &Ok(moved)).method,
         Method::Digest
     );
+
+    // An LVM snapshot of the device now, or when the last point was made:
+    // a merge changes the device under its change map.
+    let c = choose(
+        &prev,
+        Kind::Incremental,
+        dev,
+        size,
+        &generation,
+        &Ok(vdb.clone()),
+        Some("bsvg-lv-real"),
+    );
+    assert_eq!((c.kind, c.method), (Kind::Incremental, Method::Digest));
+    assert_eq!(
+        c.why.as_deref(),
+        Some(
+            "/dev/vdb is the origin of an LVM snapshot (bsvg-lv-real under it): a merge of the \
+             snapshot (lvconvert --merge) changes it without writes its change map sees"
+        )
+    );
+    let mut was = prev.clone();
+    was.lvm_origin = Some("bsvg-lv-real".into());
+    let c = choice(&was, Kind::Incremental, size, &generation, &Ok(vdb.clone()));
+    assert_eq!((c.kind, c.method), (Kind::Incremental, Method::Digest));
+    assert!(
+        c.why
+            .as_deref()
+            .unwrap()
+            .starts_with("point 3 was made while /dev/vdb was the origin of an LVM snapshot"),
+        "{c:?}"
+    );
+    let c = choice(
+        &was,
+        Kind::Differential,
+        size,
+        &generation,
+        &Ok(vdb.clone()),
+    );
+    assert_eq!((c.kind, c.method), (Kind::Full, Method::Full));
 
     // No identity in the manifest, none readable now, nothing unique now.
     let mut none = prev.clone();

@@ -23,6 +23,7 @@ mod pressure;
 mod reboot;
 mod removal;
 mod snap;
+mod stacks;
 mod store;
 mod stress;
 mod tests;
@@ -239,6 +240,7 @@ fn main() {
         .chain(compat::ALL)
         .chain(removal::ALL)
         .chain(persist::ALL)
+        .chain(stacks::ALL)
         .chain(conc::ALL)
         .chain(pressure::ALL)
         .chain(stress::ALL)

@@ -132,7 +132,7 @@ pub(crate) fn ctl_fails(args: &[&str], code: i32, want: &str) -> Result<String, 
 }
 
 /// SHA-256 of the first `size` bytes of a file or device.
-fn sha_prefix(path: &Path, size: u64) -> Result<String, String> {
+pub(crate) fn sha_prefix(path: &Path, size: u64) -> Result<String, String> {
     let f = std::fs::File::open(path).map_err(|err| format!("{}: {err}", path.display()))?;
     let out = std::process::Command::new("sha256sum")
         .stdin(std::process::Stdio::piped())
@@ -193,25 +193,25 @@ fn top_layer_bytes(file: &Path) -> Result<u64, String> {
 
 /// One point made by [`backup`]: what the report and the snapshot said.
 #[derive(Clone, Debug)]
-struct Made {
-    point: u64,
-    file: PathBuf,
-    read: u64,
-    written: u64,
+pub(crate) struct Made {
+    pub(crate) point: u64,
+    pub(crate) file: PathBuf,
+    pub(crate) read: u64,
+    pub(crate) written: u64,
     /// SHA-256 of the snapshot image right after the backup.
-    sha: String,
+    pub(crate) sha: String,
 }
 
 /// `blksnapctl backup KIND DEV --keep-snapshot --json` into `dir`: hashes
 /// the snapshot image, destroys the snapshot, checks the point's manifest
 /// has the image's SHA-256.
-fn backup(kind: &str, dev: &Path, dir: &Path) -> Result<Made, String> {
+pub(crate) fn backup(kind: &str, dev: &Path, dir: &Path) -> Result<Made, String> {
     backup_with(kind, dev, dir, &[]).map(|b| b.0)
 }
 
 /// [`backup`] with more arguments; also returns the device's outcome in
 /// the JSON report and what the command wrote to stderr.
-fn backup_with(
+pub(crate) fn backup_with(
     kind: &str,
     dev: &Path,
     dir: &Path,
@@ -325,7 +325,7 @@ fn qemu_check(file: &Path) -> TestResult {
 /// Restores point `n` of device `name` in `dir` to `target`, checks the
 /// target's first `size` bytes hash to `sha`, and, if `compare`, that
 /// `qemu-img compare` finds the point and the target identical.
-fn restore_check(
+pub(crate) fn restore_check(
     dir: &Path,
     name: &str,
     n: u64,
@@ -439,7 +439,7 @@ pub(crate) fn track(dev: &Path) -> Result<Tracked, String> {
 }
 
 /// How many snapshots exist.
-fn snapshot_count() -> Result<usize, String> {
+pub(crate) fn snapshot_count() -> Result<usize, String> {
     let ctl = Control::open().map_err(e)?;
     Ok(ctl.snapshot_collect().map_err(e)?.len())
 }

@@ -200,25 +200,30 @@ impl Tracked {
 
     /// The image device of the snapshot the device is in.
     pub(crate) fn image(&self) -> Result<PathBuf, String> {
-        let info = self.0.snapshot_info().map_err(e)?;
-        check_eq!(
-            info.error_code,
-            0,
-            "snapshot error of {}",
-            self.0.path().display()
-        );
-        if info.image.is_empty() {
-            fail!("{} has no image", self.0.path().display());
-        }
-        let p = PathBuf::from(format!("/dev/{}", info.image));
-        for _ in 0..100 {
-            if p.exists() {
-                return Ok(p);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        fail!("{} did not appear", p.display())
+        image_of(&self.0)
     }
+}
+
+/// The image device of the snapshot a tracked device is in.
+pub(crate) fn image_of(t: &Tracker) -> Result<PathBuf, String> {
+    let info = t.snapshot_info().map_err(e)?;
+    check_eq!(
+        info.error_code,
+        0,
+        "snapshot error of {}",
+        t.path().display()
+    );
+    if info.image.is_empty() {
+        fail!("{} has no image", t.path().display());
+    }
+    let p = PathBuf::from(format!("/dev/{}", info.image));
+    for _ in 0..100 {
+        if p.exists() {
+            return Ok(p);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    fail!("{} did not appear", p.display())
 }
 
 impl Drop for Tracked {

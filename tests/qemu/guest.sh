@@ -23,7 +23,7 @@ BIN=$REPO/target/release
 # BLKSNAP_REPO: for the tests that run the repository's files (dist/).
 export PATH=$BIN:$PATH BLKSNAP_KO BLKSNAP_RESULTS=$RESULTS BLKSNAP_REPO=$REPO
 
-echo "guest: $(uname -r), $(nproc) CPUs"
+echo "guest: $(uname -r), $(nproc) CPUs, root $(awk '$2 == "/" { print $3, $4 }' /proc/mounts | tail -1)"
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
 # A task blocked for 20 s is reported (and fails the test it happens in):
 # a hang shows within the test that caused it.

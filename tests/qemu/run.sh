@@ -146,6 +146,13 @@ rm -rf "$RESULTS"
 mkdir -p "$RESULTS"
 # Settings for the guest tests: guest.sh reads them from this file.
 export -p | grep -E '^declare -x BLKSNAP_((FUZZ|STRESS|FAULTS?|PRESSURE|BENCH|TEST)_[A-Z_]+|KO)=' >"$RESULTS/guest-env" || true
+# The kernel command line of the virtme-ng boots. The host's root, shared
+# over 9p, is mounted with cache=loose (virtme mounts it with no cache at
+# all: every start of a program reads it over 9p again, seconds under TCG);
+# the host does not change it during a run. BLKSNAP_9P_CACHE=none restores
+# virtme's way.
+KAPPEND="rootflags=version=9p2000.L,trans=virtio,access=any,msize=524288,cache=${BLKSNAP_9P_CACHE:-loose}"
+KAPPEND+=" oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0"
 drive() { # file serial [extra drive options]
 	echo "-drive file=$1,if=none,id=$2,format=raw,aio=threads,discard=unmap${3:-,cache=none}" \
 		"-device virtio-blk-pci,drive=$2,serial=$2"
@@ -440,7 +447,7 @@ if [ "$MODE" = sysdisk ]; then
 	set +e
 	timeout --foreground "$TIMEOUT" vng --run "$KOUT" --disable-kvm --disable-microvm --force-9p \
 		--cpus 2 --memory 1G --verbose \
-		--append "oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0" \
+		--append "$KAPPEND" \
 		--rwdir "$RESULTS" \
 		--exec "$REPO/tests/qemu/sysdisk-rescue.sh $RESULTS $REPO" \
 		--qemu-opts="$(drive "$RESULTS/disk-backup.img" sysdisk-backup) $(drive "$RESULTS/disk-restore-a.img" sysdisk-restore-a) $(drive "$RESULTS/disk-restore-b.img" sysdisk-restore-b)" 2>&1 |
@@ -597,7 +604,7 @@ if [ "$MODE" = reboot ]; then
 		# long, and nothing here needs more.
 		timeout --foreground "$TIMEOUT" vng --run "$KOUT" --disable-kvm --disable-microvm --force-9p \
 			--cpus 2 --memory 1G --verbose \
-			--append "oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0" \
+			--append "$KAPPEND" \
 			--rwdir "$RESULTS" \
 			--exec "$REPO/tests/qemu/guest.sh reboot $RESULTS $REPO boot$n" \
 			--qemu-opts="$QEMU_DRIVES -pidfile $pidfile" 2>&1 |
@@ -748,7 +755,7 @@ start=$(date +%s)
 set +e
 timeout --foreground "$TIMEOUT" vng --run "$KOUT" --disable-kvm --disable-microvm --force-9p \
 	--cpus 2 --memory 2G --verbose \
-	--append "oops=panic panic=-1 softlockup_panic=0 hung_task_panic=0" \
+	--append "$KAPPEND" \
 	--qemu-opts="$QEMU_DRIVES" \
 	--rwdir "$RESULTS" \
 	--exec "$REPO/tests/qemu/guest.sh $MODE $RESULTS $REPO $*" 2>&1 |

@@ -49,6 +49,10 @@ pub const ALL: &[Test] = &[
     ("stacks_lvm_lv_pv_snapshot_merge_pvmove", lvm_stack),
     ("stacks_luks2_crypt_device_and_its_disk", luks_stack),
     ("stacks_md_raid1_array_members_recovery", md_stack),
+    (
+        "stacks_takes_under_queued_writes_through_dm_crypt",
+        crypt_queued_takes,
+    ),
 ];
 
 /// The size of the loop disks under the stacks.
@@ -1086,6 +1090,186 @@ fn luks_stack() -> TestResult {
     );
     let _ = std::fs::remove_dir_all(&dir);
     r
+}
+
+/// Writers through a device: `threads` threads, each writing 64 KiB of its
+/// own pattern at random 64 KiB-aligned offsets with direct I/O, one write
+/// after the other: up to `threads` writes in flight. A failed
+/// write fails [`Flood::stop`].
+struct Flood {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    /// The writers in a write.
+    busy: Arc<AtomicU64>,
+    handles: Vec<std::thread::JoinHandle<TestResult>>,
+}
+
+/// The size of the writes of a [`Flood`].
+const FLOOD_BS: u64 = 64 << 10;
+
+impl Flood {
+    fn start(dev: &Path, threads: u64) -> Result<Self, String> {
+        let slots = dev::size_sectors(&kernel_node(dev)?)? * SECTOR / FLOOD_BS;
+        let (stop, done, busy) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let handles = (0..threads)
+            .map(|id| {
+                let (stop, done, busy) = (stop.clone(), done.clone(), busy.clone());
+                let dev = dev.to_path_buf();
+                std::thread::spawn(move || -> TestResult {
+                    let f = dev::open_direct(&dev, true)?;
+                    let mut buf = AlignedBuf::new(FLOOD_BS as usize, id as u8);
+                    let mut x =
+                        0x9e37_79b9_7f4a_7c15u64 ^ (id + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let at = (x % slots) * FLOOD_BS;
+                        buf.as_mut_slice()[..24].copy_from_slice(
+                            &[id.to_le_bytes(), n.to_le_bytes(), at.to_le_bytes()].concat(),
+                        );
+                        busy.fetch_add(1, Ordering::Relaxed);
+                        f.write_all_at(buf.as_slice(), at).map_err(|err| {
+                            format!("writer {id}: write {n} at {at} of {}: {err}", dev.display())
+                        })?;
+                        busy.fetch_sub(1, Ordering::Relaxed);
+                        n += 1;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        Ok(Self {
+            stop,
+            done,
+            busy,
+            handles,
+        })
+    }
+
+    /// Waits until `n` more writes completed (at most 30 s).
+    fn advance(&self, n: u64) -> TestResult {
+        let from = self.done.load(Ordering::Relaxed);
+        let start = Instant::now();
+        while self.done.load(Ordering::Relaxed) < from + n {
+            if self.handles.iter().any(|h| h.is_finished()) {
+                fail!("a writer stopped after {from} writes in all");
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                fail!("the writers are stuck at {from} writes in all");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// Stops the writers; how many writes they made, or the first failure.
+    fn stop(self) -> Result<u64, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut first = Ok(());
+        for h in self.handles {
+            let r = h.join().map_err(|_| "a writer panicked".to_string())?;
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first?;
+        Ok(self.done.load(Ordering::Relaxed))
+    }
+}
+
+/// How many takes [`crypt_queued_takes`] makes.
+const QUEUED_ROUNDS: usize = 12;
+
+/// Takes of a dm-crypt device and its disk in one snapshot while writers
+/// keep many writes queued in dm-crypt: 32 threads of 64 KiB direct
+/// writes through the dm-crypt device (LUKS2 on a 16 MiB loop disk), both
+/// layers tracked, the disk added first; [`QUEUED_ROUNDS`] takes, each then
+/// destroyed, each under 3 s, each snapshot without error. dm-crypt
+/// encrypts in its workers and sends the disk's writes from its write
+/// thread, after the write passed the dm-crypt device's filter: a take
+/// that held both devices at once, then waited for the writes in flight on
+/// each, held those lower writes, the dm-crypt writes never completed and
+/// the take failed after 30 s (`ETIMEDOUT`). The last snapshot's images
+/// are one cut: the disk's image, opened with cryptsetup, equals the
+/// dm-crypt device's image (once: each cryptsetup command takes seconds
+/// under TCG). No write fails.
+fn crypt_queued_takes() -> TestResult {
+    let lc = loop_disk("q", 16)?;
+    let mut undo = Undo::new();
+    let c = lc.path.clone();
+    let (crypt, _) = luks(&c, &mut undo)?;
+    let k = key()?;
+    let (tc, tx) = (track(&c)?, track(&crypt)?);
+    let flood = Flood::start(&crypt, 32)?;
+    let r = (|| -> TestResult {
+        let mut slowest = Duration::ZERO;
+        for round in 0..QUEUED_ROUNDS {
+            flood.advance(64)?;
+            let snap = Snap::create(&dev::scratch(), 64 << 11)?;
+            snap.add(&tc.0)?;
+            snap.add(&tx.0)?;
+            let queued = flood.busy.load(Ordering::Relaxed);
+            let start = Instant::now();
+            snap.take()
+                .map_err(|err| format!("round {round}: the take with {queued} writes in flight through the dm-crypt device: {err}"))?;
+            let took = start.elapsed();
+            slowest = slowest.max(took);
+            println!(
+                "    round {round}: {queued} writes in flight through the dm-crypt device, take {:.0} ms",
+                took.as_secs_f64() * 1000.0
+            );
+            if took > Duration::from_secs(3) {
+                fail!(
+                    "round {round}: the take under {queued} writes in flight took {:.1} s",
+                    took.as_secs_f64()
+                );
+            }
+            let (ximg, cimg) = (image_of(&tx.0)?, image_of(&tc.0)?);
+            if round == QUEUED_ROUNDS - 1 {
+                tool(
+                    "cryptsetup",
+                    &[
+                        "open",
+                        "--readonly",
+                        "--disable-locks",
+                        "--key-file",
+                        k.to_str().unwrap(),
+                        cimg.to_str().unwrap(),
+                        "bscryptimg",
+                    ],
+                )?;
+                let mut u = Undo::new();
+                u.push("cryptsetup", &["close", "--disable-locks", "bscryptimg"]);
+                let opened = Path::new("/dev/mapper/bscryptimg");
+                check_eq!(
+                    sha_dev(opened)?,
+                    sha_dev(&ximg)?,
+                    "round {round}: the disk's image, decrypted, against the dm-crypt device's image"
+                );
+                drop(u);
+            }
+            // Neither image failed meanwhile (the storage did not overflow).
+            image_of(&tx.0)?;
+            image_of(&tc.0)?;
+            snap.destroy()?;
+        }
+        println!(
+            "    {QUEUED_ROUNDS} takes, the slowest {:.0} ms",
+            slowest.as_secs_f64() * 1000.0
+        );
+        Ok(())
+    })();
+    let count = flood.stop();
+    r?;
+    println!("    {} writes of 64 KiB in all, none failed", count?);
+    Ok(())
 }
 // ---------------------------------------------------------------- md
 

@@ -998,6 +998,26 @@ fn key() -> Result<PathBuf, String> {
 /// A LUKS2 device on `disk` (fast key derivation), opened as `bscrypt`;
 /// closed by `undo`. Returns its kernel node and the sector of `disk`
 /// where its data starts.
+/// Opens the snapshot image of a LUKS disk read-only with `key`, as
+/// /dev/mapper/bscryptimg; the `Undo` closes it.
+fn open_crypt_image(image: &Path, key: &Path) -> Result<(PathBuf, Undo), String> {
+    tool(
+        "cryptsetup",
+        &[
+            "open",
+            "--readonly",
+            "--disable-locks",
+            "--key-file",
+            key.to_str().unwrap(),
+            image.to_str().unwrap(),
+            "bscryptimg",
+        ],
+    )?;
+    let mut u = Undo::new();
+    u.push("cryptsetup", &["close", "--disable-locks", "bscryptimg"]);
+    Ok((PathBuf::from("/dev/mapper/bscryptimg"), u))
+}
+
 fn luks(disk: &Path, undo: &mut Undo) -> Result<(PathBuf, u64), String> {
     let k = key()?;
     let (k, d) = (k.to_str().unwrap(), disk.to_str().unwrap());
@@ -1041,19 +1061,8 @@ fn luks_stack() -> TestResult {
     let (crypt, offset) = luks(&c, &mut undo)?;
     let k = key()?;
     let same = |images: &[PathBuf]| -> TestResult {
-        tool(
-            "cryptsetup",
-            &[
-                "open",
-                "--readonly",
-                "--disable-locks",
-                "--key-file",
-                k.to_str().unwrap(),
-                images[1].to_str().unwrap(),
-                "bscryptimg",
-            ],
-        )?;
-        let opened = Path::new("/dev/mapper/bscryptimg");
+        let (opened, u) = open_crypt_image(&images[1], &k)?;
+        let opened = opened.as_path();
         let r = (|| {
             check_eq!(
                 counter(opened, 0)?,
@@ -1067,8 +1076,6 @@ fn luks_stack() -> TestResult {
             );
             Ok(())
         })();
-        let mut u = Undo::new();
-        u.push("cryptsetup", &["close", "--disable-locks", "bscryptimg"]);
         drop(u);
         r
     };
@@ -1233,23 +1240,9 @@ fn crypt_queued_takes() -> TestResult {
             }
             let (ximg, cimg) = (image_of(&tx.0)?, image_of(&tc.0)?);
             if round == QUEUED_ROUNDS - 1 {
-                tool(
-                    "cryptsetup",
-                    &[
-                        "open",
-                        "--readonly",
-                        "--disable-locks",
-                        "--key-file",
-                        k.to_str().unwrap(),
-                        cimg.to_str().unwrap(),
-                        "bscryptimg",
-                    ],
-                )?;
-                let mut u = Undo::new();
-                u.push("cryptsetup", &["close", "--disable-locks", "bscryptimg"]);
-                let opened = Path::new("/dev/mapper/bscryptimg");
+                let (opened, u) = open_crypt_image(&cimg, &k)?;
                 check_eq!(
-                    sha_dev(opened)?,
+                    sha_dev(&opened)?,
                     sha_dev(&ximg)?,
                     "round {round}: the disk's image, decrypted, against the dm-crypt device's image"
                 );
